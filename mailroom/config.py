@@ -1,0 +1,183 @@
+"""Configuration from ``MAILROOM_*`` environment variables, parsed and validated once.
+
+The variables and defaults are the original collector's and sender's (DESIGN §8);
+the variables this project added are documented in the README. Unlike the original,
+a malformed value is refused instead of silently replaced by its default: the caller
+gets a :class:`ConfigError` naming the variable and the problem, and the console
+scripts turn it into one line on stderr and exit code :data:`EXIT_CONFIG`.
+The secret key's value is never part of any message or ``repr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+#: Exit codes shared by every console script. A worker exiting with a boot-error
+#: code tells the supervisor not to restart it (gunicorn's WORKER_BOOT_ERROR idea).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_SCHEMA = 3
+
+#: Settings the whole family needs; every program picks the ones it requires.
+DATABASE = "database_url"
+SECRET = "secret_key"
+
+
+class ConfigError(Exception):
+    """A missing or malformed configuration value; ``str()`` is one printable line."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Durations are milliseconds, as in the environment."""
+
+    database_url: str = dataclasses.field(default="", repr=False)
+    secret_key: bytes = dataclasses.field(default=b"", repr=False)
+    channel_name: str = "token_insert"
+    queue_name: str = "mailroom"
+    healthcheck_interval: int = 270_000
+    batch_timeout: int = 5_000
+    batch_limit: int = 10
+    claim_timeout: int = 300_000
+    debug: bool = False
+    ses_config_set: str = "default"
+    ses_source: str = "noreply@localhost"
+    ses_output_path: str = "./output"
+    ses_endpoint_url: str | None = None
+    ses_template_activation: str = "activationv1"
+    ses_template_recovery: str = "passwordrecoveryv1"
+    ses_concurrency: int = 4
+    ses_max_send_rate: float | None = None
+    send_max_attempts: int = 5
+    max_in_flight: int = 4
+    shutdown_timeout: int = 30_000
+    log_level: str = "INFO"
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _identifier(raw: str) -> str:
+    # LISTEN takes an identifier; we quote it, but refuse what cannot be a
+    # channel name at all rather than fail later inside the worker.
+    if not raw or len(raw.encode()) > 63 or "\x00" in raw:
+        raise ValueError("must be 1 to 63 bytes long")
+    return raw
+
+
+def _positive_int(raw: str) -> int:
+    text = raw.strip()
+    if not text.lstrip("+").isdigit() or not text.isascii():
+        raise ValueError(f"expected a positive whole number, got {raw!r}")
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"must be greater than zero, got {value}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a positive number, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a finite number greater than zero, got {raw!r}")
+    return value
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
+def _boolean(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _secret_key(raw: str) -> bytes:
+    # Never include the value (not even part of it) in the message.
+    text = raw.strip()
+    if len(text) != 64:
+        raise ValueError(f"must be 64 hexadecimal characters (32 bytes), got {len(text)} characters")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("must be 64 hexadecimal characters (32 bytes); it contains a non-hex character") from None
+
+
+def _log_level(raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return level
+
+
+# field name -> (environment variable, parser)
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "database_url": ("MAILROOM_DATABASE_URL", _text),
+    "secret_key": ("MAILROOM_SECRET_KEY", _secret_key),
+    "channel_name": ("MAILROOM_CHANNEL_NAME", _identifier),
+    "queue_name": ("MAILROOM_QUEUE_NAME", _text),
+    "healthcheck_interval": ("MAILROOM_HEALTHCHECK_INTERVAL", _positive_int),
+    "batch_timeout": ("MAILROOM_BATCH_TIMEOUT", _positive_int),
+    "batch_limit": ("MAILROOM_BATCH_LIMIT", _positive_int),
+    "claim_timeout": ("MAILROOM_CLAIM_TIMEOUT", _positive_int),
+    "debug": ("MAILROOM_DEBUG", _boolean),
+    "ses_config_set": ("MAILROOM_SES_CONFIG_SET", _text),
+    "ses_source": ("MAILROOM_SES_SOURCE", _text),
+    "ses_output_path": ("MAILROOM_SES_OUTPUT_PATH", _text),
+    "ses_endpoint_url": ("MAILROOM_SES_ENDPOINT_URL", _text),
+    "ses_template_activation": ("MAILROOM_SES_TEMPLATE_ACTIVATION", _text),
+    "ses_template_recovery": ("MAILROOM_SES_TEMPLATE_RECOVERY", _text),
+    "ses_concurrency": ("MAILROOM_SES_CONCURRENCY", _positive_int),
+    "ses_max_send_rate": ("MAILROOM_SES_MAX_SEND_RATE", _positive_float),
+    "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _positive_int),
+    "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _positive_int),
+    "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _positive_int),
+    "log_level": ("MAILROOM_LOG_LEVEL", _log_level),
+}
+
+VARIABLES: dict[str, str] = {field: var for field, (var, _) in _VARIABLES.items()}
+
+
+def load(environ: Mapping[str, str], require: Collection[str] = ()) -> Settings:
+    """Parse every ``MAILROOM_*`` variable of ``environ`` into :class:`Settings`.
+
+    ``require`` names the fields (e.g. :data:`DATABASE`, :data:`SECRET`) that this
+    program cannot run without. Raises :class:`ConfigError` for the first problem.
+    """
+    values: dict[str, Any] = {}
+    for field, (variable, parse) in _VARIABLES.items():
+        raw = environ.get(variable)
+        if raw is None:
+            if field in require:
+                raise ConfigError(variable, "is required but not set")
+            continue
+        try:
+            values[field] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(variable, str(exc)) from None
+    settings = Settings(**values)
+    if settings.healthcheck_interval < settings.batch_timeout:
+        raise ConfigError(
+            "MAILROOM_HEALTHCHECK_INTERVAL",
+            f"must be at least MAILROOM_BATCH_TIMEOUT ({settings.batch_timeout} ms), "
+            f"got {settings.healthcheck_interval} ms",
+        )
+    return settings
