@@ -1,0 +1,364 @@
+"""The collector: LISTEN for new tokens, claim them from the ledger in batches, encode.
+
+The loop (DESIGN §6) is independent of where batches go: a :class:`BatchSink`
+receives each encoded line. :func:`run_stdout` plugs in stdout (compatibility
+mode, ``mailroom-collector | mailroom-sender``); the supervisor's collector worker
+plugs in its pipe and records the sender's outcomes through the same ledger module.
+
+Notifications are only a hint that work exists: PostgreSQL folds identical
+NOTIFYs of one transaction into one, so after any wake-up the collector keeps
+claiming until a claim comes back short.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import BinaryIO, Protocol
+
+import psycopg
+from psycopg import sql
+
+from mailroom import config, ledger, wire
+from mailroom.config import Settings
+
+log = logging.getLogger("mailroom.collector")
+
+#: Reconnect backoff: first delay, cap (seconds). Jitter spreads collectors apart
+#: so a restarted server is not hit by all of them in the same instant.
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 10.0
+#: Longest single wait, so a stop request or a due retry is noticed promptly even
+#: if a wake-up is lost.
+MAX_WAIT = 1.0
+MIN_RETRY_WAIT = 0.02
+
+
+class BatchSink(Protocol):
+    """Where claimed batches go. Implemented by stdout and by the supervisor pipe."""
+
+    #: Ledger status the claim sets: ``emitted`` (committed only after
+    #: :meth:`deliver` returns, stdout) or ``claimed`` (committed before, pipe).
+    final_status: str
+
+    def ready(self) -> bool:
+        """May another batch be claimed now? (backpressure)"""
+
+    def deliver(self, claim: ledger.Claim, line: bytes) -> None:
+        """Hand one encoded batch on; raise to have it released back to the queue."""
+
+    def fileno(self) -> int | None:
+        """A descriptor to wake up on besides the database, or None."""
+
+    def receive(self) -> None:
+        """Read what arrived on :meth:`fileno`, without using the database."""
+
+    def service(self, conn: psycopg.Connection) -> int:
+        """Apply what :meth:`receive` got (e.g. record outcomes); return how many."""
+
+    def tick(self) -> None:
+        """Called at least every :data:`MAX_WAIT` seconds (heartbeats)."""
+
+
+def backoff_delays(first: float = BACKOFF_FIRST, cap: float = BACKOFF_CAP):
+    """Endless jittered exponential delays: full jitter over a doubling ceiling."""
+    ceiling = first
+    while True:
+        yield random.uniform(ceiling / 2, ceiling)
+        ceiling = min(cap, ceiling * 2)
+
+
+class Collector:
+    """One LISTEN connection, one queue; call :meth:`run` until ``should_stop()``."""
+
+    def __init__(self, settings: Settings, sink: BatchSink, should_stop: Callable[[], bool],
+                 wakeup_fd: int | None = None, on_ready: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.on_ready = on_ready
+        self.sink = sink
+        self.should_stop = should_stop
+        self.wakeup_fd = wakeup_fd
+        self.signer = wire.Signer(settings.secret_key)
+        self.conn: psycopg.Connection | None = None
+        self.batches = 0
+        self.rows = 0
+
+    # -- connection -------------------------------------------------------------
+    def connect(self) -> psycopg.Connection:
+        """Connect (retrying forever with backoff), check the schema, LISTEN.
+
+        A missing or outdated schema raises :class:`ledger.SchemaError`: retrying
+        cannot fix it, the operator must run ``mailroom migrate up``.
+        """
+        delays = backoff_delays()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                conn = psycopg.connect(
+                    self.settings.database_url, autocommit=True,
+                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+                    connect_timeout=10, application_name="mailroom-collector",
+                )
+                try:
+                    ledger.check_schema(conn)
+                    ledger.configure_session(conn)
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.settings.channel_name)))
+                except BaseException:
+                    conn.close()
+                    raise
+                log.info("connected, listening on %s", self.settings.channel_name)
+                self.conn = conn
+                return conn
+            except psycopg.OperationalError as exc:
+                delay = next(delays)
+                log.warning("connection failed (attempt %d): %s; retrying in %.1fs",
+                            attempt, _one_line(exc), delay)
+                if self._sleep(delay):
+                    raise _Stopped() from None
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, waking early on the wake-up fd; return True if asked to stop."""
+        deadline = time.monotonic() + seconds
+        while not self.should_stop():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._select([], min(remaining, MAX_WAIT))
+        return True
+
+    def _select(self, fds: list[int], timeout: float) -> list[int]:
+        """Wait for the given descriptors, the wake-up pipe and the sink's."""
+        sink_fd = self.sink.fileno()
+        watch = [fd for fd in (*fds, self.wakeup_fd, sink_fd) if fd is not None]
+        ready, _, _ = select.select(watch, [], [], max(0.0, timeout))
+        if self.wakeup_fd is not None and self.wakeup_fd in ready:
+            _drain_fd(self.wakeup_fd)
+        if sink_fd is not None and sink_fd in ready:
+            self.sink.receive()
+        self.sink.tick()
+        return ready
+
+    # -- claiming ---------------------------------------------------------------
+    def claim_once(self) -> ledger.Claim:
+        """Claim one batch and hand it to the sink; return the claim."""
+        conn = self.conn
+        assert conn is not None
+        limit = self.settings.batch_limit
+        emit_inside = self.sink.final_status == "emitted"
+        with conn.transaction():
+            claim = ledger.claim(conn, self.settings.queue_name, limit,
+                                 lease_ms=self.settings.claim_timeout,
+                                 final_status=self.sink.final_status)
+            line = self.signer.encode_batch(claim.rows) if claim.rows else b""
+            if emit_inside and claim.rows:
+                # The rows become 'emitted' only if this commit follows a flushed line.
+                self.sink.deliver(claim, line)
+        if not emit_inside and claim.rows:
+            try:
+                self.sink.deliver(claim, line)
+            except Exception:
+                ledger.release(conn, self.settings.queue_name, [r[5] for r in claim.rows])
+                raise
+        if claim.rows:
+            self.batches += 1
+            self.rows += len(claim.rows)
+            log.debug("batch of %d rows (%d skipped)", len(claim.rows), claim.skipped)
+        return claim
+
+    def drain(self) -> int:
+        """Claim until a claim comes back short (or the sink is full); return rows sent."""
+        assert self.conn is not None
+        ledger.requeue_expired(self.conn, self.settings.queue_name,
+                               self.settings.claim_timeout, self.settings.send_max_attempts)
+        total = 0
+        while not self.should_stop() and self.sink.ready():
+            self.sink.tick()
+            claim = self.claim_once()
+            total += len(claim.rows)
+            if claim.picked < self.settings.batch_limit:
+                break
+        return total
+
+    # -- main loop --------------------------------------------------------------
+    def run(self) -> None:
+        """Collect until asked to stop; survive any number of lost connections."""
+        try:
+            while not self.should_stop():
+                try:
+                    if self.conn is None:
+                        self.connect()
+                        if self.on_ready is not None:
+                            self.on_ready()
+                        self.sink.service(self.conn)
+                        self.drain()
+                    self._listen_loop()
+                except psycopg.OperationalError as exc:
+                    log.warning("database connection lost: %s", _one_line(exc))
+                    self._close()
+        except _Stopped:
+            pass
+        finally:
+            self._close()
+
+    def _listen_loop(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        s = self.settings
+        pending = 0                 # notifications counted since the last claim
+        first_at = 0.0              # monotonic time of the first of them
+        last_activity = time.monotonic()
+        # Rows left queued because the sink was full count as due: they are
+        # claimed as soon as the sink has room again.
+        due_at = self._due_at()
+        while not self.should_stop():
+            now = time.monotonic()
+            deadlines = [last_activity + s.healthcheck_interval / 1000]
+            # With the sink full there is no point in waking for claims: the sink's
+            # descriptor wakes us when room frees up (no busy loop on a due batch).
+            if self.sink.ready():
+                if pending:
+                    deadlines.append(first_at + s.batch_timeout / 1000)
+                if due_at is not None:
+                    deadlines.append(due_at)
+            timeout = min(MAX_WAIT, min(deadlines) - now)
+            self._select([conn.fileno()], timeout)
+            if self.sink.service(conn):
+                # Outcomes may have re-queued rows for a later attempt.
+                due_at = self._due_at()
+            # Also collects notifications that arrived while a query was running.
+            got = sum(1 for _ in conn.notifies(timeout=0))
+            now = time.monotonic()
+            if got:
+                if not pending:
+                    first_at = now
+                pending += got
+                last_activity = now
+            if self.should_stop():
+                return
+            batch_due = pending and (pending >= s.batch_limit or now >= first_at + s.batch_timeout / 1000)
+            retry_due = due_at is not None and now >= due_at
+            if (batch_due or retry_due) and self.sink.ready():
+                self.drain()
+                pending = 0
+                last_activity = time.monotonic()
+                due_at = self._due_at()
+            elif now >= last_activity + s.healthcheck_interval / 1000:
+                conn.execute("SELECT 1")
+                log.debug("health check ok")
+                last_activity = now
+                due_at = self._due_at()
+
+    def _due_at(self) -> float | None:
+        assert self.conn is not None
+        due_in = ledger.next_due_in(self.conn, self.settings.queue_name, self.settings.claim_timeout)
+        # A row that is due but locked by another collector's open claim would make
+        # us spin; a short floor keeps that to a few cheap queries.
+        return None if due_in is None else time.monotonic() + max(MIN_RETRY_WAIT, due_in)
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            finally:
+                self.conn = None
+
+
+class _Stopped(Exception):
+    """Raised inside the loop when a stop was requested during a wait."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+class StdoutSink:
+    """Compatibility mode: one line per batch on stdout, flushed before the commit."""
+
+    final_status = "emitted"
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def ready(self) -> bool:
+        return True
+
+    def deliver(self, claim: ledger.Claim, line: bytes) -> None:
+        self.stream.write(line)
+        self.stream.flush()
+
+    def fileno(self) -> int | None:
+        return None
+
+    def receive(self) -> None:
+        return None
+
+    def service(self, conn: psycopg.Connection) -> int:
+        return 0
+
+    def tick(self) -> None:
+        return None
+
+
+class StopFlag:
+    """Signal handling the arbiter way: handlers only set a flag and poke a pipe."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def install(self, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+        for signum in signals:
+            signal.signal(signum, self._handle)
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            # A second Ctrl-C: the operator does not want to wait.
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def run_stdout(settings: Settings, stream: BinaryIO | None = None) -> int:
+    """``mailroom-collector``: print batches on stdout until SIGTERM/SIGINT; exit code."""
+    stop = StopFlag()
+    stop.install()
+    sink = StdoutSink(stream if stream is not None else sys.stdout.buffer)
+    collector = Collector(settings, sink, stop, wakeup_fd=stop.read_fd)
+    try:
+        collector.run()
+    except ledger.SchemaError as exc:
+        log.error("%s", exc)
+        return config.EXIT_SCHEMA
+    except BrokenPipeError:
+        # The reader went away: the rows of the batch being written stay queued.
+        log.error("stdout closed by the reader; stopping (unsent rows stay queued)")
+        _silence_stdout()
+        return config.EXIT_FAILURE
+    log.info("stopped after %d batches, %d rows", collector.batches, collector.rows)
+    return config.EXIT_OK
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit; on a closed pipe that would print a traceback.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
