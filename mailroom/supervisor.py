@@ -1,0 +1,397 @@
+"""``mailroom-supervisor``: fork, route between and watch the collector and sender.
+
+The shape is gunicorn's arbiter: signal handlers only queue the signal and poke a
+wake-up pipe; the main loop waits on the workers' pipes and that wake-up pipe
+(dramatiq's ``multiprocessing.connection.wait``), dispatches ``handle_<signal>``,
+reaps exited workers, restarts them with capped exponential backoff, and kills a
+worker whose heartbeats stop. A worker exiting with a boot-error code (bad
+configuration, missing schema) halts the supervisor instead of a restart loop.
+
+This module imports neither psycopg nor boto3: the supervisor holds no database
+connection, no SES client and no thread; the workers create theirs after the fork.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from multiprocessing.connection import Connection, wait
+
+from mailroom import config, log, protocol
+from mailroom.config import Settings
+
+logger = logging.getLogger("mailroom.supervisor")
+
+COLLECTOR = "collector"
+SENDER = "sender"
+#: Restart backoff (seconds): first delay, cap, and the uptime after which a
+#: worker counts as healthy again (its backoff starts over).
+RESTART_FIRST = 0.5
+RESTART_CAP = 30.0
+HEALTHY_AFTER = 60.0
+#: A worker that sends nothing (not even a heartbeat) for this long is killed.
+HEARTBEAT_TIMEOUT = 30.0
+#: After the stop message, how long a worker gets before SIGKILL.
+STOP_GRACE = 10.0
+#: Exit codes that mean "restarting will not help": halt with the same code.
+BOOT_ERRORS = {
+    config.EXIT_CONFIG: "invalid configuration",
+    config.EXIT_SCHEMA: "database schema missing or outdated (run `mailroom migrate up`)",
+}
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT)
+
+
+@dataclasses.dataclass
+class Worker:
+    """One supervised worker slot (the process in it changes on restart)."""
+
+    role: str
+    process: multiprocessing.process.BaseProcess | None = None
+    pipe: Connection | None = None
+    started_at: float = 0.0
+    last_seen: float = 0.0
+    failures: int = 0
+    restart_at: float | None = 0.0   # None: do not (re)start
+    exited: bool = True
+
+    @property
+    def up(self) -> bool:
+        return self.pipe is not None and not self.exited
+
+
+@dataclasses.dataclass
+class Batch:
+    """A batch between its claim and its outcomes: what a restarted sender needs."""
+
+    line: bytes
+    token_ids: list
+    activation: int
+    recovery: int
+    received_at: float
+    dispatched: bool = False
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (``Type=notify``) about readiness/stopping; no-op elsewhere."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        logger.warning("sd_notify failed: %s", exc)
+
+
+class Supervisor:
+    """The arbiter. ``run()`` returns the process exit code."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = multiprocessing.get_context("fork")
+        self.workers = {COLLECTOR: Worker(COLLECTOR), SENDER: Worker(SENDER)}
+        self.batches: dict[str, Batch] = {}
+        self.outbox: collections.deque = collections.deque()  # outcomes awaiting a collector
+        self.signals: list[int] = []
+        self.stopping = False
+        self.phase = ""
+        self.deadline = 0.0
+        self.exit_code = config.EXIT_OK
+        self.done = False
+        self.announced_ready = False
+        self.wake_r, self.wake_w = os.pipe()
+
+    # -- signals: handlers only record, the loop acts ------------------------------
+    def _on_signal(self, signum: int, frame) -> None:
+        self.signals.append(signum)
+
+    def install_signals(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    def handle_term(self) -> None:
+        if self.stopping:
+            self.handle_quit()
+            return
+        self.stopping = True
+        self.phase = "drain"
+        self.deadline = time.monotonic() + self.settings.shutdown_timeout / 1000
+        sd_notify("STOPPING=1")
+        logger.info("stopping: no new claims, %d batches in flight (waiting up to %.1fs)",
+                    len(self.batches), self.settings.shutdown_timeout / 1000)
+        self.send(COLLECTOR, (protocol.DRAIN,))
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        logger.warning("second stop signal: stopping at once (claimed rows are queued"
+                       " again when their lease expires)")
+        self.kill_all()
+        self.exit_code = config.EXIT_FAILURE
+        self.done = True
+
+    def handle_chld(self) -> None:
+        self.reap()
+
+    # -- worker lifecycle ------------------------------------------------------
+    def spawn(self, worker: Worker) -> None:
+        parent_end, child_end = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(target=self._child_main, args=(worker.role, child_end),
+                                   name=f"mailroom-{worker.role}", daemon=False)
+        process.start()
+        child_end.close()
+        now = time.monotonic()
+        worker.process, worker.pipe, worker.exited = process, parent_end, False
+        worker.started_at = worker.last_seen = now
+        worker.restart_at = None
+        logger.info("%s worker started (pid %d)", worker.role, process.pid)
+        if worker.role == COLLECTOR:
+            self.send(COLLECTOR, (protocol.ADOPT, list(self.batches)))
+            while self.outbox and self.workers[COLLECTOR].up:
+                self.send(COLLECTOR, self.outbox.popleft())
+            if self.stopping:
+                self.send(COLLECTOR, (protocol.DRAIN,))
+        else:
+            for batch_id, batch in self.batches.items():
+                self.dispatch(batch_id, batch)
+
+    def _child_main(self, role: str, pipe: Connection) -> None:
+        # Runs in the child right after the fork: undo the supervisor's signal
+        # plumbing and close every pipe end that belongs to the supervisor, so a
+        # dead supervisor shows up as EOF on the worker's pipe.
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        for worker in self.workers.values():
+            if worker.pipe is not None:
+                worker.pipe.close()
+        from mailroom import workers
+
+        entry = workers.collector_worker if role == COLLECTOR else workers.sender_worker
+        sys.exit(entry(pipe, self.settings))
+
+    def reap(self) -> None:
+        """Collect exited workers (multiprocessing's own waitpid(pid, WNOHANG): a
+        waitpid(-1) here would steal the status multiprocessing waits for)."""
+        for worker in self.workers.values():
+            if worker.exited or worker.process is None:
+                continue
+            code = worker.process.exitcode
+            if code is not None:
+                self.on_exit(worker, code)
+
+    def on_exit(self, worker: Worker, code: int) -> None:
+        worker.exited = True
+        if worker.pipe is not None:
+            worker.pipe.close()
+            worker.pipe = None
+        now = time.monotonic()
+        pid = worker.process.pid if worker.process else 0
+        if self.stopping:
+            logger.info("%s worker (pid %d) stopped: %s", worker.role, pid, describe_exit(code))
+            return
+        if code in BOOT_ERRORS:
+            logger.error("%s worker cannot start: %s (%s); stopping", worker.role,
+                         BOOT_ERRORS[code], describe_exit(code))
+            self.exit_code = code
+            self.begin_halt()
+            return
+        if now - worker.started_at >= HEALTHY_AFTER:
+            worker.failures = 0
+        delay = min(RESTART_CAP, RESTART_FIRST * 2 ** worker.failures)
+        worker.failures += 1
+        worker.restart_at = now + delay
+        logger.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
+                       worker.role, pid, describe_exit(code), delay)
+        if worker.role == SENDER:
+            for batch in self.batches.values():
+                batch.dispatched = False
+
+    def begin_halt(self) -> None:
+        """Stop the other worker quickly after a boot error."""
+        self.stopping = True
+        self.phase = "drain"
+        self.deadline = time.monotonic()
+        self.send(COLLECTOR, (protocol.DRAIN,))
+
+    def kill_all(self) -> None:
+        for worker in self.workers.values():
+            if worker.process is not None and not worker.exited:
+                try:
+                    os.kill(worker.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # -- messages --------------------------------------------------------------
+    def send(self, role: str, message: tuple) -> bool:
+        worker = self.workers[role]
+        if not worker.up:
+            return False
+        try:
+            worker.pipe.send(message)
+            return True
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            return False
+
+    def dispatch(self, batch_id: str, batch: Batch) -> None:
+        if not batch.dispatched and not (self.stopping and self.phase != "drain"):
+            batch.dispatched = self.send(SENDER, (protocol.BATCH, batch_id, batch.line, batch.token_ids))
+
+    def on_message(self, worker: Worker, message: tuple) -> None:
+        worker.last_seen = time.monotonic()
+        kind = message[0]
+        if kind == protocol.HEARTBEAT:
+            return
+        if kind == protocol.READY:
+            logger.debug("%s worker ready", worker.role)
+            if not self.announced_ready and worker.role == COLLECTOR:
+                self.announced_ready = True
+                sd_notify("READY=1")
+        elif kind == protocol.BATCH and worker.role == COLLECTOR:
+            _, batch_id, line, token_ids, activation, recovery = message
+            if self.phase == "stop_collector":
+                # Claimed just before the collector saw the drain request: too late to send.
+                self.send(COLLECTOR, (protocol.RELEASE, batch_id, token_ids))
+                return
+            batch = Batch(line, token_ids, activation, recovery, time.monotonic())
+            self.batches[batch_id] = batch
+            self.dispatch(batch_id, batch)
+        elif kind == protocol.OUTCOMES and worker.role == SENDER:
+            _, batch_id, outcomes = message
+            batch = self.batches.pop(batch_id, None)
+            self.log_batch(batch_id, batch, outcomes)
+            if not self.send(COLLECTOR, message):
+                self.outbox.append(message)
+        else:
+            logger.warning("unexpected message %r from the %s worker", kind, worker.role)
+
+    def log_batch(self, batch_id: str, batch: Batch | None, outcomes: list) -> None:
+        counts = collections.Counter(outcome[1] for outcome in outcomes)
+        if batch is None:
+            logger.info("batch %s: %d outcomes for a batch no longer tracked", batch_id, len(outcomes))
+            return
+        logger.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry, %d ms",
+                    batch_id, len(outcomes), batch.activation, batch.recovery, counts["sent"],
+                    counts["failed"], counts["retry"], (time.monotonic() - batch.received_at) * 1000)
+
+    def read(self, worker: Worker) -> None:
+        try:
+            while worker.pipe is not None and worker.pipe.poll():
+                self.on_message(worker, worker.pipe.recv())
+        except (EOFError, OSError):
+            # The worker is gone (or going): reaping reports why.
+            if worker.pipe is not None:
+                worker.pipe.close()
+                worker.pipe = None
+            if worker.process is not None:
+                worker.process.join(1.0)
+            self.reap()
+
+    # -- the loop ----------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self.stopping:
+            for worker in self.workers.values():
+                if worker.exited and worker.restart_at is not None and now >= worker.restart_at:
+                    self.spawn(worker)
+                elif worker.up and now - worker.last_seen > HEARTBEAT_TIMEOUT:
+                    logger.error("%s worker (pid %d) silent for %.0fs; killing it", worker.role,
+                                 worker.process.pid, now - worker.last_seen)
+                    os.kill(worker.process.pid, signal.SIGKILL)
+                    worker.last_seen = now
+        else:
+            self.advance_stop(now)
+
+    def advance_stop(self, now: float) -> None:
+        collector, sender = self.workers[COLLECTOR], self.workers[SENDER]
+        if self.phase == "drain":
+            if self.batches and sender.up and now < self.deadline:
+                return
+            self.phase = "stop_sender"
+            self.send(SENDER, (protocol.STOP, 0.0 if now >= self.deadline else self.deadline - now))
+            self.deadline = max(now, self.deadline) + STOP_GRACE
+        if self.phase == "stop_sender":
+            if sender.up and now < self.deadline:
+                return
+            for batch_id, batch in list(self.batches.items()):
+                message = (protocol.RELEASE, batch_id, batch.token_ids)
+                if not self.send(COLLECTOR, message):
+                    self.outbox.append(message)
+            if self.batches:
+                logger.warning("%d batches never finished; their rows go back to the queue",
+                               len(self.batches))
+            self.batches.clear()
+            self.phase = "stop_collector"
+            self.send(COLLECTOR, (protocol.STOP,))
+            self.deadline = now + STOP_GRACE
+        if self.phase == "stop_collector":
+            if collector.up and now < self.deadline:
+                return
+            self.kill_all()
+            self.done = True
+
+    def run(self) -> int:
+        """Supervise until stopped; return the exit code."""
+        self.install_signals()
+        logger.info("starting (pid %d), queue %s, channel %s", os.getpid(),
+                    self.settings.queue_name, self.settings.channel_name)
+        self.spawn(self.workers[COLLECTOR])
+        self.spawn(self.workers[SENDER])
+        while not self.done:
+            pipes = [w.pipe for w in self.workers.values() if w.pipe is not None]
+            ready = wait([*pipes, self.wake_r], timeout=0.5)
+            for worker in self.workers.values():
+                if worker.pipe is not None and worker.pipe in ready:
+                    self.read(worker)
+            if self.wake_r in ready:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            while self.signals:
+                name = signal.Signals(self.signals.pop(0)).name[3:].lower()
+                getattr(self, f"handle_{name}")()
+            self.reap()
+            self.tick()
+        self.wait_exit()
+        logger.info("stopped")
+        return self.exit_code
+
+    def wait_exit(self) -> None:
+        for worker in self.workers.values():
+            if worker.process is not None:
+                worker.process.join(STOP_GRACE)
+                if worker.process.exitcode is None:
+                    worker.process.kill()
+                    worker.process.join()
+
+
+def run(settings: Settings) -> int:
+    """Entry point used by ``mailroom-supervisor``."""
+    return Supervisor(settings).run()
