@@ -1,0 +1,87 @@
+"""Configuration: defaults of the original, and a clear refusal of every bad value."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import SECRET_KEY_HEX, console_script
+
+from mailroom import config
+
+GOOD = {"MAILROOM_DATABASE_URL": "postgresql://127.0.0.1/x", "MAILROOM_SECRET_KEY": SECRET_KEY_HEX}
+
+
+def test_defaults_are_the_originals():
+    s = config.load(GOOD, require=(config.DATABASE, config.SECRET))
+    assert s.secret_key == bytes.fromhex(SECRET_KEY_HEX)
+    assert (s.channel_name, s.queue_name) == ("token_insert", "mailroom")
+    assert (s.healthcheck_interval, s.batch_timeout, s.batch_limit) == (270000, 5000, 10)
+    assert s.debug is False
+    assert (s.ses_config_set, s.ses_source, s.ses_output_path) == ("default", "noreply@localhost", "./output")
+    assert (s.ses_template_activation, s.ses_template_recovery) == ("activationv1", "passwordrecoveryv1")
+    assert s.claim_timeout == 300000 and s.send_max_attempts == 5 and s.ses_concurrency == 4
+    assert s.ses_max_send_rate is None and s.ses_endpoint_url is None
+
+
+def test_values_are_parsed():
+    env = dict(GOOD, MAILROOM_BATCH_LIMIT="3", MAILROOM_DEBUG="TRUE", MAILROOM_SES_MAX_SEND_RATE="14.5",
+               MAILROOM_BATCH_TIMEOUT="100", MAILROOM_HEALTHCHECK_INTERVAL="100")
+    s = config.load(env)
+    assert (s.batch_limit, s.debug, s.ses_max_send_rate, s.batch_timeout) == (3, True, 14.5, 100)
+
+
+BAD = [
+    ({"MAILROOM_SECRET_KEY": "abc"}, "MAILROOM_SECRET_KEY", "64 hexadecimal"),
+    ({"MAILROOM_SECRET_KEY": "zz" * 32}, "MAILROOM_SECRET_KEY", "non-hex"),
+    ({"MAILROOM_SECRET_KEY": SECRET_KEY_HEX + "00"}, "MAILROOM_SECRET_KEY", "got 66"),
+    ({"MAILROOM_BATCH_LIMIT": "ten"}, "MAILROOM_BATCH_LIMIT", "'ten'"),
+    ({"MAILROOM_BATCH_LIMIT": "0"}, "MAILROOM_BATCH_LIMIT", "greater than zero"),
+    ({"MAILROOM_BATCH_LIMIT": "-5"}, "MAILROOM_BATCH_LIMIT", "positive"),
+    ({"MAILROOM_BATCH_LIMIT": "2.5"}, "MAILROOM_BATCH_LIMIT", "whole number"),
+    ({"MAILROOM_BATCH_TIMEOUT": "0"}, "MAILROOM_BATCH_TIMEOUT", "greater than zero"),
+    ({"MAILROOM_BATCH_TIMEOUT": ""}, "MAILROOM_BATCH_TIMEOUT", "positive"),
+    ({"MAILROOM_HEALTHCHECK_INTERVAL": "1000"}, "MAILROOM_HEALTHCHECK_INTERVAL", "at least MAILROOM_BATCH_TIMEOUT"),
+    ({"MAILROOM_DEBUG": "maybe"}, "MAILROOM_DEBUG", "true or false"),
+    ({"MAILROOM_SES_MAX_SEND_RATE": "nan"}, "MAILROOM_SES_MAX_SEND_RATE", "finite"),
+    ({"MAILROOM_SES_CONCURRENCY": "many"}, "MAILROOM_SES_CONCURRENCY", "whole number"),
+    ({"MAILROOM_CHANNEL_NAME": ""}, "MAILROOM_CHANNEL_NAME", "1 to 63"),
+    ({"MAILROOM_DATABASE_URL": " "}, "MAILROOM_DATABASE_URL", "empty"),
+]
+
+
+@pytest.mark.parametrize("override,variable,fragment", BAD)
+def test_bad_values_are_refused(override, variable, fragment):
+    with pytest.raises(config.ConfigError) as info:
+        config.load(dict(GOOD, **override))
+    message = str(info.value)
+    assert message.startswith(variable + ":") and fragment in message
+    assert "\n" not in message
+    assert SECRET_KEY_HEX not in message and "zz" * 32 not in message
+
+
+def test_required_values():
+    with pytest.raises(config.ConfigError, match="MAILROOM_DATABASE_URL: is required"):
+        config.load({}, require=(config.DATABASE,))
+    with pytest.raises(config.ConfigError, match="MAILROOM_SECRET_KEY: is required"):
+        config.load({"MAILROOM_DATABASE_URL": "x"}, require=(config.DATABASE, config.SECRET))
+
+
+def test_settings_repr_hides_the_key():
+    s = config.load(GOOD)
+    assert SECRET_KEY_HEX not in repr(s) and "secret_key" not in repr(s)
+
+
+@pytest.mark.parametrize("script", ["mailroom-collector", "mailroom-supervisor", "mailroom-sender", "mailroom"])
+def test_console_scripts_exit_2_with_one_line(script, base_env):
+    secret = "ab" * 31 + "zz"   # 64 characters, not hex: must never be echoed
+    env = dict(base_env, MAILROOM_DATABASE_URL="postgresql://127.0.0.1/none",
+               MAILROOM_SECRET_KEY=secret, MAILROOM_BATCH_LIMIT="ten")
+    args = ["status"] if script == "mailroom" else []
+    proc = subprocess.run(console_script(script) + args, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == config.EXIT_CONFIG, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    # Every variable that is set is validated, used by this program or not.
+    assert lines[0].startswith("mailroom: MAILROOM_SECRET_KEY:")
+    assert secret not in proc.stderr and proc.stdout == ""
