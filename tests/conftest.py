@@ -70,7 +70,9 @@ def console_script(name: str) -> list[str]:
     The real installed entry point is used; a missing one is an error (run
     ``pip install -e .[test]``), never silently replaced by something else.
     """
-    found = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+    # Prefer the scripts beside this interpreter (a venv's, or pyenv's real bin
+    # rather than its shims), so signals reach the Python process itself.
+    found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
     if found is None:
         pytest.fail(f"console script {name!r} is not installed: run pip install -e '.[test]'")
     return [found]
