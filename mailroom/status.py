@@ -23,13 +23,23 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def render(report: dict, queue: str) -> str:
-    """The human-readable form of :func:`ledger.status`'s report."""
-    lines = [f"queue {queue}"]
-    for name, count in report["counts"].items():
+def report(raw: dict, queue: str) -> dict:
+    """Shape :func:`ledger.status`'s flat result as ``{queue, counts, oldest_queued_s, last_seq}``."""
+    return {
+        "queue": queue,
+        "counts": {name: raw[name] for name in ledger.STATUSES},
+        "oldest_queued_s": raw["oldest_queued_s"],
+        "last_seq": raw["last_seq"],
+    }
+
+
+def render(shaped: dict) -> str:
+    """The human-readable form of :func:`report`."""
+    lines = [f"queue {shaped['queue']}"]
+    for name, count in shaped["counts"].items():
         lines.append(f"  {name:<8} {count:>10}")
-    lines.append(f"oldest queued: {_age(report['oldest_queued_age'])}")
-    lines.append(f"jobs.last_seq: {report['last_seq']}")
+    lines.append(f"oldest queued: {_age(shaped['oldest_queued_s'])}")
+    lines.append(f"jobs.last_seq: {shaped['last_seq']}")
     return "\n".join(lines)
 
 
@@ -38,15 +48,12 @@ def main(settings: Settings, as_json: bool = False, out: TextIO = sys.stdout) ->
     try:
         with psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10) as conn:
             ledger.check_schema(conn)
-            report = ledger.status(conn, settings.queue_name)
+            shaped = report(ledger.status(conn, settings.queue_name), settings.queue_name)
     except ledger.SchemaError as exc:
         print(f"mailroom: {exc}", file=sys.stderr)
         return config.EXIT_SCHEMA
     except psycopg.OperationalError as exc:
         print(f"mailroom: cannot connect to the database: {' '.join(str(exc).split())}", file=sys.stderr)
         return config.EXIT_FAILURE
-    if as_json:
-        print(json.dumps({"queue": settings.queue_name, **report}, sort_keys=True), file=out)
-    else:
-        print(render(report, settings.queue_name), file=out)
+    print(json.dumps(shaped) if as_json else render(shaped), file=out)
     return config.EXIT_OK

@@ -18,7 +18,9 @@ class CollectorProcess:
     """A running ``mailroom-collector`` whose stdout lines are collected by a thread."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.stderr = tempfile.TemporaryFile()
+        # Read back through a separate open(): seeking the child's own file
+        # description would move its write offset and overwrite the log.
+        self.stderr = tempfile.NamedTemporaryFile(prefix="mailroom-collector-", suffix=".log")
         self.proc = subprocess.Popen(console_script("mailroom-collector"), env=env,
                                      stdout=subprocess.PIPE, stderr=self.stderr)
         self.lines: queue.Queue[bytes] = queue.Queue()
@@ -27,9 +29,15 @@ class CollectorProcess:
         self._reader.start()
 
     def _read(self) -> None:
+        # A quoted field may hold a newline: a batch ends at a newline outside
+        # quotes, i.e. once the batch's count of '"' is even.
         assert self.proc.stdout is not None
+        pending = b""
         for line in self.proc.stdout:
-            self.lines.put(line)
+            pending += line
+            if pending.count(b'"') % 2 == 0:
+                self.lines.put(pending)
+                pending = b""
 
     def take(self, rows: int, timeout: float = 30.0, decode=None) -> list[bytes]:
         """Wait until lines holding ``rows`` rows in all have arrived; return them."""
@@ -64,8 +72,8 @@ class CollectorProcess:
         return extra
 
     def log(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")
+        with open(self.stderr.name, "rb") as f:
+            return f.read().decode(errors="replace")
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
@@ -84,7 +92,8 @@ class CollectorProcess:
 
 def backend_pids(url: str, application: str = "mailroom-collector") -> list[int]:
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+                            " AND datname = current_database()",
                             (application,)).fetchall()
     return [r[0] for r in rows]
 
