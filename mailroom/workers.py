@@ -226,7 +226,9 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
             stop_timeout = message[1]
 
     # Stopping: unfinished calls resolve to "retry" inside close(); report all.
-    sender.close(stop_timeout)
+    # Retries still waiting for their backoff go back to the ledger now rather
+    # than holding up the stop; the ledger queues them with their retry time.
+    sender.close(stop_timeout, defer_retries=True)
     deadline = time.monotonic() + 5
     while in_flight:
         try:

@@ -1,0 +1,78 @@
+"""Helpers for tests that run the real ``mailroom-supervisor`` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tempfile
+
+import psycopg
+from collector_util import pid_alive, wait_for
+from conftest import console_script
+from ses_emulator import AWS_ENV, SOURCE
+
+_STARTED = re.compile(r"(collector|sender) worker started \(pid (\d+)\)")
+
+
+class SupervisorProcess:
+    """A running ``mailroom-supervisor`` with its log in a file."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.logfile = tempfile.NamedTemporaryFile(prefix="mailroom-supervisor-", suffix=".log")
+        self.proc = subprocess.Popen(console_script("mailroom-supervisor"), env=env,
+                                     stdout=subprocess.DEVNULL, stderr=self.logfile)
+
+    def log(self) -> str:
+        with open(self.logfile.name, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def started(self, role: str) -> list[int]:
+        """Pids of every ``role`` worker started so far, oldest first."""
+        return [int(pid) for r, pid in _STARTED.findall(self.log()) if r == role]
+
+    def worker(self, role: str) -> int:
+        """Pid of the current ``role`` worker, once it is up."""
+        return wait_for(lambda: self.started(role) and pid_alive(self.started(role)[-1])
+                        and self.started(role)[-1], what=f"{role} worker")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for role in ("collector", "sender"):
+            for pid in self.started(role):
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def supervisor_env(base: dict[str, str], url: str, ses_url: str, **extra) -> dict[str, str]:
+    env = dict(base, **AWS_ENV, MAILROOM_DATABASE_URL=url, MAILROOM_SES_ENDPOINT_URL=ses_url,
+               MAILROOM_SES_SOURCE=SOURCE, MAILROOM_BATCH_TIMEOUT="100",
+               # moto's GetSendQuota says 1 recipient/s: the tests are not about the rate.
+               MAILROOM_SES_MAX_SEND_RATE="100000",
+               MAILROOM_SES_OUTPUT_PATH=tempfile.mkdtemp(prefix="mailroom-output-"))
+    env.update({f"MAILROOM_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+def ledger(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute("SELECT status::text, count(*) FROM deliveries GROUP BY 1").fetchall())
+
+
+def gone(pids: list[int]) -> bool:
+    return not any(pid_alive(pid) for pid in pids)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)

@@ -1,0 +1,204 @@
+"""mailroom-supervisor end to end: real processes, real PostgreSQL, SES over HTTP."""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import time
+
+import psycopg
+import pytest
+from collector_util import backend_pids, insert_accounts, pid_alive, wait_for
+from conftest import SECRET_KEY_HEX, create_database, drop_database
+from ses_emulator import SesStub, moto_server, throttling
+from supervisor_util import SupervisorProcess, gone, ledger, supervisor_env
+
+from mailroom import migrate, tokens
+
+
+@pytest.fixture
+def db():
+    url = create_database()
+    migrate.up(url)
+    try:
+        yield url
+    finally:
+        drop_database(url)
+
+
+@pytest.fixture
+def supervisors():
+    started: list[SupervisorProcess] = []
+
+    def start(env) -> SupervisorProcess:
+        sup = SupervisorProcess(env)
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.kill()
+
+
+@pytest.fixture
+def stub():
+    with SesStub() as s:
+        yield s
+
+
+def stub_addresses(stub: SesStub) -> list[str]:
+    return [a for request in stub.bulk for a in request.addresses]
+
+
+def test_every_eligible_token_reaches_ses_once(db, base_env, supervisors):
+    with moto_server() as ses:
+        sup = supervisors(supervisor_env(base_env, db, ses.url, batch_limit=50))
+        for chunk in range(6):
+            insert_accounts(db, 200, f"c{chunk}_")
+        with psycopg.connect(db) as conn:
+            conn.execute("INSERT INTO accounts (email, login, status) SELECT 'r' || i || '@example.test',"
+                         " 'r' || i, 'active' FROM generate_series(1, 200) AS i")
+            conn.execute("INSERT INTO tokens (action, account) SELECT 'password_recovery', id"
+                         " FROM accounts WHERE status = 'active'")
+        wait_for(lambda: ledger(db).get("sent") == 1400, timeout=90, what="1400 sent")
+        assert sup.stop() == 0
+        calls = ses.bulk_calls()
+    assert all(len(call.destinations) <= 50 for call in calls)
+    with psycopg.connect(db) as conn:
+        expected = {email: (action, login, bytes(secret), code) for email, action, login, secret, code in conn.execute(
+            "SELECT a.email, t.action::text, a.login, t.secret, t.code FROM tokens t JOIN accounts a ON a.id = t.account")}
+        unsent = conn.execute("SELECT count(*) FROM deliveries WHERE status <> 'sent' OR message_id IS NULL"
+                              " OR sent_at IS NULL").fetchone()[0]
+    assert unsent == 0
+    seen = collections.Counter()
+    for call in calls:
+        for address, data in call.destinations:
+            seen[address] += 1
+            action, login, secret, code = expected[address]
+            fields = json.loads(data)
+            if action == "activation":
+                assert call.template == "activationv1" and set(fields) == {"login", "secret"}
+                assert tokens.verify(SECRET_KEY_HEX, fields["secret"], "activation") == secret
+            else:
+                assert call.template == "passwordrecoveryv1" and fields["code"] == code
+                assert tokens.verify(SECRET_KEY_HEX, fields["secret"], "password_recovery", code) == secret
+            assert fields["login"] == login
+    assert set(seen) == set(expected) and max(seen.values()) == 1
+
+
+def test_killed_workers_and_backend_lose_nothing(db, base_env, supervisors, stub):
+    limit, window = 20, 2
+    sup = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=limit, max_in_flight=window))
+    first_sender, first_collector = sup.worker("sender"), sup.worker("collector")
+    total = 0
+    for chunk in range(10):
+        insert_accounts(db, 40, f"k{chunk}_")
+        total += 40
+        if chunk == 2:
+            wait_for(lambda: stub.bulk, what="first call")
+            signal_pid(first_sender, signal.SIGKILL)
+        if chunk == 5:
+            signal_pid(first_collector, signal.SIGKILL)
+        if chunk == 7:
+            pids = wait_for(lambda: backend_pids(db), what="collector backend")
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+    wait_for(lambda: ledger(db).get("sent") == total, timeout=90, what="all sent")
+    got = collections.Counter(stub_addresses(stub))
+    assert len(got) == total
+    duplicates = sum(n - 1 for n in got.values())
+    # Only batches in flight at the sender's kill may go out twice.
+    assert duplicates <= limit * window
+    new_sender, new_collector = sup.worker("sender"), sup.worker("collector")
+    assert new_sender != first_sender and new_collector != first_collector
+    assert pid_alive(new_sender) and pid_alive(new_collector)
+    log = sup.log()
+    assert "sender worker (pid %d) exited: killed by SIGKILL" % first_sender in log
+    assert "collector worker (pid %d) exited: killed by SIGKILL" % first_collector in log
+    assert sup.stop() == 0
+
+
+def signal_pid(pid: int, signum: int) -> None:
+    import os
+
+    os.kill(pid, signum)
+
+
+def test_sigterm_with_batches_in_flight(db, base_env, supervisors, stub):
+    stub.gate.clear()                                   # SES holds every call
+    sup = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=10, shutdown_timeout=1500))
+    workers = [sup.worker("collector"), sup.worker("sender")]
+    insert_accounts(db, 30, "held")
+    wait_for(lambda: ledger(db).get("claimed", 0) >= 10, what="batches in flight")
+    started = time.monotonic()
+    sup.signal(signal.SIGTERM)
+    assert sup.proc.wait(30) == 0
+    assert time.monotonic() - started < 1.5 + 5.0
+    assert gone(workers)
+    counts = ledger(db)
+    assert counts.get("claimed", 0) == 0 and counts.get("queued") == 30, counts
+    stub.gate.set()
+    # The next run sends them (the retry time is honoured, then they go out).
+    sup2 = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=10))
+    wait_for(lambda: ledger(db).get("sent") == 30, timeout=90, what="resent after restart")
+    assert sup2.stop() == 0
+
+
+def test_supervisor_sigkill_workers_follow_and_lease_recovers(db, base_env, supervisors, stub):
+    stub.gate.clear()
+    sup = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=10, claim_timeout=2000))
+    workers = [sup.worker("collector"), sup.worker("sender")]
+    insert_accounts(db, 25, "orphan")
+    wait_for(lambda: ledger(db).get("claimed", 0) >= 10, what="claimed rows")
+    sup.proc.kill()
+    sup.proc.wait(10)
+    wait_for(lambda: gone(workers), timeout=10, what="workers exiting with their supervisor")
+    stub.gate.set()
+    sup2 = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=10, claim_timeout=2000))
+    wait_for(lambda: ledger(db).get("sent") == 25, timeout=60, what="everything sent by the next run")
+    assert set(stub_addresses(stub)) >= {f"orphan{i}@example.test" for i in range(1, 26)}
+    assert sup2.stop() == 0
+
+
+def test_throttling_keeps_claims_inside_the_window(db, base_env, supervisors, stub):
+    limit, window = 10, 2
+    stub.script(*[throttling()] * 6)
+    sup = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=limit, max_in_flight=window))
+    insert_accounts(db, 100, "slow")
+    peak = 0
+
+    def all_sent() -> bool:
+        nonlocal peak
+        counts = ledger(db)
+        peak = max(peak, counts.get("claimed", 0))
+        return counts.get("sent") == 100
+
+    wait_for(all_sent, timeout=90, interval=0.02, what="all sent after throttling")
+    assert 0 < peak <= limit * window
+    assert sum(1 for r in stub.bulk if r.addresses) >= 6 + 10
+    assert sup.stop() == 0
+
+
+def test_bad_configuration_exits_2_with_one_line(db, base_env):
+    from supervisor_util import run
+    from conftest import console_script
+
+    env = supervisor_env(base_env, db, "http://127.0.0.1:9", max_in_flight="zero")
+    proc = run(console_script("mailroom-supervisor"), env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "MAILROOM_MAX_IN_FLIGHT" in proc.stderr
+
+
+def test_missing_schema_halts_with_a_named_code(fresh_db, base_env):
+    from supervisor_util import run
+    from conftest import console_script
+
+    env = supervisor_env(base_env, fresh_db, "http://127.0.0.1:9")
+    started = time.monotonic()
+    proc = run(console_script("mailroom-supervisor"), env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert "mailroom migrate up" in proc.stderr
+    assert time.monotonic() - started < 30
+    assert "restarting" not in proc.stderr
