@@ -11,7 +11,7 @@ import threading
 import time
 
 import psycopg
-from conftest import console_script
+from pgutil import console_script
 
 
 class CollectorProcess:

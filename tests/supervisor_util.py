@@ -10,7 +10,7 @@ import tempfile
 
 import psycopg
 from collector_util import pid_alive, wait_for
-from conftest import console_script
+from pgutil import console_script
 from ses_emulator import AWS_ENV, SOURCE
 
 _STARTED = re.compile(r"(collector|sender) worker started \(pid (\d+)\)")
