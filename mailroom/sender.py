@@ -1,0 +1,699 @@
+"""The sender: batches of decoded rows in, one outcome per token out (DESIGN §7).
+
+:class:`Sender` is the engine shared by the two ways of running it: the sender
+worker forked by the supervisor (outcomes go back over its pipe to the ledger), and
+:func:`run_stdin`, the compatibility mode of ``mailroom-collector | mailroom-sender``.
+
+How a batch travels: :meth:`Sender.submit` splits it by action into calls of at most
+50 destinations and queues them; ``ses_concurrency`` threads take calls from a
+time-ordered queue, wait for the rate limit, call ``SendBulkTemplatedEmail`` and
+resolve each destination.  A retryable destination goes back into the queue with a
+jittered exponential delay (a waiting retry never holds a thread); a paused account
+holds or hands back what it cannot send, and one call probes later.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO, NamedTuple, TextIO
+
+from mailroom import ses
+from mailroom.config import Settings
+
+log = logging.getLogger(__name__)
+
+Row = tuple[int, str, str, str, str]
+
+SENT = "sent"
+FAILED = "failed"
+RETRY = "retry"
+
+
+class Outcome(NamedTuple):
+    """What became of one token of a batch.
+
+    ``kind`` is ``"sent"`` (SES accepted it; ``message_id`` is SES's MessageId, None
+    in debug mode), ``"failed"`` (refused for good or out of attempts; ``error`` says
+    why) or ``"retry"`` (not sent now: shutdown or a paused account; the caller may
+    queue it again after ``retry_after`` seconds, when known).
+    """
+
+    kind: str
+    message_id: str | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SendPolicy:
+    """Timing knobs of the sender; the defaults are for production, tests shrink them."""
+
+    #: First retry delay in seconds; doubles per attempt (equal jitter), up to the cap.
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    #: First probe delay when the account is paused; doubles per failed probe.
+    pause_base: float = 10.0
+    pause_cap: float = 600.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    #: Paused account: keep the destinations and send them once a probe gets through
+    #: (stdin mode: nobody else would), or hand them back at once as "retry" (worker
+    #: mode: the ledger queues them again, and a long pause does not outlive a lease).
+    hold_when_paused: bool = False
+
+
+class _Batch:
+    """One submitted batch: its future and the outcome of each row so far."""
+
+    __slots__ = ("future", "outcomes", "pending", "lock", "done")
+
+    def __init__(self, size: int) -> None:
+        self.future: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
+        self.outcomes: list[Outcome | None] = [None] * size
+        self.pending = size
+        self.lock = threading.Lock()
+        self.done = False
+
+
+class _Call:
+    """Destinations of one batch that go out in one SendBulkTemplatedEmail call."""
+
+    __slots__ = ("batch", "action", "indices", "destinations", "attempts")
+
+    def __init__(
+        self,
+        batch: _Batch,
+        action: int,
+        indices: list[int],
+        destinations: list[dict[str, Any]],
+        attempts: int = 0,
+    ) -> None:
+        self.batch = batch
+        self.action = action
+        self.indices = indices
+        self.destinations = destinations
+        self.attempts = attempts  # attempts made so far
+
+    def subset(self, positions: list[int]) -> _Call:
+        """The same call for some of its destinations, one attempt later."""
+        return _Call(
+            self.batch,
+            self.action,
+            [self.indices[p] for p in positions],
+            [self.destinations[p] for p in positions],
+            self.attempts + 1,
+        )
+
+
+_PROBE = object()  # queue marker: time to probe a paused account
+
+
+class Sender:
+    """Sends batches through SES with retries, a rate limit and bounded concurrency.
+
+    Nothing is created until :meth:`start` (no client, no thread), so an instance can
+    be built before a fork.  :meth:`submit` never blocks; :meth:`close` finishes or
+    hands back what is in flight.  ``stdout`` receives the requests in debug mode.
+    """
+
+    def __init__(
+        self, settings: Settings, *, stdout: TextIO | None = None, policy: SendPolicy | None = None
+    ) -> None:
+        self.settings = settings
+        self.policy = policy or SendPolicy()
+        self._stdout = stdout
+        self._client: Any = None
+        self._bucket: ses.TokenBucket | None = None
+        self._raw: ses.RawResponseWriter | None = None
+        self._schedule = ses.Schedule()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards the fields below
+        self._batches: set[_Batch] = set()
+        self._idle = threading.Condition(self._lock)
+        self._started = False
+        self._closing = False
+        self._defer_retries = False
+        self._paused = False
+        self._pause_level = 0
+        self._probe_at = 0.0
+        self._held: list[_Call] = []
+        self._stopping = threading.Event()  # wakes every wait when close() gives up
+        self._print_lock = threading.Lock()
+
+    @property
+    def rate(self) -> float | None:
+        """The recipients-per-second limit in force (None: unlimited or not started)."""
+        return self._bucket.rate if self._bucket else None
+
+    def start(self) -> None:
+        """Create the SES client and the sending threads, and read the send quota.
+
+        In debug mode nothing is created and SES is never called.
+        """
+        if self._started:
+            return
+        self._started = True
+        if self.settings.debug:
+            log.info("debug mode: printing each request on stdout, sending nothing")
+            return
+        concurrency = self.settings.ses_concurrency
+        self._client = ses.make_client(
+            self.settings,
+            connect_timeout=self.policy.connect_timeout,
+            read_timeout=self.policy.read_timeout,
+            pool_size=concurrency,
+        )
+        self._raw = ses.RawResponseWriter(self.settings.ses_output_path)
+        self._raw.attach(self._client)
+        rate = self.settings.ses_max_send_rate
+        if rate is None:
+            rate = ses.read_send_rate(self._client)
+        self._bucket = ses.TokenBucket(rate)
+        log.info(
+            "sending through SES%s with %d threads, %s",
+            f" at {self.settings.ses_endpoint_url}" if self.settings.ses_endpoint_url else "",
+            concurrency,
+            f"at most {rate:g} recipients/s" if rate else "no rate limit",
+        )
+        for number in range(concurrency):
+            # Daemon threads: a call stuck past the shutdown deadline must not keep
+            # the process alive; its tokens were already handed back as "retry".
+            thread = threading.Thread(target=self._work, name=f"ses-send-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    # --- submitting -----------------------------------------------------------------------
+
+    def submit(self, rows: list[Row]) -> concurrent.futures.Future[list[Outcome]]:
+        """Queue a batch; the future gives one :class:`Outcome` per row, in row order."""
+        if not self._started or self._closing:
+            raise RuntimeError("Sender.submit() needs start() and must come before close()")
+        batch = _Batch(len(rows))
+        groups: dict[int, tuple[list[int], list[dict[str, Any]]]] = {}
+        for index, (action, email, login, token, code) in enumerate(rows):
+            if action not in (ses.ACTIVATION, ses.RECOVERY):
+                self._resolve(batch, index, Outcome(FAILED, error=f"unknown action {action!r}"))
+                continue
+            try:
+                address = ses.normalize_address(email)
+            except ses.AddressError as exc:
+                self._resolve(batch, index, Outcome(FAILED, error=f"bad address: {exc}"))
+                continue
+            indices, destinations = groups.setdefault(action, ([], []))
+            indices.append(index)
+            destinations.append(ses.destination(address, ses.template_data(action, login, token, code)))
+        size = ses.MAX_DESTINATIONS
+        calls = [
+            _Call(batch, action, indices[i : i + size], destinations[i : i + size])
+            for action, (indices, destinations) in groups.items()
+            for i in range(0, len(indices), size)
+        ]
+        if self.settings.debug:
+            self._print(calls)
+        elif calls:
+            with self._lock:
+                if not batch.done:
+                    self._batches.add(batch)
+            for call in calls:
+                self._schedule.put(call)
+        if not rows:
+            self._finish(batch)
+        return batch.future
+
+    def _print(self, calls: list[_Call]) -> None:
+        # Debug mode: the exact requests, one JSON object per line, and "sent".
+        out = self._stdout or sys.stdout
+        with self._print_lock:
+            for call in calls:
+                request = ses.bulk_request(self.settings, call.action, call.destinations)
+                out.write(json.dumps(request, ensure_ascii=False) + "\n")
+            out.flush()
+        for call in calls:
+            for index in call.indices:
+                self._resolve(call.batch, index, Outcome(SENT))
+
+    # --- sending --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._schedule.get()
+            if item is None:
+                return
+            try:
+                if item is _PROBE:
+                    self._probe()
+                else:
+                    self._send(item)
+            except Exception:  # a bug must not kill the thread and strand the batch
+                log.exception("unexpected error in the sending thread")
+                if item is not _PROBE:
+                    self._give_back(item, "sender error", 60.0)
+
+    def _probe(self) -> None:
+        with self._lock:
+            call = self._held.pop(0) if self._held else None
+            if call is None:
+                # Nothing held (worker mode): the next call is the probe.
+                self._paused = False
+        if call is not None:
+            self._send(call, probe=True)
+
+    def _send(self, call: _Call, probe: bool = False) -> None:
+        if call.batch.done:
+            return  # given up at shutdown
+        if not probe and self._hold_if_paused(call):
+            return
+        count = len(call.destinations)
+        if not self._bucket or not self._bucket.acquire(count, self._stopping):
+            self._give_back(call, "sender stopping")
+            return
+        verdicts = self._attempt(call)
+        by_kind: dict[str, list[int]] = {ses.SENT: [], ses.RETRY: [], ses.PAUSE: [], ses.FAIL: []}
+        for position, verdict in enumerate(verdicts):
+            by_kind[verdict.kind].append(position)
+        # The pause state first: whoever sees the outcomes sees the state that led to them.
+        if by_kind[ses.PAUSE]:
+            reason = verdicts[by_kind[ses.PAUSE][0]].detail or "paused"
+            self._on_paused(call.subset(by_kind[ses.PAUSE]), reason, probe)
+        else:
+            self._on_not_paused()
+        for position in by_kind[ses.SENT]:
+            outcome = Outcome(SENT, message_id=verdicts[position].detail)
+            self._resolve(call.batch, call.indices[position], outcome)
+        for position in by_kind[ses.FAIL]:
+            outcome = Outcome(FAILED, error=verdicts[position].detail)
+            self._resolve(call.batch, call.indices[position], outcome)
+        if by_kind[ses.RETRY]:
+            self._retry(call, by_kind[ses.RETRY], verdicts)
+
+    def _attempt(self, call: _Call) -> list[ses.Verdict]:
+        """One SendBulkTemplatedEmail call; one verdict per destination."""
+        request = ses.bulk_request(self.settings, call.action, call.destinations)
+        count = len(call.destinations)
+        try:
+            response = self._client.send_bulk_templated_email(**request)
+        except Exception as exc:  # noqa: BLE001 - classified below, bugs included
+            verdict = ses.classify_exception(exc)
+            path = self._raw.write_last() if self._raw and ses.is_service_error(exc) else None
+            log.warning(
+                "SendBulkTemplatedEmail for %d destinations failed (attempt %d): %s%s",
+                count,
+                call.attempts + 1,
+                verdict.detail,
+                f"; raw response in {path}" if path else "",
+            )
+            return [verdict] * count
+        statuses = response.get("Status") or []
+        verdicts = [ses.classify_status(entry) for entry in statuses[:count]]
+        # Fewer statuses than destinations should not happen; losing an email is
+        # worse than sending one twice, so the missing ones are retried.
+        missing = ses.Verdict(ses.RETRY, "no status for this destination in the response")
+        verdicts += [missing] * (count - len(verdicts))
+        return verdicts
+
+    def _retry(self, call: _Call, positions: list[int], verdicts: list[ses.Verdict]) -> None:
+        attempts = call.attempts + 1
+        if attempts >= self.settings.send_max_attempts:
+            for position in positions:
+                error = f"{verdicts[position].detail} (gave up after {attempts} attempts)"
+                self._resolve(call.batch, call.indices[position], Outcome(FAILED, error=error))
+            return
+        reason = verdicts[positions[0]].detail or "retryable"
+        delay = ses.jitter(min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (attempts - 1)))
+        again = call.subset(positions)
+        with self._lock:  # against close(defer_retries=True) emptying the queue meanwhile
+            defer = self._defer_retries
+            if not defer:
+                self._schedule.put(again, time.monotonic() + delay)
+        if defer:
+            self._give_back(again, reason, delay)
+        else:
+            log.info("retrying %d destinations in %.2f s (attempt %d: %s)",
+                     len(positions), delay, attempts, reason)
+
+    # --- paused account ----------------------------------------------------------------
+
+    def _hold_if_paused(self, call: _Call) -> bool:
+        with self._lock:
+            if not self._paused:
+                return False
+            wait = max(0.0, self._probe_at - time.monotonic())
+            if self.policy.hold_when_paused and not self._defer_retries:
+                self._held.append(call)
+                return True
+        self._give_back(call, "SES account sending is paused", wait)
+        return True
+
+    def _on_paused(self, call: _Call, reason: str, probe: bool) -> None:
+        # The paused destinations keep their attempt count: a pause is not their fault.
+        call.attempts -= 1
+        with self._lock:
+            if not self._paused or probe:
+                self._paused = True
+                self._pause_level += 1
+                nominal = self.policy.pause_base * 2 ** (self._pause_level - 1)
+                delay = ses.jitter(min(self.policy.pause_cap, nominal))
+                self._probe_at = time.monotonic() + delay
+                self._schedule.put(_PROBE, self._probe_at)
+                log.warning("SES sending is paused (%s); trying again in %.3g s", reason, delay)
+            wait = max(0.0, self._probe_at - time.monotonic())
+            hold = self.policy.hold_when_paused and not self._defer_retries
+            if hold:
+                # A probe's destinations go first when sending resumes.
+                self._held.insert(0 if probe else len(self._held), call)
+        if not hold:
+            self._give_back(call, reason, wait)
+
+    def _on_not_paused(self) -> None:
+        with self._lock:
+            if not self._pause_level:
+                return
+            was_paused = self._paused
+            self._paused = False
+            self._pause_level = 0
+            held, self._held = self._held, []
+        if was_paused or held:
+            log.warning("SES sending resumed; sending %d held calls", len(held))
+        for call in held:
+            self._schedule.put(call)
+
+    # --- outcomes ------------------------------------------------------------------------
+
+    def _give_back(self, call: _Call, reason: str, retry_after: float | None = None) -> None:
+        for index in call.indices:
+            self._resolve(call.batch, index, Outcome(RETRY, error=reason, retry_after=retry_after))
+
+    def _resolve(self, batch: _Batch, index: int, outcome: Outcome) -> None:
+        with batch.lock:
+            if batch.done or batch.outcomes[index] is not None:
+                return  # e.g. a call that returned after close() gave up on it
+            batch.outcomes[index] = outcome
+            batch.pending -= 1
+            last = batch.pending == 0
+        if last:
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch, fill: Outcome | None = None) -> None:
+        with batch.lock:
+            if batch.done:
+                return
+            batch.done = True
+            outcomes = [o if o is not None else fill for o in batch.outcomes]
+        # Result (and so the caller's callbacks) first, then "idle": close() must not
+        # return while a callback still has to report the batch.
+        batch.future.set_result(outcomes)  # type: ignore[arg-type]
+        with self._lock:
+            self._batches.discard(batch)
+            if not self._batches:
+                self._idle.notify_all()
+
+    # --- closing -------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None, *, defer_retries: bool = False) -> None:
+        """Stop taking batches and finish those in flight, waiting at most ``timeout`` s.
+
+        ``timeout=None`` waits for everything, retries and pauses included.  When the
+        time is up, every token not yet resolved resolves to ``"retry"`` (a call still
+        on the wire is abandoned: if SES accepted it, the token may go out twice, the
+        usual crash window).  ``defer_retries`` hands back at once what waits for a
+        retry or a paused account instead of waiting for it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._closing = True
+            if defer_retries:
+                self._defer_retries = True
+                held, self._held = self._held, []
+            else:
+                held = []
+        if defer_retries:
+            now = time.monotonic()
+            for due, item in self._schedule.take_all():
+                if item is _PROBE:
+                    continue
+                if due <= now:
+                    self._schedule.put(item, due)  # due now: still worth sending
+                else:
+                    self._give_back(item, "not sent: sender stopping", due - now)
+            for call in held:
+                self._give_back(call, "not sent: sender stopping", max(0.0, self._probe_at - now))
+        with self._lock:
+            while self._batches:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._idle.wait(remaining)
+            left = list(self._batches)
+        if left:
+            log.warning("shutdown: %d batches not finished in time; their tokens are handed back",
+                        len(left))
+        self._stopping.set()
+        for batch in left:
+            self._finish(batch, Outcome(RETRY, error="not sent: sender stopped"))
+        self._schedule.close()
+
+
+# --- compatibility mode: batch lines on stdin ------------------------------------------------
+
+_CHUNK = 1 << 16
+_MAX_JOINED_LINE = 8 << 20  # a quoted field may span lines, but not without end
+
+
+def run_stdin(
+    settings: Settings,
+    stdin: BinaryIO | None = None,
+    stdout: TextIO | None = None,
+    *,
+    policy: SendPolicy | None = None,
+) -> int:
+    """``mailroom-sender``: send every batch line read from ``stdin``; return the exit code.
+
+    A malformed line is logged with its line number and skipped, and so is a last
+    line without its newline (the writer died mid-line).  Lines are submitted
+    without waiting for earlier ones, at most ``ses_concurrency + max_in_flight``
+    batches at a time (so a huge input is not read ahead into memory).  At the end of
+    input everything in flight is finished; after SIGTERM/SIGINT reading stops and
+    what is in flight gets ``shutdown_timeout`` ms (a second signal ends the process
+    at once).  A paused account holds the batches: nobody would send them later.
+    """
+    from mailroom.wire import WireError, decode_line
+
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    sender = Sender(settings, stdout=stdout, policy=policy or SendPolicy(hold_when_paused=True))
+    try:
+        sender.start()
+    except Exception as exc:  # noqa: BLE001 - e.g. a malformed endpoint URL
+        log.error("cannot start the sender: %s", exc)
+        return 1
+    window = threading.BoundedSemaphore(settings.ses_concurrency + settings.max_in_flight)
+    signals = _Signals()
+    signals.install()
+    try:
+        for number, line in _batch_lines(_split_lines(_chunks(stdin, signals)), decode_line):
+            if signals.received is not None:
+                break  # what was read but not yet submitted stays unsent
+            if not line.endswith(b"\n"):
+                # A writer that died mid-line: the cut could fall inside a field (a
+                # shorter code still parses), so an unterminated line is never sent.
+                log.error("line %d: incomplete (input ended without a newline); skipped", number)
+                continue
+            try:
+                rows = decode_line(line)
+            except WireError as exc:
+                log.error("line %d: %s", number, exc)
+                continue
+            if not rows:
+                continue
+            # Wait for room; polling only while the window is full, to notice a signal.
+            while not window.acquire(timeout=0.1):
+                if signals.received is not None:
+                    break
+            else:
+                started = time.monotonic()
+                future = sender.submit(rows)
+                future.add_done_callback(functools.partial(_report, number, rows, started, window))
+            if signals.received is not None:
+                break
+        if signals.received is not None:
+            timeout = settings.shutdown_timeout / 1000
+            log.info("%s: stopped reading; finishing the batches in flight (at most %g s)",
+                     signal.Signals(signals.received).name, timeout)
+            sender.close(timeout)
+        else:
+            sender.close(None)
+    except BaseException:
+        sender.close(0)
+        raise
+    finally:
+        signals.restore()
+    return 0
+
+
+def _report(number: int, rows: list[Row], started: float, window: threading.BoundedSemaphore,
+            future: concurrent.futures.Future[list[Outcome]]) -> None:
+    """Log a finished batch: one line per destination not sent, then the summary."""
+    window.release()
+    outcomes = future.result()
+    counts = {SENT: 0, FAILED: 0, RETRY: 0}
+    for row, outcome in zip(rows, outcomes):
+        counts[outcome.kind] += 1
+        if outcome.kind == FAILED:
+            log.warning("line %d: failed to send to %s: %s", number, _printable(row[1]), outcome.error)
+        elif outcome.kind == RETRY:
+            log.warning("line %d: not sent to %s (%s)", number, _printable(row[1]), outcome.error)
+    log.info(
+        "line %d: %d rows, %d sent, %d failed%s, %d ms",
+        number,
+        len(rows),
+        counts[SENT],
+        counts[FAILED],
+        f", {counts[RETRY]} not sent" if counts[RETRY] else "",
+        (time.monotonic() - started) * 1000,
+    )
+
+
+def _printable(text: str) -> str:
+    # An address may hold a quoted line break; a log line must stay one line.
+    return text if text.isprintable() else repr(text)
+
+
+class _Signals:
+    """SIGTERM/SIGINT handling: the handler only records the signal.
+
+    The C-level wake-up fd wakes the reader's ``poll`` (a plain blocking read would
+    be restarted after the handler, PEP 475).  Only the main thread can do this; in
+    another thread (an embedding program) signals are left alone.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.wake_fd: int | None = None
+        self._write_fd: int | None = None
+        self._saved: dict[int, Any] = {}
+        self._saved_wakeup = -1
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.wake_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._saved_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._saved[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            # A second signal takes the default action: the process ends at once.
+            for other in self._saved:
+                signal.signal(other, signal.SIG_DFL)
+
+    def restore(self) -> None:
+        if self.wake_fd is None:
+            return
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._saved_wakeup)
+        os.close(self.wake_fd)
+        os.close(self._write_fd)  # type: ignore[arg-type]
+        self.wake_fd = None
+
+
+def _chunks(stdin: BinaryIO, signals: _Signals) -> Iterator[bytes]:
+    """Read ``stdin`` in chunks until end of input or a signal."""
+    try:
+        fd: int | None = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # io.BytesIO and friends
+        fd = None
+    if fd is None or signals.wake_fd is None:
+        read = stdin.read1 if hasattr(stdin, "read1") else stdin.read
+        while signals.received is None:
+            data = read(_CHUNK)
+            if not data:
+                return
+            yield data
+        return
+    # poll, not epoll: stdin may be a regular file, which epoll refuses.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.register(signals.wake_fd, select.POLLIN)
+    while True:
+        ready = {ready_fd for ready_fd, _ in poller.poll()}
+        if signals.wake_fd in ready:
+            try:
+                os.read(signals.wake_fd, 512)
+            except BlockingIOError:
+                pass
+        if signals.received is not None:
+            return
+        if fd in ready:
+            data = os.read(fd, _CHUNK)
+            if not data:
+                return
+            yield data
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Physical lines, each with its ``\\n`` (the last one may lack it)."""
+    buf = bytearray()
+    for chunk in chunks:
+        scan = len(buf)  # the part already searched holds no newline
+        buf += chunk
+        start = 0
+        while (end := buf.find(b"\n", scan)) >= 0:
+            yield bytes(buf[start : end + 1])
+            start = scan = end + 1
+        del buf[:start]
+    if buf:
+        yield bytes(buf)
+
+
+def _batch_lines(lines: Iterable[bytes], decode: Any) -> Iterator[tuple[int, bytes]]:
+    """Number the physical lines and join those that one quoted field spans.
+
+    A quoted field may hold a line break, so a line with an odd number of ``"``
+    continues on the next.  But a broken line (a quote never closed) must not swallow
+    the good lines after it: when the next line is a valid batch line on its own, the
+    broken one ends where it is.  Yields ``(first line number, bytes)``.
+    """
+    pending: list[bytes] = []
+    first = quotes = size = 0
+    for number, line in enumerate(lines, 1):
+        count = line.count(b'"')
+        if pending:
+            if count % 2 == 0 and _is_batch(line, decode):
+                yield first, b"".join(pending)
+                pending = []
+            else:
+                pending.append(line)
+                quotes += count
+                size += len(line)
+                if quotes % 2 == 0 or size > _MAX_JOINED_LINE:
+                    yield first, b"".join(pending)
+                    pending = []
+                continue
+        if count % 2:
+            pending, first, quotes, size = [line], number, count, len(line)
+        else:
+            yield number, line
+    if pending:
+        yield first, b"".join(pending)
+
+
+def _is_batch(line: bytes, decode: Any) -> bool:
+    try:
+        return bool(decode(line))
+    except ValueError:
+        return False

@@ -1,0 +1,430 @@
+"""The Sender engine in-process, against real HTTP endpoints: moto's server and the SES stub.
+
+No boto3 call is patched: every request goes over HTTP to moto (what it can do) or to
+the scripted stub (throttling, 5xx, per-destination failures, pauses, timing).  The
+stdin mode (``run_stdin`` and the console script) is in test_sender_cli.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import pytest
+from ses_emulator import (
+    AWS_ENV,
+    SOURCE,
+    SesStub,
+    account_paused,
+    error,
+    free_port,
+    moto_server,
+    per_destination,
+    server_error,
+    success,
+    throttling,
+)
+
+from mailroom import ses, wire
+from mailroom.config import Settings
+from mailroom.sender import FAILED, RETRY, SENT, Outcome, Sender, SendPolicy, run_stdin
+
+SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
+FAST = SendPolicy(backoff_base=0.01, backoff_cap=0.05, pause_base=0.05, pause_cap=0.2,
+                  connect_timeout=1.0, read_timeout=5.0)
+FAST_HOLD = SendPolicy(**{**FAST.__dict__, "hold_when_paused": True})
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch, tmp_path):
+    """Dummy credentials and region; no shared AWS files of the machine."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+@pytest.fixture(scope="module")
+def moto_module():
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def moto(moto_module):
+    """moto, reset, with the source verified and both templates created."""
+    moto_module.reset()
+    return moto_module
+
+
+@pytest.fixture
+def stub():
+    with SesStub() as server:
+        yield server
+
+
+@pytest.fixture
+def make_settings(tmp_path):
+    def make(url: str | None, **overrides) -> Settings:
+        values = dict(ses_endpoint_url=url, ses_source=SOURCE, ses_max_send_rate=100_000.0,
+                      ses_output_path=str(tmp_path / "output"))
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def running():
+    """Start a Sender; close it (handing back anything left) after the test."""
+    senders = []
+
+    def start(settings: Settings, policy: SendPolicy = FAST, **kwargs) -> Sender:
+        sender = Sender(settings, policy=policy, **kwargs)
+        sender.start()
+        senders.append(sender)
+        return sender
+
+    yield start
+    for sender in senders:
+        sender.close(0)
+
+
+def token(n: int) -> str:
+    return SIGNER.sign(1, n.to_bytes(32, "big"), "")
+
+
+def rows(count: int, action: int = 1, start: int = 0, domain: str = "example.test") -> list[tuple]:
+    return [(action, f"user{i}@{domain}", f"login{i}", token(i), f"{i % 100000:05d}")
+            for i in range(start, start + count)]
+
+
+def expected_data(row: tuple) -> dict:
+    action, _, login, secret, code = row
+    if action == 1:
+        return {"login": login, "secret": secret}
+    return {"login": login, "secret": secret, "code": code}
+
+
+def line(*batch_rows: tuple) -> bytes:
+    """A real wire line for rows given with a 32-byte secret."""
+    return SIGNER.encode_batch(list(batch_rows))
+
+
+# --- moto: what SES receives ------------------------------------------------------------
+
+
+def test_120_rows_go_out_as_50_50_20(moto, make_settings, running):
+    batch = rows(120)
+    outcomes = running(make_settings(moto.url)).submit(batch).result(30)
+    assert [o.kind for o in outcomes] == [SENT] * 120
+    assert all(o.message_id for o in outcomes)
+    calls = moto.bulk_calls()
+    assert sorted(len(c.destinations) for c in calls) == [20, 50, 50]
+    sent = [address for c in calls for address, _ in c.destinations]
+    assert sorted(sent) == sorted(r[1] for r in batch)
+
+
+def test_unverified_source_fails_every_destination_without_retrying(moto, make_settings, running, tmp_path):
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ses.models import ses_backends
+
+    moto.reset(verify=False)
+    outcomes = running(make_settings(moto.url)).submit(rows(3)).result(30)
+    assert {o.kind for o in outcomes} == {FAILED}
+    assert all("MessageRejected" in o.error and "not verified" in o.error for o in outcomes)
+    assert ses_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].rejected_messages_count == 1  # one call, no retry
+    [raw] = (tmp_path / "output").iterdir()
+    assert raw.read_bytes().upper().startswith(b"HTTP/1.1 400 BAD REQUEST\r\n")  # moto's own status line
+    assert b"<Code>MessageRejected</Code>" in raw.read_bytes()
+
+
+def test_missing_template_is_a_permanent_failure(moto, make_settings, running):
+    moto.reset(templates=False)
+    outcomes = running(make_settings(moto.url)).submit(rows(2, action=2)).result(30)
+    assert [o.kind for o in outcomes] == [FAILED, FAILED]
+    assert "TemplateDoesNotExist" in outcomes[0].error
+
+
+def test_rate_comes_from_get_send_quota_unless_configured(moto, stub, make_settings, running, caplog):
+    assert running(make_settings(moto.url, ses_max_send_rate=None)).rate == 1.0  # moto's quota
+    assert running(make_settings(stub.url, ses_max_send_rate=25.0)).rate == 25.0
+    assert [r.action for r in stub.requests] == []  # configured: no GetSendQuota
+    stub.quota_rate = None  # GetSendQuota answers 500
+    assert running(make_settings(stub.url, ses_max_send_rate=None)).rate is None
+    assert "cannot read the SES send quota" in caplog.text
+
+
+def test_region_defaults_to_us_east_1(monkeypatch, stub, make_settings, running):
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    sender = running(make_settings(stub.url))
+    assert sender._client.meta.region_name == "us-east-1"
+
+
+# --- stub: retries, permanent failures, pauses ----------------------------------------------
+
+
+def test_throttling_then_500_then_success_is_sent_after_backoff(stub, make_settings, running, tmp_path):
+    stub.script(throttling(), server_error(), success())
+    policy = SendPolicy(**{**FAST.__dict__, "backoff_base": 0.1, "backoff_cap": 1.0})
+    [outcome] = running(make_settings(stub.url), policy).submit(rows(1)).result(30)
+    assert outcome.kind == SENT and outcome.message_id
+    first, second, third = stub.wait_for(3)
+    assert first.addresses == second.addresses == third.addresses == ["user0@example.test"]
+    # Equal jitter: at least half the nominal delay (0.1 s, then 0.2 s).
+    assert second.time - first.time >= 0.05
+    assert third.time - second.time >= 0.1
+    files = sorted((tmp_path / "output").iterdir())
+    assert len(files) == 2  # the two whole-call service errors
+    texts = sorted(f.read_bytes() for f in files)
+    assert any(t.startswith(b"HTTP/1.1 500 Internal Server Error\r\n") for t in texts)
+    assert any(b"<Code>Throttling</Code>" in t for t in texts)
+
+
+def test_per_destination_transient_failure_retries_only_those(stub, make_settings, running):
+    flaky = {"user1@example.test", "user3@example.test"}
+    stub.script(per_destination(lambda a: "TransientFailure" if a in flaky else None), success())
+    batch = rows(5)
+    outcomes = running(make_settings(stub.url)).submit(batch).result(30)
+    assert [o.kind for o in outcomes] == [SENT] * 5
+    first, second = stub.wait_for(2)
+    assert len(first.destinations) == 5
+    assert sorted(second.addresses) == sorted(flaky)
+    assert second.destinations == [d for d in first.destinations if d[0] in flaky]  # same data
+    assert len(stub.bulk) == 2
+
+
+def test_retries_stop_at_send_max_attempts(stub, make_settings, running):
+    stub.default = throttling()
+    [outcome] = running(make_settings(stub.url, send_max_attempts=3)).submit(rows(1)).result(30)
+    assert outcome.kind == FAILED
+    assert "Throttling" in outcome.error and "after 3 attempts" in outcome.error
+    assert len(stub.bulk) == 3
+
+
+@pytest.mark.parametrize("status", ["MessageRejected", "InvalidParameterValue", "MailFromDomainNotVerified",
+                                    "ConfigurationSetDoesNotExist", "Failed"])
+def test_permanent_destination_status_fails_at_once(stub, make_settings, running, status):
+    stub.script(per_destination(lambda a: status if a == "user0@example.test" else None))
+    outcomes = running(make_settings(stub.url)).submit(rows(2)).result(30)
+    assert outcomes[0].kind == FAILED and outcomes[0].error.startswith(status)
+    assert outcomes[1].kind == SENT
+    assert len(stub.bulk) == 1
+
+
+def test_whole_call_permanent_error_fails_at_once_and_keeps_the_raw_response(
+    stub, make_settings, running, tmp_path
+):
+    stub.script(error("InvalidParameterValue", "Missing final '@domain'"))
+    outcomes = running(make_settings(stub.url)).submit(rows(2)).result(30)
+    assert [o.kind for o in outcomes] == [FAILED, FAILED]
+    assert outcomes[0].error == "InvalidParameterValue: Missing final '@domain'"
+    [raw] = (tmp_path / "output").iterdir()
+    head, _, body = raw.read_bytes().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"x-amzn-RequestId: stub-request" in head
+    assert body.startswith(b"<ErrorResponse") and b"Missing final" in body
+
+
+def test_connection_refused_is_retried_then_failed(make_settings, running):
+    settings = make_settings(f"http://127.0.0.1:{free_port()}", send_max_attempts=2)
+    [outcome] = running(settings).submit(rows(1)).result(30)
+    assert outcome.kind == FAILED
+    assert "Could not connect" in outcome.error and "after 2 attempts" in outcome.error
+
+
+def test_read_timeout_is_retried(stub, make_settings, running):
+    stub.script(success(delay=1.0), success())
+    policy = SendPolicy(**{**FAST.__dict__, "read_timeout": 0.2})
+    [outcome] = running(make_settings(stub.url), policy).submit(rows(1)).result(30)
+    assert outcome.kind == SENT
+    assert len(stub.bulk) == 2
+
+
+def test_paused_account_holds_and_probes_without_burning_attempts(stub, make_settings, running, caplog):
+    stub.script(account_paused(), account_paused(), success())
+    sender = running(make_settings(stub.url, send_max_attempts=1), FAST_HOLD)
+    outcomes = sender.submit(rows(2)).result(30)
+    assert [o.kind for o in outcomes] == [SENT, SENT]  # one attempt allowed, yet sent
+    assert len(stub.bulk) == 3
+    assert "SES sending is paused (AccountSendingPausedException" in caplog.text
+    assert "SES sending resumed" in caplog.text
+
+
+@pytest.mark.parametrize("reply", [
+    per_destination(lambda a: "AccountSendingPaused"),
+    account_paused(),
+    error("Throttling", "Daily message quota exceeded."),
+], ids=["per-destination", "whole-call", "daily-quota"])
+def test_paused_account_hands_tokens_back_in_worker_mode(stub, make_settings, running, reply):
+    stub.script(reply)
+    policy = SendPolicy(**{**FAST.__dict__, "pause_base": 30.0, "pause_cap": 60.0})
+    sender = running(make_settings(stub.url), policy)
+    first = sender.submit(rows(2)).result(30)
+    assert [o.kind for o in first] == [RETRY, RETRY]
+    assert 15.0 <= first[0].retry_after <= 30.0
+    # Still paused: the next batch is handed back without calling SES.
+    second = sender.submit(rows(1, start=5)).result(30)
+    assert second[0].kind == RETRY and "paused" in second[0].error
+    assert len(stub.bulk) == 1
+
+
+def test_rate_limit_holds_within_ten_percent(stub, make_settings, running):
+    sender = running(make_settings(stub.url, ses_max_send_rate=200.0))
+    futures = [sender.submit(rows(10, start=10 * n)) for n in range(100)]  # 1000 recipients
+    for future in futures:
+        assert {o.kind for o in future.result(30)} == {SENT}
+    calls = sorted(stub.bulk, key=lambda r: r.time)
+    elapsed = calls[-1].time - calls[0].time
+    # The first call goes at once; each later one waits for the tokens of the ones before.
+    rate = (sum(len(c.destinations) for c in calls) - len(calls[0].destinations)) / elapsed
+    assert 180 <= rate <= 220, f"{rate:.1f} recipients/s over {elapsed:.2f} s"
+
+
+def test_token_bucket_makes_each_caller_pay_for_the_one_before():
+    clock = [0.0]
+    bucket = ses.TokenBucket(10.0, clock=lambda: clock[0])
+    assert bucket.reserve(50) == 0.0  # a call larger than the bucket still goes...
+    assert bucket.reserve(10) == 5.0  # ...and the next one waits until it is paid for
+    clock[0] = 5.0
+    assert bucket.reserve(10) == 1.0
+    clock[0] = 100.0  # idle: the bucket refills, but only to one second's worth
+    assert bucket.reserve(10) == 0.0
+    assert bucket.reserve(10) == pytest.approx(0.0)
+    assert bucket.reserve(1) == pytest.approx(1.0)
+    assert ses.TokenBucket(None).reserve(10**6) == 0.0
+
+
+def test_calls_run_concurrently_but_bounded(stub, make_settings, running):
+    stub.gate.clear()
+    sender = running(make_settings(stub.url, ses_concurrency=3))
+    futures = [sender.submit(rows(1, start=n)) for n in range(8)]
+    stub.wait_for(3)
+    time.sleep(0.2)  # the absence of a 4th call can only be seen by waiting a little
+    assert len(stub.bulk) == 3
+    stub.gate.set()
+    assert all(f.result(30)[0].kind == SENT for f in futures)
+    assert len(stub.bulk) == 8
+
+
+# --- requests: addresses and template data --------------------------------------------------
+
+
+def test_template_data_is_json_with_every_field_intact(stub, make_settings, running):
+    odd = 'say "hi", \\ back\nslash 名前 ✉'
+    batch = [(1, "a@example.test", odd, token(1), "00001"), (2, "b@example.test", odd, token(2), "01234")]
+    settings = make_settings(stub.url, ses_config_set="cs-1", ses_template_activation="act",
+                             ses_template_recovery="rec", ses_source="Mail <m@example.test>")
+    running(settings).submit(batch).result(30)
+    calls = {r.params["Template"]: r for r in stub.wait_for(2)}
+    assert set(calls) == {"act", "rec"}
+    for request, row in ((calls["act"], batch[0]), (calls["rec"], batch[1])):
+        assert request.params["ConfigurationSetName"] == "cs-1"
+        assert request.params["Source"] == "Mail <m@example.test>"
+        [(address, data)] = request.destinations
+        assert address == row[1] and json.loads(data) == expected_data(row)
+        assert set(json.loads(request.params["DefaultTemplateData"]).values()) == {""}
+        assert set(json.loads(request.params["DefaultTemplateData"])) == set(expected_data(row))
+
+
+def test_international_domain_goes_out_as_idna(stub, make_settings, running):
+    sender = running(make_settings(stub.url))
+    [outcome] = sender.submit([(1, "anne@bücher.example", "anne", token(1), "1")]).result(30)
+    assert outcome.kind == SENT
+    assert stub.bulk[0].addresses == ["anne@xn--bcher-kva.example"]
+
+
+@pytest.mark.parametrize("email, reason", [
+    ("ünïcode@example.test", "non-ASCII"),
+    ("no-at-sign", "not an email address"),
+    ("two..dots@example.test", "not valid address syntax"),
+    ("space inside@example.test", "not valid address syntax"),
+    ("user@-bad-.example", "not a valid host name"),
+    ("user@", "not an email address"),
+])
+def test_address_ses_cannot_take_fails_that_destination_only(stub, make_settings, running, email, reason):
+    sender = running(make_settings(stub.url))
+    outcomes = sender.submit([(1, email, "x", token(1), "1")] + rows(1)).result(30)
+    assert outcomes[0].kind == FAILED and reason in outcomes[0].error
+    assert outcomes[1].kind == SENT
+    assert stub.bulk[0].addresses == ["user0@example.test"]
+
+
+@pytest.mark.parametrize("email", ['"quoted"@example.test', "o'brien+tag@example.test", "x@localhost"])
+def test_valid_addresses_pass_unchanged(email):
+    assert ses.normalize_address(email) == email
+
+
+# --- debug mode ------------------------------------------------------------------------------
+
+
+def test_debug_mode_prints_requests_and_sends_nothing(stub, make_settings):
+    out = io.StringIO()
+    settings = make_settings(stub.url, debug=True, ses_max_send_rate=None)
+    data = line((1, "a@example.test", "ann", b"\x01" * 32, "11111"),
+                (2, "b@example.test", "bob", b"\x02" * 32, "22222"))
+    assert run_stdin(settings, io.BytesIO(data), out) == 0
+    requests = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert [r["Template"] for r in requests] == ["activationv1", "passwordrecoveryv1"]
+    decoded = wire.decode_line(data)
+    for request, row in zip(requests, decoded):
+        assert request["Source"] == SOURCE and request["ConfigurationSetName"] == "default"
+        assert json.loads(request["Destinations"][0]["ReplacementTemplateData"]) == expected_data(row)
+        assert request["Destinations"][0]["Destination"] == {"ToAddresses": [row[1]]}
+    assert stub.requests == []  # not even GetSendQuota
+
+    sender = Sender(settings, stdout=out)
+    sender.start()
+    assert sender.submit(rows(2)).result(5) == [Outcome(SENT), Outcome(SENT)]
+    sender.close()
+    assert stub.requests == []
+
+
+# --- closing ---------------------------------------------------------------------------------
+
+
+def test_nothing_is_created_before_start(stub, make_settings):
+    threads = threading.active_count()
+    sender = Sender(make_settings(stub.url))
+    assert sender._client is None and threading.active_count() == threads
+    with pytest.raises(RuntimeError):
+        sender.submit(rows(1))
+
+
+def test_close_with_timeout_hands_back_calls_still_in_flight(stub, make_settings, running):
+    stub.gate.clear()
+    sender = running(make_settings(stub.url))
+    future = sender.submit(rows(2))
+    stub.wait_for(1)
+    started = time.monotonic()
+    sender.close(0.2)
+    assert time.monotonic() - started < 2
+    assert [o.kind for o in future.result(0)] == [RETRY, RETRY]
+    stub.gate.set()
+
+
+def test_close_defer_retries_hands_back_waiting_retries(stub, make_settings, running):
+    stub.script(throttling())
+    policy = SendPolicy(**{**FAST.__dict__, "backoff_base": 20.0, "backoff_cap": 20.0})
+    sender = running(make_settings(stub.url), policy)
+    future = sender.submit(rows(1))
+    stub.wait_for(1)
+    while not sender._schedule._heap:  # the retry is queued right after the answer
+        time.sleep(0.01)
+    started = time.monotonic()
+    sender.close(10, defer_retries=True)
+    assert time.monotonic() - started < 2
+    [outcome] = future.result(0)
+    assert outcome.kind == RETRY and 5 <= outcome.retry_after <= 20
+
+
+def test_close_waits_for_retries_by_default(stub, make_settings, running):
+    stub.script(throttling(), success())
+    sender = running(make_settings(stub.url))
+    future = sender.submit(rows(1))
+    sender.close()
+    assert future.result(0)[0].kind == SENT
