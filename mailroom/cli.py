@@ -44,9 +44,9 @@ def sender_main() -> None:
     """``mailroom-sender``: read batch lines on stdin and send them through SES."""
     settings = _settings(require=())
     log.setup("SES", settings.log_level)
-    from mailroom import sender
+    from mailroom import sender_stdin
 
-    sys.exit(sender.run_stdin(settings))
+    sys.exit(sender_stdin.run_stdin(settings))
 
 
 def supervisor_main() -> None:

@@ -29,7 +29,8 @@ from ses_emulator import (
 
 from mailroom import ses, wire
 from mailroom.config import Settings
-from mailroom.sender import FAILED, RETRY, SENT, Outcome, Sender, SendPolicy, run_stdin
+from mailroom.sender import FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
+from mailroom.sender_stdin import run_stdin
 
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
 FAST = SendPolicy(backoff_base=0.01, backoff_cap=0.05, pause_base=0.05, pause_cap=0.2,

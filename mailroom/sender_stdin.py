@@ -1,0 +1,258 @@
+"""``mailroom-sender``'s compatibility mode: batch lines on stdin, sent through SES.
+
+``mailroom-collector | mailroom-sender`` works like the original pipeline: each
+line read is decoded and handed to the :class:`~mailroom.sender.Sender` engine;
+a malformed line is reported with its line number and skipped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO, TextIO
+
+from mailroom.config import Settings
+from mailroom.sender import FAILED, RETRY, SENT, Outcome, Row, Sender, SendPolicy
+
+log = logging.getLogger("mailroom.sender")
+
+
+_CHUNK = 1 << 16
+_MAX_JOINED_LINE = 8 << 20  # a quoted field may span lines, but not without end
+
+
+def run_stdin(
+    settings: Settings,
+    stdin: BinaryIO | None = None,
+    stdout: TextIO | None = None,
+    *,
+    policy: SendPolicy | None = None,
+) -> int:
+    """``mailroom-sender``: send every batch line read from ``stdin``; return the exit code.
+
+    A malformed line is logged with its line number and skipped, and so is a last
+    line without its newline (the writer died mid-line).  Lines are submitted
+    without waiting for earlier ones, at most ``ses_concurrency + max_in_flight``
+    batches at a time (so a huge input is not read ahead into memory).  At the end of
+    input everything in flight is finished; after SIGTERM/SIGINT reading stops and
+    what is in flight gets ``shutdown_timeout`` ms (a second signal ends the process
+    at once).  A paused account holds the batches: nobody would send them later.
+    """
+    from mailroom.wire import WireError, decode_line
+
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    sender = Sender(settings, stdout=stdout, policy=policy or SendPolicy(hold_when_paused=True))
+    try:
+        sender.start()
+    except Exception as exc:  # noqa: BLE001 - e.g. a malformed endpoint URL
+        log.error("cannot start the sender: %s", exc)
+        return 1
+    window = threading.BoundedSemaphore(settings.ses_concurrency + settings.max_in_flight)
+    signals = _Signals()
+    signals.install()
+    try:
+        for number, line in _batch_lines(_split_lines(_chunks(stdin, signals)), decode_line):
+            if signals.received is not None:
+                break  # what was read but not yet submitted stays unsent
+            if not line.endswith(b"\n"):
+                # A writer that died mid-line: the cut could fall inside a field (a
+                # shorter code still parses), so an unterminated line is never sent.
+                log.error("line %d: incomplete (input ended without a newline); skipped", number)
+                continue
+            try:
+                rows = decode_line(line)
+            except WireError as exc:
+                log.error("line %d: %s", number, exc)
+                continue
+            if not rows:
+                continue
+            # Wait for room; polling only while the window is full, to notice a signal.
+            while not window.acquire(timeout=0.1):
+                if signals.received is not None:
+                    break
+            else:
+                started = time.monotonic()
+                future = sender.submit(rows)
+                future.add_done_callback(functools.partial(_report, number, rows, started, window))
+            if signals.received is not None:
+                break
+        if signals.received is not None:
+            timeout = settings.shutdown_timeout / 1000
+            log.info("%s: stopped reading; finishing the batches in flight (at most %g s)",
+                     signal.Signals(signals.received).name, timeout)
+            sender.close(timeout)
+        else:
+            sender.close(None)
+    except BaseException:
+        sender.close(0)
+        raise
+    finally:
+        signals.restore()
+    return 0
+
+
+def _report(number: int, rows: list[Row], started: float, window: threading.BoundedSemaphore,
+            future: concurrent.futures.Future[list[Outcome]]) -> None:
+    """Log a finished batch: one line per destination not sent, then the summary."""
+    window.release()
+    outcomes = future.result()
+    counts = {SENT: 0, FAILED: 0, RETRY: 0}
+    for row, outcome in zip(rows, outcomes):
+        counts[outcome.kind] += 1
+        if outcome.kind == FAILED:
+            log.warning("line %d: failed to send to %s: %s", number, _printable(row[1]), outcome.error)
+        elif outcome.kind == RETRY:
+            log.warning("line %d: not sent to %s (%s)", number, _printable(row[1]), outcome.error)
+    log.info(
+        "line %d: %d rows, %d sent, %d failed%s, %d ms",
+        number,
+        len(rows),
+        counts[SENT],
+        counts[FAILED],
+        f", {counts[RETRY]} not sent" if counts[RETRY] else "",
+        (time.monotonic() - started) * 1000,
+    )
+
+
+def _printable(text: str) -> str:
+    # An address may hold a quoted line break; a log line must stay one line.
+    return text if text.isprintable() else repr(text)
+
+
+class _Signals:
+    """SIGTERM/SIGINT handling: the handler only records the signal.
+
+    The C-level wake-up fd wakes the reader's ``poll`` (a plain blocking read would
+    be restarted after the handler, PEP 475).  Only the main thread can do this; in
+    another thread (an embedding program) signals are left alone.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.wake_fd: int | None = None
+        self._write_fd: int | None = None
+        self._saved: dict[int, Any] = {}
+        self._saved_wakeup = -1
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.wake_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._saved_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._saved[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            # A second signal takes the default action: the process ends at once.
+            for other in self._saved:
+                signal.signal(other, signal.SIG_DFL)
+
+    def restore(self) -> None:
+        if self.wake_fd is None:
+            return
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._saved_wakeup)
+        os.close(self.wake_fd)
+        os.close(self._write_fd)  # type: ignore[arg-type]
+        self.wake_fd = None
+
+
+def _chunks(stdin: BinaryIO, signals: _Signals) -> Iterator[bytes]:
+    """Read ``stdin`` in chunks until end of input or a signal."""
+    try:
+        fd: int | None = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # io.BytesIO and friends
+        fd = None
+    if fd is None or signals.wake_fd is None:
+        read = stdin.read1 if hasattr(stdin, "read1") else stdin.read
+        while signals.received is None:
+            data = read(_CHUNK)
+            if not data:
+                return
+            yield data
+        return
+    # poll, not epoll: stdin may be a regular file, which epoll refuses.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.register(signals.wake_fd, select.POLLIN)
+    while True:
+        ready = {ready_fd for ready_fd, _ in poller.poll()}
+        if signals.wake_fd in ready:
+            try:
+                os.read(signals.wake_fd, 512)
+            except BlockingIOError:
+                pass
+        if signals.received is not None:
+            return
+        if fd in ready:
+            data = os.read(fd, _CHUNK)
+            if not data:
+                return
+            yield data
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Physical lines, each with its ``\\n`` (the last one may lack it)."""
+    buf = bytearray()
+    for chunk in chunks:
+        scan = len(buf)  # the part already searched holds no newline
+        buf += chunk
+        start = 0
+        while (end := buf.find(b"\n", scan)) >= 0:
+            yield bytes(buf[start : end + 1])
+            start = scan = end + 1
+        del buf[:start]
+    if buf:
+        yield bytes(buf)
+
+
+def _batch_lines(lines: Iterable[bytes], decode: Any) -> Iterator[tuple[int, bytes]]:
+    """Number the physical lines and join those that one quoted field spans.
+
+    A quoted field may hold a line break, so a line with an odd number of ``"``
+    continues on the next.  But a broken line (a quote never closed) must not swallow
+    the good lines after it: when the next line is a valid batch line on its own, the
+    broken one ends where it is.  Yields ``(first line number, bytes)``.
+    """
+    pending: list[bytes] = []
+    first = quotes = size = 0
+    for number, line in enumerate(lines, 1):
+        count = line.count(b'"')
+        if pending:
+            if count % 2 == 0 and _is_batch(line, decode):
+                yield first, b"".join(pending)
+                pending = []
+            else:
+                pending.append(line)
+                quotes += count
+                size += len(line)
+                if quotes % 2 == 0 or size > _MAX_JOINED_LINE:
+                    yield first, b"".join(pending)
+                    pending = []
+                continue
+        if count % 2:
+            pending, first, quotes, size = [line], number, count, len(line)
+        else:
+            yield number, line
+    if pending:
+        yield first, b"".join(pending)
+
+
+def _is_batch(line: bytes, decode: Any) -> bool:
+    try:
+        return bool(decode(line))
+    except ValueError:
+        return False
