@@ -3,7 +3,7 @@
 collector -> supervisor
     ``("ready",)``                              connected, schema checked, listening
     ``("heartbeat",)``                          the loop is alive
-    ``("batch", batch_id, line, token_ids, n_activation, n_recovery)``
+    ``("batch", batch_id, line, token_ids, n_activation, n_recovery, claimed_at)``
 supervisor -> sender
     ``("batch", batch_id, line, token_ids)``    ``line`` is the wire format (bytes)
     ``("stop", timeout_s)``                     finish in flight within timeout, exit
@@ -13,13 +13,15 @@ sender -> supervisor
                                                 error, retry_after)`` per token
 supervisor -> collector
     ``("adopt", batch_ids)``                    batches in flight from a former collector
-    ``("outcomes", batch_id, outcomes)``        record them in the ledger
-    ``("release", batch_id, token_ids)``        never sent: back to the queue
+    ``("outcomes", batch_id, outcomes, claimed_at)``  record them in the ledger
+    ``("release", batch_id, token_ids, claimed_at)``  never sent: back to the queue
     ``("drain",)``                              stop claiming (shutdown has begun)
     ``("stop",)``                               record what is pending, exit 0
 
 A plain tuple protocol keeps the supervisor free of psycopg and boto3: it routes
-messages without understanding the wire format.
+messages without understanding the wire format. ``claimed_at`` (the claim's
+timestamp) travels with a batch so that a late outcome only changes the claim it
+belongs to, never a later claim of the same rows.
 """
 
 READY = "ready"

@@ -74,6 +74,7 @@ class Batch:
     token_ids: list
     activation: int
     recovery: int
+    claimed_at: object          # opaque to the supervisor: echoed back to the collector
     received_at: float
     dispatched: bool = False
 
@@ -273,20 +274,21 @@ class Supervisor:
                 self.announced_ready = True
                 sd_notify("READY=1")
         elif kind == protocol.BATCH and worker.role == COLLECTOR:
-            _, batch_id, line, token_ids, activation, recovery = message
+            _, batch_id, line, token_ids, activation, recovery, claimed_at = message
             if self.phase == "stop_collector":
                 # Claimed just before the collector saw the drain request: too late to send.
-                self.send(COLLECTOR, (protocol.RELEASE, batch_id, token_ids))
+                self.send(COLLECTOR, (protocol.RELEASE, batch_id, token_ids, claimed_at))
                 return
-            batch = Batch(line, token_ids, activation, recovery, time.monotonic())
+            batch = Batch(line, token_ids, activation, recovery, claimed_at, time.monotonic())
             self.batches[batch_id] = batch
             self.dispatch(batch_id, batch)
         elif kind == protocol.OUTCOMES and worker.role == SENDER:
             _, batch_id, outcomes = message
             batch = self.batches.pop(batch_id, None)
             self.log_batch(batch_id, batch, outcomes)
-            if not self.send(COLLECTOR, message):
-                self.outbox.append(message)
+            record = (protocol.OUTCOMES, batch_id, outcomes, batch.claimed_at if batch else None)
+            if not self.send(COLLECTOR, record):
+                self.outbox.append(record)
         else:
             logger.warning("unexpected message %r from the %s worker", kind, worker.role)
 
@@ -339,7 +341,7 @@ class Supervisor:
             if sender.up and now < self.deadline:
                 return
             for batch_id, batch in list(self.batches.items()):
-                message = (protocol.RELEASE, batch_id, batch.token_ids)
+                message = (protocol.RELEASE, batch_id, batch.token_ids, batch.claimed_at)
                 if not self.send(COLLECTOR, message):
                     self.outbox.append(message)
             if self.batches:

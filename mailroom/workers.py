@@ -64,6 +64,7 @@ class PipeSink:
     def __init__(self, pipe: Connection, settings: Settings) -> None:
         self.pipe = pipe
         self.queue = settings.queue_name
+        self.max_attempts = settings.send_max_attempts
         self.max_in_flight = settings.max_in_flight
         self.in_flight: set = set()
         self.pending: collections.deque = collections.deque()  # messages not yet applied
@@ -80,7 +81,8 @@ class PipeSink:
         batch_id = f"{os.getpid()}-{self.counter}"
         token_ids = [row[5] for row in claim.rows]
         recovery = sum(1 for row in claim.rows if row[0] == 2)
-        self.pipe.send((protocol.BATCH, batch_id, line, token_ids, len(token_ids) - recovery, recovery))
+        self.pipe.send((protocol.BATCH, batch_id, line, token_ids, len(token_ids) - recovery, recovery,
+                        claim.claimed_at))
         self.in_flight.add(batch_id)
 
     def fileno(self) -> int | None:
@@ -109,11 +111,12 @@ class PipeSink:
         """Apply received outcomes and releases to the ledger (kept until applied)."""
         applied = 0
         while self.pending:
-            kind, batch_id, payload = self.pending[0]
+            kind, batch_id, payload, claimed_at = self.pending[0]
             if kind == protocol.OUTCOMES:
-                ledger.record_outcomes(conn, self.queue, payload)
+                ledger.record_outcomes(conn, self.queue, payload, claimed_at=claimed_at,
+                                       max_attempts=self.max_attempts)
             elif kind == protocol.RELEASE:
-                ledger.release(conn, self.queue, payload)
+                ledger.release(conn, self.queue, payload, claimed_at=claimed_at)
             self.pending.popleft()
             self.in_flight.discard(batch_id)
             applied += 1
