@@ -1,0 +1,98 @@
+"""The batch wire format: sign tokens, encode a batch into one line, decode it back.
+
+This module picks the implementation once, at import, like psycopg does:
+
+- ``MAILROOM_IMPL=c``: the compiled extension ``mailroom._wire``; ImportError if it is
+  not built.
+- ``MAILROOM_IMPL=python``: the pure-Python twin ``mailroom._wire_py``.
+- unset or empty: the compiled one if it imports, else the pure-Python one, with one
+  line on stderr saying so.
+
+Both produce the same bytes and raise the same errors; :data:`IMPL` says which one is
+in use (``"c"`` or ``"python"``).  The rest of the project imports only this module.
+
+Example::
+
+    from mailroom import wire
+
+    signer = wire.Signer(wire.parse_key(os.environ["MAILROOM_SECRET_KEY"]))
+    line = signer.encode_batch([(wire.ACTIVATION, "ann@example.test", "ann", secret, "12345")])
+    rows = wire.decode_line(line)  # [(1, "ann@example.test", "ann", "<86 chars>", "12345")]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from mailroom._wire_base import (
+    ACTIVATION,
+    RECOVERY,
+    SECRET_LENGTH,
+    TOKEN_LENGTH,
+    Row,
+    SignerProtocol,
+    WireError,
+    WireImplementation,
+    parse_key,
+)
+
+__all__ = [
+    "ACTIVATION",
+    "IMPL",
+    "RECOVERY",
+    "SECRET_LENGTH",
+    "TOKEN_LENGTH",
+    "Row",
+    "Signer",
+    "SignerProtocol",
+    "WireError",
+    "decode_line",
+    "parse_key",
+]
+
+ENV_VAR = "MAILROOM_IMPL"
+_BUILD_HINT = "build it with `python setup.py build_ext --inplace` or install the package with pip"
+
+
+def _load() -> tuple[str, WireImplementation]:
+    choice = os.environ.get(ENV_VAR, "").strip().lower()
+    if choice == "python":
+        from mailroom import _wire_py
+
+        return "python", _wire_py
+    if choice == "c":
+        try:
+            from mailroom import _wire
+        except ImportError as exc:
+            raise ImportError(
+                f"{ENV_VAR}=c but the compiled extension mailroom._wire is not built or does not "
+                f"load ({exc}); {_BUILD_HINT}, or set {ENV_VAR}=python"
+            ) from exc
+        return "c", _wire
+    if choice:
+        raise ImportError(f"{ENV_VAR} must be 'c', 'python' or empty (automatic), got {choice!r}")
+    try:
+        from mailroom import _wire
+    except ImportError:
+        from mailroom import _wire_py
+
+        # Printed here, at the single import of this module: once per process.
+        print(
+            "mailroom: compiled extension not available, using the pure-Python wire format (slower)",
+            file=sys.stderr,
+        )
+        return "python", _wire_py
+    return "c", _wire
+
+
+IMPL, _impl = _load()
+
+if TYPE_CHECKING:  # type checkers see the pure-Python twin: same signatures
+    from mailroom._wire_py import Signer, decode_line
+else:
+    #: Signs token secrets and encodes batch lines (see ``SignerProtocol``).
+    Signer = _impl.Signer
+    #: ``decode_line(line: bytes) -> list[Row]``; raises WireError on a malformed line.
+    decode_line = _impl.decode_line
