@@ -202,3 +202,17 @@ def test_missing_schema_halts_with_a_named_code(fresh_db, base_env):
     assert "mailroom migrate up" in proc.stderr
     assert time.monotonic() - started < 30
     assert "restarting" not in proc.stderr
+
+
+def test_systemd_readiness_notification(db, base_env, supervisors, stub, tmp_path):
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(30)
+        sup = supervisors(dict(supervisor_env(base_env, db, stub.url), NOTIFY_SOCKET=path))
+        assert sock.recv(256) == b"READY=1"
+        sup.signal(signal.SIGTERM)
+        assert sock.recv(256) == b"STOPPING=1"
+        assert sup.proc.wait(30) == 0
