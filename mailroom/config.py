@@ -60,6 +60,7 @@ class Settings:
     send_max_attempts: int = 5
     max_in_flight: int = 4
     shutdown_timeout: int = 30_000
+    worker_timeout: int = 30_000
     log_level: str = "INFO"
 
 
@@ -150,6 +151,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _positive_int),
     "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _positive_int),
     "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _positive_int),
+    "worker_timeout": ("MAILROOM_WORKER_TIMEOUT", _positive_int),
     "log_level": ("MAILROOM_LOG_LEVEL", _log_level),
 }
 
@@ -180,4 +182,7 @@ def load(environ: Mapping[str, str], require: Collection[str] = ()) -> Settings:
             f"must be at least MAILROOM_BATCH_TIMEOUT ({settings.batch_timeout} ms), "
             f"got {settings.healthcheck_interval} ms",
         )
+    if settings.worker_timeout < 2_000:
+        # Workers beat every second: less than two beats of slack kills healthy ones.
+        raise ConfigError("MAILROOM_WORKER_TIMEOUT", f"must be at least 2000 ms, got {settings.worker_timeout} ms")
     return settings

@@ -36,8 +36,6 @@ SENDER = "sender"
 RESTART_FIRST = 0.5
 RESTART_CAP = 30.0
 HEALTHY_AFTER = 60.0
-#: A worker that sends nothing (not even a heartbeat) for this long is killed.
-HEARTBEAT_TIMEOUT = 30.0
 #: After the stop message, how long a worker gets before SIGKILL.
 STOP_GRACE = 10.0
 #: Exit codes that mean "restarting will not help": halt with the same code.
@@ -321,7 +319,7 @@ class Supervisor:
             for worker in self.workers.values():
                 if worker.exited and worker.restart_at is not None and now >= worker.restart_at:
                     self.spawn(worker)
-                elif worker.up and now - worker.last_seen > HEARTBEAT_TIMEOUT:
+                elif worker.up and now - worker.last_seen > self.settings.worker_timeout / 1000:
                     logger.error("%s worker (pid %d) silent for %.0fs; killing it", worker.role,
                                  worker.process.pid, now - worker.last_seen)
                     os.kill(worker.process.pid, signal.SIGKILL)

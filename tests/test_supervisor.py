@@ -216,3 +216,15 @@ def test_systemd_readiness_notification(db, base_env, supervisors, stub, tmp_pat
         sup.signal(signal.SIGTERM)
         assert sock.recv(256) == b"STOPPING=1"
         assert sup.proc.wait(30) == 0
+
+
+def test_silent_worker_is_killed_and_restarted(db, base_env, supervisors, stub):
+    sup = supervisors(supervisor_env(base_env, db, stub.url, worker_timeout=2000))
+    frozen = sup.worker("collector")
+    signal_pid(frozen, signal.SIGSTOP)              # alive, but no more heartbeats
+    wait_for(lambda: len(sup.started("collector")) == 2, timeout=30, what="a new collector")
+    assert "collector worker (pid %d) silent for" % frozen in sup.log()
+    assert not pid_alive(frozen)
+    insert_accounts(db, 5, "after")
+    wait_for(lambda: ledger(db).get("sent") == 5, timeout=30, what="sent by the new collector")
+    assert sup.stop() == 0
