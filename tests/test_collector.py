@@ -206,3 +206,11 @@ def test_missing_schema_exits_with_its_code(fresh_db, base_env):
                           text=True, timeout=60)
     assert proc.returncode == 3
     assert "mailroom migrate up" in proc.stderr
+
+
+def test_health_check_after_a_quiet_interval(db, run_collector):
+    collector = run_collector(db, batch_timeout=100, healthcheck_interval=300, log_level="DEBUG")
+    wait_for(lambda: collector.log().count("health check ok") >= 2, timeout=10, what="two health checks")
+    insert_accounts(db, 2, "alive")
+    assert len(collector.take(2)) >= 1
+    assert collector.stop() == 0
