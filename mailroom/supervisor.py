@@ -158,7 +158,7 @@ class Supervisor:
     # -- worker lifecycle ------------------------------------------------------
     def spawn(self, worker: Worker) -> None:
         parent_end, child_end = self.ctx.Pipe(duplex=True)
-        process = self.ctx.Process(target=self._child_main, args=(worker.role, child_end),
+        process = self.ctx.Process(target=self._child_main, args=(worker.role, child_end, parent_end),
                                    name=f"mailroom-{worker.role}", daemon=False)
         process.start()
         child_end.close()
@@ -177,15 +177,17 @@ class Supervisor:
             for batch_id, batch in self.batches.items():
                 self.dispatch(batch_id, batch)
 
-    def _child_main(self, role: str, pipe: Connection) -> None:
+    def _child_main(self, role: str, pipe: Connection, parent_end: Connection) -> None:
         # Runs in the child right after the fork: undo the supervisor's signal
-        # plumbing and close every pipe end that belongs to the supervisor, so a
-        # dead supervisor shows up as EOF on the worker's pipe.
+        # plumbing and close every pipe end that belongs to the supervisor (this
+        # worker's own included), so a dead supervisor shows up as EOF and as
+        # EPIPE on the worker's pipe.
         signal.set_wakeup_fd(-1)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         os.close(self.wake_r)
         os.close(self.wake_w)
+        parent_end.close()
         for worker in self.workers.values():
             if worker.pipe is not None:
                 worker.pipe.close()

@@ -187,11 +187,18 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
             outcomes = [(tid, "retry", None, f"sender error: {exc}", 60.0) for tid in token_ids]
         events.put((protocol.OUTCOMES, batch_id, outcomes))
 
+    def post(message: tuple) -> bool:
+        try:
+            pipe.send(message)
+            return True
+        except OSError:     # EPIPE/ECONNRESET: the supervisor is gone
+            return False
+
     while True:
         now = time.monotonic()
         if now - last_beat >= protocol.HEARTBEAT_INTERVAL:
             last_beat = now
-            pipe.send((protocol.HEARTBEAT,))
+            post((protocol.HEARTBEAT,))
         if os.getppid() != parent:
             # The supervisor died: nobody can record outcomes, so finishing the
             # calls in flight would only add duplicates after the lease expires.
@@ -224,13 +231,18 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
             future.add_done_callback(lambda f, b=batch_id, t=token_ids: finished(b, t, f))
         elif kind == protocol.OUTCOMES:
             in_flight -= 1
-            pipe.send(message)
+            post(message)
         elif kind == protocol.STOP:
             stop_timeout = message[1]
 
     # Stopping: unfinished calls resolve to "retry" inside close(); report all.
     # Retries still waiting for their backoff go back to the ledger now rather
     # than holding up the stop; the ledger queues them with their retry time.
+    # With the supervisor gone (its death is what sent SIGTERM) nobody would
+    # record the outcomes: stop at once.
+    if os.getppid() != parent:
+        logger.error("supervisor is gone; stopping")
+        stop_timeout = 0
     sender.close(stop_timeout, defer_retries=True)
     deadline = time.monotonic() + 5
     while in_flight:
@@ -242,5 +254,5 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
             break
         if message[0] == protocol.OUTCOMES:
             in_flight -= 1
-            pipe.send(message)
+            post(message)
     return config.EXIT_OK

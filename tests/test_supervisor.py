@@ -153,7 +153,11 @@ def test_supervisor_sigkill_workers_follow_and_lease_recovers(db, base_env, supe
     wait_for(lambda: ledger(db).get("claimed", 0) >= 10, what="claimed rows")
     sup.proc.kill()
     sup.proc.wait(10)
-    wait_for(lambda: gone(workers), timeout=10, what="workers exiting with their supervisor")
+    try:
+        wait_for(lambda: gone(workers), timeout=10, what="workers exiting with their supervisor")
+    except AssertionError:
+        states = {pid: open(f"/proc/{pid}/status").read().split("\n")[1:3] for pid in workers if pid_alive(pid)}
+        raise AssertionError(f"still running: {states}\n{sup.log()}") from None
     stub.gate.set()
     sup2 = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=10, claim_timeout=2000))
     wait_for(lambda: ledger(db).get("sent") == 25, timeout=60, what="everything sent by the next run")
