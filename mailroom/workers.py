@@ -81,8 +81,13 @@ class PipeSink:
         batch_id = f"{os.getpid()}-{self.counter}"
         token_ids = [row[5] for row in claim.rows]
         recovery = sum(1 for row in claim.rows if row[0] == 2)
-        self.pipe.send((protocol.BATCH, batch_id, line, token_ids, len(token_ids) - recovery, recovery,
-                        claim.claimed_at))
+        try:
+            self.pipe.send((protocol.BATCH, batch_id, line, token_ids, len(token_ids) - recovery,
+                            recovery, claim.claimed_at))
+        except OSError:
+            # The supervisor is gone; the collector releases the rows and stops.
+            self.stopping = True
+            raise
         self.in_flight.add(batch_id)
 
     def fileno(self) -> int | None:
@@ -143,6 +148,10 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
     except ledger.SchemaError as exc:
         logger.error("%s", exc)
         return config.EXIT_SCHEMA
+    except OSError:
+        if not sink.stopping:
+            raise
+        logger.error("supervisor is gone; stopping (the last batch went back to the queue)")
     if sink.pending and not stop():
         logger.warning("%d outcome messages not recorded (database unavailable at stop);"
                        " their rows are queued again when the claim lease expires", len(sink.pending))
