@@ -24,7 +24,7 @@ import sys
 import time
 from multiprocessing.connection import Connection, wait
 
-from mailroom import config, log, protocol
+from mailroom import config, protocol
 from mailroom.config import Settings
 
 logger = logging.getLogger("mailroom.supervisor")
