@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
