@@ -38,6 +38,9 @@ BACKOFF_CAP = 10.0
 #: if a wake-up is lost.
 MAX_WAIT = 1.0
 MIN_RETRY_WAIT = 0.02
+#: Expired leases are looked for at most this often (seconds), and whenever
+#: one is due (``next_due_in`` reports lease expiries too).
+REQUEUE_EVERY = 1.0
 
 
 class BatchSink(Protocol):
@@ -88,6 +91,8 @@ class Collector:
         self.conn: psycopg.Connection | None = None
         self.batches = 0
         self.rows = 0
+        self.backlog = False
+        self._requeued_at = -REQUEUE_EVERY
 
     # -- connection -------------------------------------------------------------
     def connect(self) -> psycopg.Connection:
@@ -173,16 +178,25 @@ class Collector:
         return claim
 
     def drain(self) -> int:
-        """Claim until a claim comes back short (or the sink is full); return rows sent."""
+        """Claim until a claim comes back short (or the sink is full); return rows sent.
+
+        Sets :attr:`backlog` when it stopped with work possibly left (sink full,
+        stop requested), so the loop resumes as soon as the sink has room.
+        """
         assert self.conn is not None
-        ledger.requeue_expired(self.conn, self.settings.queue_name,
-                               self.settings.claim_timeout, self.settings.send_max_attempts)
+        now = time.monotonic()
+        if now - self._requeued_at >= REQUEUE_EVERY:
+            self._requeued_at = now
+            ledger.requeue_expired(self.conn, self.settings.queue_name,
+                                   self.settings.claim_timeout, self.settings.send_max_attempts)
         total = 0
+        self.backlog = True
         while not self.should_stop() and self.sink.ready():
             self.sink.tick()
             claim = self.claim_once()
             total += len(claim.rows)
             if claim.picked < self.settings.batch_limit:
+                self.backlog = False
                 break
         return total
 
@@ -223,6 +237,8 @@ class Collector:
             # With the sink full there is no point in waking for claims: the sink's
             # descriptor wakes us when room frees up (no busy loop on a due batch).
             if self.sink.ready():
+                if self.backlog:
+                    deadlines.append(now)
                 if pending:
                     deadlines.append(first_at + s.batch_timeout / 1000)
                 if due_at is not None:
@@ -244,7 +260,9 @@ class Collector:
                 return
             batch_due = pending and (pending >= s.batch_limit or now >= first_at + s.batch_timeout / 1000)
             retry_due = due_at is not None and now >= due_at
-            if (batch_due or retry_due) and self.sink.ready():
+            if retry_due:
+                self._requeued_at = -REQUEUE_EVERY
+            if (batch_due or retry_due or self.backlog) and self.sink.ready():
                 self.drain()
                 pending = 0
                 last_activity = time.monotonic()
