@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from ses_emulator import SesStub, moto_server
 from pgutil import ADMIN_URL, SECRET_KEY_HEX, console_script, create_database, drop_database  # noqa: F401
 
 
@@ -41,3 +42,37 @@ def base_env() -> dict[str, str]:
     env["MAILROOM_SECRET_KEY"] = SECRET_KEY_HEX
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def db() -> Iterator[str]:
+    """URL of a fresh database migrated to the latest version, for this one test."""
+    from mailroom import migrate
+
+    url = create_database()
+    migrate.up(url)
+    try:
+        yield url
+    finally:
+        drop_database(url)
+
+
+@pytest.fixture(scope="module")
+def moto_module():
+    """moto's server mode on 127.0.0.1, shared by the tests of a module."""
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def moto(moto_module):
+    """moto, reset, with the source verified and both templates created."""
+    moto_module.reset()
+    return moto_module
+
+
+@pytest.fixture
+def stub():
+    """A scripted SES stub on 127.0.0.1 (what moto cannot do: throttling, 5xx, ...)."""
+    with SesStub() as server:
+        yield server

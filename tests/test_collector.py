@@ -13,22 +13,12 @@ import psycopg
 import pytest
 from collector_util import (CollectorProcess, backend_pids, collector_env, insert_accounts,
                             wait_for)
-from conftest import console_script, create_database, drop_database
+from conftest import console_script
 
 from mailroom import migrate
 from mailroom.wire import decode_line
 
 DATA = pathlib.Path(__file__).parent / "data"
-
-
-@pytest.fixture
-def db():
-    url = create_database()
-    migrate.up(url)
-    try:
-        yield url
-    finally:
-        drop_database(url)
 
 
 @pytest.fixture

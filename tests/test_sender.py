@@ -16,11 +16,9 @@ import pytest
 from ses_emulator import (
     AWS_ENV,
     SOURCE,
-    SesStub,
     account_paused,
     error,
     free_port,
-    moto_server,
     per_destination,
     server_error,
     success,
@@ -47,25 +45,6 @@ def aws_env(monkeypatch, tmp_path):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-
-
-@pytest.fixture(scope="module")
-def moto_module():
-    with moto_server() as server:
-        yield server
-
-
-@pytest.fixture
-def moto(moto_module):
-    """moto, reset, with the source verified and both templates created."""
-    moto_module.reset()
-    return moto_module
-
-
-@pytest.fixture
-def stub():
-    with SesStub() as server:
-        yield server
 
 
 @pytest.fixture

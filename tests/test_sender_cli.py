@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import console_script
-from ses_emulator import AWS_ENV, SOURCE, SesStub, moto_server
+from ses_emulator import AWS_ENV, SOURCE
 
 from mailroom import wire
 from mailroom.config import Settings
@@ -31,24 +31,6 @@ SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
 LOG_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[SES\] ")
 FAST_HOLD = SendPolicy(backoff_base=0.01, backoff_cap=0.05, pause_base=0.05, pause_cap=0.2,
                        connect_timeout=1.0, read_timeout=5.0, hold_when_paused=True)
-
-
-@pytest.fixture(scope="module")
-def moto_module():
-    with moto_server() as server:
-        yield server
-
-
-@pytest.fixture
-def moto(moto_module):
-    moto_module.reset()
-    return moto_module
-
-
-@pytest.fixture
-def stub():
-    with SesStub() as server:
-        yield server
 
 
 @pytest.fixture

@@ -10,21 +10,11 @@ import time
 import psycopg
 import pytest
 from collector_util import backend_pids, insert_accounts, pid_alive, wait_for
-from conftest import SECRET_KEY_HEX, create_database, drop_database
+from conftest import SECRET_KEY_HEX
 from ses_emulator import SesStub, moto_server, throttling
 from supervisor_util import SupervisorProcess, gone, ledger, supervisor_env
 
-from mailroom import migrate, tokens
-
-
-@pytest.fixture
-def db():
-    url = create_database()
-    migrate.up(url)
-    try:
-        yield url
-    finally:
-        drop_database(url)
+from mailroom import tokens
 
 
 @pytest.fixture
@@ -39,12 +29,6 @@ def supervisors():
     yield start
     for sup in started:
         sup.kill()
-
-
-@pytest.fixture
-def stub():
-    with SesStub() as s:
-        yield s
 
 
 def stub_addresses(stub: SesStub) -> list[str]:
