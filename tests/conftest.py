@@ -1,8 +1,8 @@
-"""Shared fixtures: a real PostgreSQL database per test module, console scripts.
+"""Shared fixtures: real PostgreSQL databases, SES endpoints over HTTP, subprocess env.
 
 Tests connect to ``MAILROOM_TEST_DATABASE_URL`` (default: the local server) and
-create a uniquely named database for each module, so modules can run in
-parallel (pytest-xdist) without seeing each other's rows.
+create a uniquely named database for each test that needs one, so tests can run
+in parallel (pytest-xdist) without seeing each other's rows.
 """
 
 from __future__ import annotations
@@ -13,16 +13,6 @@ from collections.abc import Iterator
 import pytest
 from ses_emulator import SesStub, moto_server
 from pgutil import ADMIN_URL, SECRET_KEY_HEX, console_script, create_database, drop_database  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def empty_db() -> Iterator[str]:
-    """URL of a fresh, empty database for this test module."""
-    url = create_database()
-    try:
-        yield url
-    finally:
-        drop_database(url)
 
 
 @pytest.fixture
