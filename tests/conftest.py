@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from ses_emulator import SesStub, moto_server
-from pgutil import ADMIN_URL, SECRET_KEY_HEX, console_script, create_database, drop_database  # noqa: F401
+from pgutil import SECRET_KEY_HEX, create_database, drop_database
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from collector_util import (CollectorProcess, backend_pids, collector_env, insert_accounts,
                             wait_for)
-from conftest import console_script
+from pgutil import console_script
 
 from mailroom import migrate
 from mailroom.wire import decode_line

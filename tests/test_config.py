@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import SECRET_KEY_HEX, console_script
+from pgutil import SECRET_KEY_HEX, console_script
 
 from mailroom import config
 

@@ -13,7 +13,7 @@ import subprocess
 import psycopg
 import pytest
 from collector_util import CollectorProcess, backend_pids, collector_env, insert_accounts, wait_for
-from conftest import ADMIN_URL, create_database, drop_database
+from pgutil import ADMIN_URL, create_database, drop_database
 
 from mailroom import migrate
 from mailroom.wire import decode_line

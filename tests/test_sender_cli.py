@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import console_script
+from pgutil import console_script
 from ses_emulator import AWS_ENV, SOURCE
 
 from mailroom import wire

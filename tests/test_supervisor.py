@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 from collector_util import backend_pids, insert_accounts, pid_alive, wait_for
-from conftest import SECRET_KEY_HEX
+from pgutil import SECRET_KEY_HEX
 from ses_emulator import SesStub, moto_server, throttling
 from supervisor_util import SupervisorProcess, gone, ledger, supervisor_env
 
@@ -170,7 +170,7 @@ def test_throttling_keeps_claims_inside_the_window(db, base_env, supervisors, st
 
 def test_bad_configuration_exits_2_with_one_line(db, base_env):
     from supervisor_util import run
-    from conftest import console_script
+    from pgutil import console_script
 
     env = supervisor_env(base_env, db, "http://127.0.0.1:9", max_in_flight="zero")
     proc = run(console_script("mailroom-supervisor"), env=env)
@@ -181,7 +181,7 @@ def test_bad_configuration_exits_2_with_one_line(db, base_env):
 
 def test_missing_schema_halts_with_a_named_code(fresh_db, base_env):
     from supervisor_util import run
-    from conftest import console_script
+    from pgutil import console_script
 
     env = supervisor_env(base_env, fresh_db, "http://127.0.0.1:9")
     started = time.monotonic()
