@@ -26,9 +26,15 @@ def _fail(message: str, code: int) -> int:
 def _settings(require: Collection[str]) -> config.Settings:
     """Load settings or exit with the one-line configuration error."""
     try:
-        return config.load(os.environ, require=require)
+        settings = config.load(os.environ, require=require)
+        # Choose the wire implementation now: MAILROOM_IMPL=c without the built
+        # extension is a configuration error, not a traceback from a worker.
+        from mailroom import wire  # noqa: F401
     except config.ConfigError as exc:
         sys.exit(_fail(str(exc), config.EXIT_CONFIG))
+    except ImportError as exc:
+        sys.exit(_fail(" ".join(str(exc).split()), config.EXIT_CONFIG))
+    return settings
 
 
 def collector_main() -> None:

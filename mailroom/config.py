@@ -62,6 +62,7 @@ class Settings:
     shutdown_timeout: int = 30_000
     worker_timeout: int = 30_000
     log_level: str = "INFO"
+    impl: str = ""
 
 
 def _text(raw: str) -> str:
@@ -122,6 +123,13 @@ def _secret_key(raw: str) -> bytes:
         raise ValueError("must be 64 hexadecimal characters (32 bytes); it contains a non-hex character") from None
 
 
+def _impl(raw: str) -> str:
+    choice = raw.strip().lower()
+    if choice not in {"", "c", "python"}:
+        raise ValueError(f"expected c, python or empty (automatic), got {raw!r}")
+    return choice
+
+
 def _log_level(raw: str) -> str:
     level = raw.strip().upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -153,6 +161,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _positive_int),
     "worker_timeout": ("MAILROOM_WORKER_TIMEOUT", _positive_int),
     "log_level": ("MAILROOM_LOG_LEVEL", _log_level),
+    # Read by mailroom.wire at import; validated here so a typo is one clear line.
+    "impl": ("MAILROOM_IMPL", _impl),
 }
 
 VARIABLES: dict[str, str] = {field: var for field, (var, _) in _VARIABLES.items()}

@@ -85,3 +85,11 @@ def test_console_scripts_exit_2_with_one_line(script, base_env):
     # Every variable that is set is validated, used by this program or not.
     assert lines[0].startswith("mailroom: MAILROOM_SECRET_KEY:")
     assert secret not in proc.stderr and proc.stdout == ""
+
+
+def test_bad_implementation_choice_is_one_line(base_env):
+    env = dict(base_env, MAILROOM_IMPL="rust")
+    proc = subprocess.run(console_script("mailroom-sender"), env=env, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == config.EXIT_CONFIG
+    assert proc.stderr.strip() == "mailroom: MAILROOM_IMPL: expected c, python or empty (automatic), got 'rust'"
