@@ -38,6 +38,11 @@ RESTART_CAP = 30.0
 HEALTHY_AFTER = 60.0
 #: After the stop message, how long a worker gets before SIGKILL.
 STOP_GRACE = 10.0
+#: A batch in flight at this many sender deaths is suspected of killing the sender:
+#: it goes back to the ledger as a delayed retry (whose attempts are bounded)
+#: instead of being handed to every restarted sender forever.
+POISON_DEATHS = 3
+POISON_RETRY_AFTER = 60.0
 #: Exit codes that mean "restarting will not help": halt with the same code.
 BOOT_ERRORS = {
     config.EXIT_CONFIG: "invalid configuration",
@@ -75,6 +80,7 @@ class Batch:
     claimed_at: object          # opaque to the supervisor: echoed back to the collector
     received_at: float
     dispatched: bool = False
+    deaths: int = 0             # sender deaths while this batch was in flight
 
 
 def describe_exit(code: int | None) -> str:
@@ -230,8 +236,19 @@ class Supervisor:
         logger.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
                        worker.role, pid, describe_exit(code), delay)
         if worker.role == SENDER:
-            for batch in self.batches.values():
+            for batch_id, batch in list(self.batches.items()):
+                batch.deaths += batch.dispatched
                 batch.dispatched = False
+                if batch.deaths >= POISON_DEATHS:
+                    self.give_up(batch_id, batch)
+
+    def give_up(self, batch_id: str, batch: Batch) -> None:
+        """Hand a batch that keeps killing the sender back to the ledger, delayed."""
+        logger.error("batch %s was in flight at %d sender deaths; handing it back to the"
+                     " queue for a later attempt", batch_id, batch.deaths)
+        error = f"sender worker died {batch.deaths} times with this batch in flight"
+        outcomes = [(tid, "retry", None, error, POISON_RETRY_AFTER) for tid in batch.token_ids]
+        self.on_message(self.workers[SENDER], (protocol.OUTCOMES, batch_id, outcomes))
 
     def begin_halt(self) -> None:
         """Stop the other worker quickly after a boot error."""

@@ -216,3 +216,23 @@ def test_silent_worker_is_killed_and_restarted(db, base_env, supervisors, stub):
     insert_accounts(db, 5, "after")
     wait_for(lambda: ledger(db).get("sent") == 5, timeout=30, what="sent by the new collector")
     assert sup.stop() == 0
+
+
+def test_batch_in_flight_at_three_sender_deaths_goes_back_delayed(db, base_env, supervisors, stub):
+    stub.gate.clear()                                   # the batch stays in flight
+    sup = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=10))
+    insert_accounts(db, 10, "poison")
+    wait_for(lambda: ledger(db).get("claimed") == 10, what="one batch in flight")
+    for death in range(3):
+        pid = sup.worker("sender")
+        wait_for(lambda: len(stub.bulk) > death, what="the batch reaching the sender")
+        signal_pid(pid, signal.SIGKILL)
+        wait_for(lambda: pid not in sup.started("sender")[-1:], timeout=30, what="a new sender")
+    wait_for(lambda: ledger(db).get("queued") == 10, timeout=30, what="the batch handed back")
+    with psycopg.connect(db) as conn:
+        errors = {r[0] for r in conn.execute("SELECT last_error FROM deliveries")}
+        delay = conn.execute("SELECT min(next_attempt_at - now()) FROM deliveries").fetchone()[0]
+    assert errors == {"sender worker died 3 times with this batch in flight"}
+    assert delay.total_seconds() > 30
+    stub.gate.set()
+    assert sup.stop() == 0
