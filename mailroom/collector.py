@@ -121,6 +121,9 @@ class Collector:
                 log.info("connected, listening on %s", self.settings.channel_name)
                 self.conn = conn
                 return conn
+            except psycopg.ProgrammingError as exc:
+                # A malformed connection string: no retry can fix it.
+                raise config.ConfigError("MAILROOM_DATABASE_URL", _one_line(exc)) from None
             except psycopg.OperationalError as exc:
                 delay = next(delays)
                 log.warning("connection failed (attempt %d): %s; retrying in %.1fs",
@@ -367,6 +370,9 @@ def run_stdout(settings: Settings, stream: BinaryIO | None = None) -> int:
     except ledger.SchemaError as exc:
         log.error("%s", exc)
         return config.EXIT_SCHEMA
+    except config.ConfigError as exc:
+        log.error("%s", exc)
+        return config.EXIT_CONFIG
     except BrokenPipeError:
         # The reader went away: the rows of the batch being written stay queued.
         log.error("stdout closed by the reader; stopping (unsent rows stay queued)")

@@ -148,6 +148,9 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
     except ledger.SchemaError as exc:
         logger.error("%s", exc)
         return config.EXIT_SCHEMA
+    except config.ConfigError as exc:
+        logger.error("%s", exc)
+        return config.EXIT_CONFIG
     except OSError:
         if not sink.stopping:
             raise

@@ -93,3 +93,12 @@ def test_bad_implementation_choice_is_one_line(base_env):
                           timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == config.EXIT_CONFIG
     assert proc.stderr.strip() == "mailroom: MAILROOM_IMPL: expected c, python or empty (automatic), got 'rust'"
+
+
+@pytest.mark.parametrize("script", ["mailroom-collector", "mailroom-supervisor"])
+def test_malformed_database_url_stops_with_exit_2(script, base_env):
+    env = dict(base_env, MAILROOM_DATABASE_URL="host=127.0.0.1 not-a-valid-option")
+    proc = subprocess.run(console_script(script), env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == config.EXIT_CONFIG, proc.stderr
+    assert "MAILROOM_DATABASE_URL:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "restarting" not in proc.stderr
