@@ -170,7 +170,12 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     from mailroom.wire import WireError, decode_line
 
     sender = Sender(settings)
-    sender.start()
+    try:
+        sender.start()
+    except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings, e.g. a bad endpoint URL
+        # Creating the client does not talk to SES: what fails here is configuration.
+        logger.error("cannot start the sender: %s", " ".join(str(exc).split()))
+        return config.EXIT_CONFIG
     events: queue.SimpleQueue = queue.SimpleQueue()
 
     def read_pipe() -> None:

@@ -102,3 +102,12 @@ def test_malformed_database_url_stops_with_exit_2(script, base_env):
     assert proc.returncode == config.EXIT_CONFIG, proc.stderr
     assert "MAILROOM_DATABASE_URL:" in proc.stderr and "Traceback" not in proc.stderr
     assert "restarting" not in proc.stderr
+
+
+def test_bad_ses_endpoint_stops_the_supervisor_with_exit_2(base_env, db):
+    env = dict(base_env, MAILROOM_DATABASE_URL=db, MAILROOM_SES_ENDPOINT_URL="not a url",
+               AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
+    proc = subprocess.run(console_script("mailroom-supervisor"), env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == config.EXIT_CONFIG, proc.stderr
+    assert "cannot start the sender" in proc.stderr and "Traceback" not in proc.stderr
