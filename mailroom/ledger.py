@@ -10,15 +10,55 @@ One ``deliveries`` row per (queue, token) moves through these states::
 or ``queued -> emitted`` in compatibility mode (stdout), where the caller
 commits the claim only after the batch line is flushed.
 
+Tables (migration 1).  ``deliveries`` is the record.  ``delivery_queue`` has
+one row per delivery still open: queued, or claimed (the row is then its
+lease); it is all a claim reads.  That split is what makes claims cheap:
+taking a row off the queue is a DELETE, which touches no index, and the
+ledger row's change is a HOT update, since ``deliveries`` has no index on
+anything a claim or an outcome changes.  The token trigger queues new rows;
+this module moves them.  ``deliveries`` stays the truth: a claim only sends a
+row whose delivery is still 'queued', and drops queue rows that no longer
+match (someone changed the delivery by hand, or its token was deleted).
+
+Locking order: a writer locks a delivery's queue row before the delivery.
+Claims and lease expiry skip locked queue rows, outcome writers wait for them
+in token order, so no two writers wait for each other in opposite orders.
+
+Claim hint.  A deleted queue row leaves its index entry until VACUUM, so a
+claim reading the queue from its start steps over every row claimed since
+(about 1 ms per 300,000).  So during a drain, a claim that filled its limit
+leaves a hint, a session setting that its own transaction sets (a rollback
+undoes it): where it stopped, and the xmax and in-progress xids of its
+snapshot.  The next claim on that connection reads the queue from there, plus
+the rows queued behind that point by transactions the hinted claim could not
+see, found by their ``queued_by`` xid: new recovery tokens, ids committed out
+of order, re-queued rows.  What neither finds (a retry that came due, rows
+held by a claimer that then rolled back) is still queued: a claim that comes
+back short also reads everything before the hint, and a hint is only followed
+for ``_HINT_TTL_S`` after the full scan that started it.
+
+jobs.last_seq rises with every claim.  A claim that filled its limit does not
+wait for the jobs row while another claimer holds it (claims never wait for
+each other during a drain): it owes the raise to its session's next claim.  A
+short claim, the end of a drain, waits; so the mark is exact whenever a drain
+ends, and may trail by a few batches while collectors share a backlog.
+
+The claim is PREPAREd once per connection and EXECUTEd; ``claim(begin=True)``
+sends BEGIN in the same simple query, so a claim costs one round trip.
+
 Every function takes a psycopg 3 (sync) connection owned by the caller and
-leaves transaction control to it, except :func:`configure_session`.  Times are
-taken with ``statement_timestamp()`` rather than ``now()`` so a caller that keeps
-a transaction open does not work with a stale clock.
+leaves transaction control to it, except :func:`configure_session` and
+``claim(begin=True)``.  Times are taken with ``statement_timestamp()`` rather
+than ``now()`` so a caller that keeps a transaction open does not work with a
+stale clock.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -45,6 +85,13 @@ Outcome = tuple[int, str, str | None, str | None, float | None]
 
 _OUTCOME_KINDS = frozenset({"sent", "failed", "retry"})
 
+#: How long a chain of hinted claims may go on before a claim reads the queue
+#: from its start again (seconds): the longest a row the hint cannot see waits
+#: during a drain.
+_HINT_TTL_S = 1.0
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
 
 class SchemaError(Exception):
     """The database schema is missing, too old or dirty for this mailroom."""
@@ -66,90 +113,314 @@ class Claim(NamedTuple):
     claimed_at: dt.datetime | None = None
 
 
-# One statement, so a claim is atomic and costs one round trip.  Every step is
-# an index probe per picked row, whatever the statistics say (they lag behind
-# bursts): the lookups are LATERAL ... OFFSET 0 so the planner cannot turn them
-# into merge joins that walk tokens from id 1, and the UPDATE finds its rows by
-# `token = ANY(array)` rather than by a join it could plan as a scan.
-# Eligibility is the original collector's rule (SCHEMA.md, last section); the
-# reason a row is not sent ends up in its last_error.  A row whose token or
-# account is gone is skipped too, rather than picked again forever.
+# The claim, one statement: atomic, one round trip.  Each step is bounded by
+# the rows picked whatever the statistics say (they lag behind bursts, and the
+# cached plan never sees the hint's values): rows are found by LATERAL probes,
+# ctid, `= ANY(array)`, or a key range at most a few times as wide as the rows,
+# never by a join the planner could turn into a scan.  Eligibility is the
+# original collector's rule (SCHEMA.md, last section); the reason a row is not
+# sent goes to last_error.  _claim_sql fills in the variants below ({lookups},
+# {mark}, {dequeue}), then {queue}, {limit} and the rest.
 _CLAIM = """
-WITH picked AS MATERIALIZED (
-    SELECT d.token, d.priority
-      FROM deliveries AS d
-     WHERE d.job_type = %(queue)s
-       AND d.status = 'queued'
-       AND d.next_attempt_at <= statement_timestamp()
-     ORDER BY d.priority, d.token
-     LIMIT %(limit)s
+WITH hint AS MATERIALIZED (
+    SELECT fresh,
+           CASE WHEN fresh THEN h[1]::smallint ELSE -1 END AS priority,
+           CASE WHEN fresh THEN h[2]::bigint ELSE 0 END AS token,
+           CASE WHEN fresh THEN h[3]::xid8 END AS xmax,
+           CASE WHEN fresh THEN string_to_array(h[4], ',')::xid8[] END AS xip,
+           CASE WHEN fresh THEN h[5]::float8 ELSE EXTRACT(EPOCH FROM statement_timestamp())
+           END AS since,
+           -- expires_at is whole seconds: against the floor, the same test as
+           -- against the exact time, without a numeric per row.
+           floor(EXTRACT(EPOCH FROM statement_timestamp()))::bigint AS now_s,
+           COALESCE(h[6]::bigint, 0) AS owed  -- see high_water
+      FROM (SELECT h, COALESCE(EXTRACT(EPOCH FROM statement_timestamp()) - h[5]::float8
+                               BETWEEN 0 AND {ttl}, false) AS fresh
+              FROM string_to_array(current_setting('{guc}', true), ' ') AS h) AS s
+),
+ahead AS MATERIALIZED (
+    SELECT q.ctid AS id, q.priority, q.token
+      FROM delivery_queue AS q
+     WHERE q.job_type = {queue} AND q.claimed_at IS NULL
+       AND (q.priority, q.token) > ((SELECT priority FROM hint), (SELECT token FROM hint))
+       AND q.next_attempt_at <= statement_timestamp()
+     ORDER BY q.priority, q.token LIMIT {limit}
        FOR UPDATE SKIP LOCKED
 ),
+full_ahead AS MATERIALIZED (SELECT count(*) = {limit} AS yes FROM ahead),
+-- Rows queued behind the hint since: by transactions that had not started
+-- (xid >= xmax) or were running (xid in xip) when the hinted claim ran.  The
+-- planner must use the queued_by index here whatever it guesses of the hint
+-- (and of an empty table's statistics): queued_by order is what only that
+-- index gives, and the job_type and "behind" tests are spelled so no other
+-- index can serve them.
+arrived AS MATERIALIZED (
+    SELECT q.ctid AS id, q.priority, q.token
+      FROM delivery_queue AS q
+     WHERE (SELECT fresh FROM hint) AND (SELECT yes FROM full_ahead)
+       AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL
+       AND q.queued_by >= (SELECT xmax FROM hint)
+       AND {behind_hint}
+       AND q.next_attempt_at <= statement_timestamp()
+     ORDER BY q.queued_by LIMIT {limit}
+       FOR UPDATE SKIP LOCKED
+),
+inflight AS MATERIALIZED (
+    SELECT q.ctid AS id, q.priority, q.token
+      FROM delivery_queue AS q
+     WHERE (SELECT fresh FROM hint) AND (SELECT yes FROM full_ahead)
+       AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL
+       AND q.queued_by = ANY ((SELECT xip FROM hint)::xid8[])
+       AND {behind_hint}
+       AND q.next_attempt_at <= statement_timestamp()
+     ORDER BY q.queued_by LIMIT {limit}
+       FOR UPDATE SKIP LOCKED
+),
+-- The range after the hint came back short: everything before it too.
+behind AS MATERIALIZED (
+    SELECT q.ctid AS id, q.priority, q.token
+      FROM delivery_queue AS q
+     WHERE NOT (SELECT yes FROM full_ahead)
+       AND q.job_type = {queue} AND q.claimed_at IS NULL
+       AND (q.priority, q.token) <= ((SELECT priority FROM hint), (SELECT token FROM hint))
+       AND q.next_attempt_at <= statement_timestamp()
+     ORDER BY q.priority, q.token LIMIT {limit} - (SELECT count(*) FROM ahead)
+       FOR UPDATE SKIP LOCKED
+),
+late AS MATERIALIZED (SELECT (SELECT count(*) FROM arrived) + (SELECT count(*) FROM inflight) AS n),
+-- In order: behind's rows (pass 0), then ahead's, merged with the late ones
+-- when there are any.  Rows of arrived or inflight past the limit stay queued
+-- (locked until the commit).
+picked AS MATERIALIZED (
+    SELECT id, priority, token, 0 AS pass FROM behind
+    UNION ALL
+    SELECT id, priority, token, 1 FROM ahead WHERE (SELECT n = 0 FROM late)
+    UNION ALL
+    SELECT * FROM (SELECT id, priority, token, 1 FROM ahead
+                   UNION ALL SELECT id, priority, token, 1 FROM arrived
+                   UNION ALL SELECT id, priority, token, 1 FROM inflight
+                   ORDER BY 2, 3 LIMIT {limit}) AS merged
+     WHERE (SELECT n > 0 FROM late)
+),
+{lookups},
 checked AS MATERIALIZED (
-    SELECT p.token, p.priority, x.action, x.secret, x.code, x.email, x.login,
+    SELECT x.id, x.token, x.priority, x.pass, x.action, x.secret, x.code, x.email, x.login,
            CASE
                WHEN x.action IS NULL THEN 'token deleted'
                WHEN x.account_status IS NULL THEN 'account missing'
                WHEN x.consumed_at IS NOT NULL THEN 'token consumed'
-               WHEN x.expires_at <= EXTRACT(EPOCH FROM statement_timestamp())
-                   THEN 'token expired'
+               WHEN x.expires_at <= (SELECT now_s FROM hint) THEN 'token expired'
                WHEN x.action = 'activation' AND x.account_status <> 'provisioned'
-                   THEN format('account is %%s, activation needs provisioned', x.account_status)
+                   THEN format('account is %s, activation needs provisioned', x.account_status)
                WHEN x.action = 'password_recovery' AND x.account_status <> 'active'
-                   THEN format('account is %%s, password recovery needs active',
+                   THEN format('account is %s, password recovery needs active',
                                x.account_status)
            END AS reason
-      FROM picked AS p
-      LEFT JOIN LATERAL (
-           SELECT t.action, t.secret, t.code, t.consumed_at, t.expires_at,
-                  a.email, a.login, a.status AS account_status
-             FROM tokens AS t
-             LEFT JOIN accounts AS a ON a.id = t.account
-            WHERE t.id = p.token
-           OFFSET 0) AS x ON true
+      FROM looked_up AS x
 ),
 verdict AS MATERIALIZED (
-    SELECT array_agg(token) AS tokens,
-           jsonb_object_agg(token, reason) FILTER (WHERE reason IS NOT NULL) AS reasons
+    SELECT count(*)::int AS picked, max(token) AS top,
+           COALESCE(max(ARRAY[priority, token]) FILTER (WHERE pass = 0),
+                    max(ARRAY[priority, token])) AS stop,
+           array_agg(token) FILTER (WHERE reason IS NULL) AS send,
+           array_agg(token) FILTER (WHERE reason IS NOT NULL) AS skip,
+           count(*) FILTER (WHERE reason IS NULL) AS sending,
+           min(token) FILTER (WHERE reason IS NULL) AS lo,
+           max(token) FILTER (WHERE reason IS NULL) AS hi
       FROM checked
 ),
-marked AS (
+{mark},
+skipped AS (
     UPDATE deliveries AS d
-       SET status = CASE WHEN v.reasons ? d.token::text
-                         THEN 'skipped'::delivery_status
-                         ELSE %(final)s::delivery_status END,
-           attempts = d.attempts + CASE WHEN v.reasons ? d.token::text THEN 0 ELSE 1 END,
-           claimed_at = CASE WHEN v.reasons ? d.token::text
-                             THEN d.claimed_at ELSE statement_timestamp() END,
-           last_error = COALESCE(v.reasons ->> d.token::text, d.last_error)
-      FROM verdict AS v
-     WHERE d.job_type = %(queue)s
-       AND d.token = ANY(v.tokens)
-    RETURNING d.token
+       SET status = 'skipped', last_error = c.reason
+      FROM checked AS c
+     WHERE d.token = ANY ((SELECT skip FROM verdict)::bigint[]) AND d.token = c.token
+       AND d.job_type = {queue} AND d.status = 'queued'
+),
+-- Every eligible row, unless some had moved on (the count spares the lookup).
+sent AS (
+    SELECT c.id, c.priority, c.token, CASE c.action WHEN 'activation' THEN 1 ELSE 2 END AS action,
+           c.email, c.login, c.secret,
+           COALESCE(c.code, '') AS code  -- the original printed a NULL code as ''
+      FROM checked AS c
+     WHERE c.reason IS NULL
+       AND ((SELECT count(*) FROM marked) = (SELECT sending FROM verdict)
+            OR c.token IN (SELECT token FROM marked))
+),
+{dequeue},
+-- jobs.last_seq rises to the highest token picked.  A claim that filled its
+-- limit does not wait for the jobs row while another claimer holds it (claims
+-- do not wait for each other during a drain): it owes the raise, and its
+-- session's next claim pays it.  A short claim, the end of a drain, waits, so
+-- the mark is exact whenever a drain ends.
+raise_to AS MATERIALIZED (
+    SELECT GREATEST(v.top, h.owed) AS top, v.picked = {limit} AS full_claim,
+           (SELECT j.last_seq FROM jobs AS j WHERE j.job_type = {queue}) AS seen
+      FROM verdict AS v, hint AS h
 ),
 high_water AS (
-    -- The WHERE keeps claimers from queueing on the jobs row lock when
-    -- another one already raised last_seq past them.
-    UPDATE jobs
-       SET last_seq = GREATEST(jobs.last_seq, top.token)
-      FROM (SELECT max(token) AS token FROM picked) AS top
-     WHERE jobs.job_type = %(queue)s
-       AND (jobs.last_seq IS NULL OR jobs.last_seq < top.token)
+    UPDATE jobs SET last_seq = GREATEST(jobs.last_seq, r.top)
+      FROM raise_to AS r
+     WHERE jobs.job_type = {queue} AND (jobs.last_seq IS NULL OR jobs.last_seq < r.top)
+       AND (NOT r.full_claim OR jobs.ctid = ANY (ARRAY(
+                SELECT j.ctid FROM jobs AS j WHERE j.job_type = {queue}
+                   FOR NO KEY UPDATE SKIP LOCKED)))
+    RETURNING jobs.job_type
+),
+owes AS MATERIALIZED (
+    SELECT CASE WHEN EXISTS (SELECT FROM high_water) OR r.seen >= r.top THEN 0
+                ELSE r.top END AS owed
+      FROM raise_to AS r
+),
+-- The next claim's hint: where the scan that filled the limit stopped, and
+-- this snapshot's bounds (the old ones if arrived or inflight had more).
+remember AS MATERIALIZED (
+    SELECT v.picked,
+           set_config('{guc}', CASE
+               WHEN v.picked < {limit} THEN ''
+               WHEN (SELECT n >= {limit} FROM late)
+               THEN concat_ws(' ', v.stop[1], v.stop[2], h.xmax, array_to_string(h.xip, ','),
+                              h.since, o.owed)
+               ELSE concat_ws(' ', v.stop[1], v.stop[2], pg_snapshot_xmax(pg_current_snapshot()),
+                              array_to_string(ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())),
+                                              ','),
+                              h.since, o.owed) END, false) AS hint
+      FROM hint AS h, verdict AS v, owes AS o
 )
-SELECT c.reason IS NULL,
-       CASE c.action WHEN 'activation' THEN 1 ELSE 2 END,
-       c.email, c.login, c.secret,
-       COALESCE(c.code, ''),  -- the original printed a NULL code as ''
-       c.token,
-       statement_timestamp(),
-       (SELECT count(*) FROM marked)
-  FROM checked AS c
- ORDER BY c.priority, c.token
+-- A head row (rows picked, NULLs, claimed_at in epoch microseconds), then the
+-- rows to send, each exactly a Row: no work per row in Python, and the
+-- timestamp is sent once instead of once per row.
+SELECT r.picked, NULL, NULL, NULL::bytea, NULL,
+       (EXTRACT(EPOCH FROM statement_timestamp()) * 1000000)::bigint
+  FROM remember AS r
+UNION ALL
+(SELECT s.action, s.email, s.login, s.secret, s.code, s.token FROM sent AS s
+  ORDER BY s.priority, s.token)
 """
+
+# Picked rows with their token and account.  A backlog is claimed in runs of
+# consecutive ids whose accounts were made with them: then one key range, read
+# once, beats a descent of the index per row.  Small claims (few rows, and a
+# plan with fewer nodes to set up) only probe.
+_LOOKUPS_PROBE = """
+looked_up AS (
+    SELECT p.*, t.action, t.secret, t.code, t.consumed_at, t.expires_at,
+           a.email, a.login, a.status AS account_status
+      FROM picked AS p
+      LEFT JOIN LATERAL (SELECT * FROM tokens AS t WHERE t.id = p.token OFFSET 0) AS t ON true
+      LEFT JOIN LATERAL (SELECT * FROM accounts AS a WHERE a.id = t.account OFFSET 0)
+           AS a ON true
+)"""
+_LOOKUPS_RANGE = """
+span AS MATERIALIZED (
+    SELECT min(token) AS lo, max(token) AS hi,
+           COALESCE(max(token) - min(token) < 4 * count(*), false) AS dense
+      FROM picked
+),
+tok AS MATERIALIZED (
+    SELECT p.*, t.action, t.secret, t.code, t.account, t.consumed_at, t.expires_at
+      FROM picked AS p
+      LEFT JOIN tokens AS t
+             ON t.id = p.token AND t.id BETWEEN (SELECT lo FROM span) AND (SELECT hi FROM span)
+     WHERE (SELECT dense FROM span)
+    UNION ALL
+    SELECT p.*, t.action, t.secret, t.code, t.account, t.consumed_at, t.expires_at
+      FROM picked AS p
+      LEFT JOIN LATERAL (SELECT * FROM tokens AS t WHERE t.id = p.token OFFSET 0) AS t ON true
+     WHERE NOT (SELECT dense FROM span)
+),
+aspan AS MATERIALIZED (
+    SELECT min(account) AS lo, max(account) AS hi,
+           COALESCE(max(account) - min(account) < 4 * count(*), false) AS dense
+      FROM tok
+),
+looked_up AS (
+    SELECT k.*, a.email, a.login, a.status AS account_status
+      FROM tok AS k
+      LEFT JOIN accounts AS a ON a.id = k.account
+            AND a.id BETWEEN (SELECT lo FROM aspan) AND (SELECT hi FROM aspan)
+     WHERE (SELECT dense FROM aspan)
+    UNION ALL
+    SELECT k.*, a.email, a.login, a.status
+      FROM tok AS k
+      LEFT JOIN LATERAL (SELECT * FROM accounts AS a WHERE a.id = k.account OFFSET 0)
+           AS a ON true
+     WHERE NOT (SELECT dense FROM aspan)
+)"""
+
+# The deliveries to send become '{final}'.  Only those still 'queued': a queue
+# row is a pointer, and its delivery may have moved on (an operator, a late
+# 'sent') since.  As for the lookups, a range when the rows are dense.
+_MARK_PROBE = """
+marked AS (
+    UPDATE deliveries AS d
+       SET status = '{final}', attempts = d.attempts + 1, claimed_at = statement_timestamp()
+     WHERE d.token = ANY ((SELECT send FROM verdict)::bigint[])
+       AND d.job_type = {queue} AND d.status = 'queued'
+    RETURNING d.token
+)"""
+_MARK_RANGE = """
+marked_sparse AS (
+    UPDATE deliveries AS d
+       SET status = '{final}', attempts = d.attempts + 1, claimed_at = statement_timestamp()
+     WHERE (SELECT hi - lo >= 2 * sending FROM verdict)
+       AND d.token = ANY ((SELECT send FROM verdict)::bigint[])
+       AND d.job_type = {queue} AND d.status = 'queued'
+    RETURNING d.token
+),
+marked_dense AS (
+    UPDATE deliveries AS d
+       SET status = '{final}', attempts = d.attempts + 1, claimed_at = statement_timestamp()
+     WHERE (SELECT hi - lo < 2 * sending FROM verdict)
+       AND d.token BETWEEN (SELECT lo FROM verdict) AND (SELECT hi FROM verdict)
+       AND d.job_type = {queue}
+       -- One test the planner cannot split: a filter on the range, never a
+       -- join (that could probe checked once per row), and hashed since its
+       -- row estimate does not hinge on how rare 'queued' was at ANALYZE.
+       AND (d.status = 'queued'
+            AND d.token IN (SELECT token FROM checked WHERE reason IS NULL)) IS TRUE
+    RETURNING d.token
+),
+marked AS (SELECT token FROM marked_sparse UNION ALL SELECT token FROM marked_dense)"""
+
+#: From this limit on, claims read key ranges when their rows are dense.
+_RANGES_FROM = 64
+
+# Compatibility mode: everything picked leaves the queue.
+_DEQUEUE_ALL = """dequeued AS (
+    DELETE FROM delivery_queue AS q WHERE q.ctid = ANY (ARRAY(SELECT id FROM picked))
+)"""
+
+# Claimed: the rows sent keep their queue row as their lease; the rest leave.
+_DEQUEUE_LEASE = """dequeued AS (
+    DELETE FROM delivery_queue AS q
+     WHERE q.ctid = ANY (ARRAY(SELECT id FROM picked EXCEPT ALL SELECT id FROM sent))
+),
+leased AS (
+    UPDATE delivery_queue AS q SET claimed_at = statement_timestamp()
+     WHERE q.ctid = ANY (ARRAY(SELECT id FROM sent))
+)"""
+
+
+@functools.lru_cache(maxsize=16)
+def _claim_sql(queue: str, limit: int, final_status: str, ttl: float, ranges_from: int) -> str:
+    """The claim's text for one queue, limit and final status.  No parameters:
+    the limit is in the text so the cached plan knows it, and the statement can
+    be PREPAREd.  The hint's setting is named after the queue (hex digits only,
+    so a valid name)."""
+    ranges = limit >= ranges_from
+    template = (_CLAIM.replace("{lookups}", _LOOKUPS_RANGE if ranges else _LOOKUPS_PROBE)
+                .replace("{mark}", _MARK_RANGE if ranges else _MARK_PROBE)
+                .replace("{dequeue}", _DEQUEUE_ALL if final_status == "emitted" else _DEQUEUE_LEASE))
+    return template.format(
+        queue="'" + queue.replace("'", "''") + "'::job_type", limit=int(limit), ttl=float(ttl),
+        final=final_status, guc="mailroom.claim_hint_" + hashlib.sha1(queue.encode()).hexdigest()[:16],
+        behind_hint="(q.priority < (SELECT priority FROM hint) OR (q.priority = (SELECT priority"
+                    " FROM hint) AND q.token <= (SELECT token FROM hint)))")
 
 
 def claim(conn: psycopg.Connection[Any], queue: str, limit: int, *, lease_ms: int,
-          final_status: str = "claimed") -> Claim:
+          final_status: str = "claimed", begin: bool = False) -> Claim:
     """Take up to ``limit`` due rows of ``queue`` off the queue, in one statement.
 
     Password recovery first, then token order; rows locked by another claimer
@@ -159,20 +430,78 @@ def claim(conn: psycopg.Connection[Any], queue: str, limit: int, *, lease_ms: in
     ``attempts + 1``; ``jobs.last_seq`` rises to the highest token picked.
     ``lease_ms`` is the lease the rows are held under; :func:`requeue_expired`
     enforces it.  Use a connection set up by :func:`configure_session`.
+
+    ``begin=True`` opens a transaction in the same round trip as the claim;
+    the caller then commits or rolls back.
     """
     if final_status not in ("claimed", "emitted"):
         raise ValueError(f"final_status must be 'claimed' or 'emitted', not {final_status!r}")
     if limit < 1 or lease_ms < 1:
         raise ValueError("limit and lease_ms must be >= 1")
-    params = {"queue": queue, "limit": limit, "final": final_status}
-    result = conn.execute(_CLAIM, params).fetchall()
-    if result and result[0][8] != len(result):
-        # Cannot happen while rows stay locked from pick to update; if it did,
-        # sending could duplicate: refuse (claimed rows return after the lease).
-        raise RuntimeError(f"claim updated {result[0][8]} of {len(result)} picked rows")
-    rows: list[Row] = [tuple(r[1:7]) for r in result if r[0]]  # type: ignore[misc]
-    claimed_at = result[0][7] if result else None
-    return Claim(rows, len(result), len(result) - len(rows), claimed_at)
+    sql = _claim_sql(queue, limit, final_status, _HINT_TTL_S, _RANGES_FROM)
+    head, *rows = _execute_prepared(conn, sql, begin)
+    if not head[0]:
+        return Claim([], 0, 0, None)
+    claimed_at = _EPOCH + dt.timedelta(microseconds=head[5])
+    return Claim(rows, head[0], head[0] - len(rows), claimed_at)
+
+
+# Statements PREPAREd on each connection.  A server-side prepared statement
+# (rather than psycopg's) can be EXECUTEd in one simple query with BEGIN.
+_prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _execute_prepared(conn: psycopg.Connection[Any], sql: str, begin: bool,
+                      retry: bool = True) -> list[Any]:
+    name = "mailroom_" + hashlib.sha1(sql.encode()).hexdigest()[:20]
+    known = _prepared.setdefault(conn, set())
+    if name not in known:
+        conn.execute(f"PREPARE {name} AS {sql}", prepare=False)
+        known.add(name)
+    try:
+        cur = conn.execute(("BEGIN; " if begin else "") + f"EXECUTE {name}", prepare=False)
+    except psycopg.errors.InvalidSqlStatementName:
+        # Deallocated behind our back (DISCARD ALL): prepare it again, unless
+        # the failure broke a transaction that is not ours to roll back.
+        known.clear()
+        if begin:
+            conn.rollback()
+        if not retry or conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            raise
+        return _execute_prepared(conn, sql, begin, retry=False)
+    if begin:
+        cur.nextset()
+    return cur.fetchall()
+
+
+# Deliveries a statement put back to 'queued' (its `changed` CTE returns token,
+# status, priority, next_attempt_at) get their queue row back, unclaimed.
+_REQUEUE = """
+requeued AS (
+    INSERT INTO delivery_queue (job_type, token, priority, next_attempt_at)
+    SELECT %(queue)s, token, priority, next_attempt_at FROM changed WHERE status = 'queued'
+    ON CONFLICT (job_type, token) DO UPDATE
+       SET priority = EXCLUDED.priority, next_attempt_at = EXCLUDED.next_attempt_at,
+           claimed_at = NULL, queued_by = EXCLUDED.queued_by
+)"""
+
+# Outcome writers lock the queue rows of their tokens first, in token order,
+# waiting for them; their UPDATE starts with `(SELECT count(*) FROM held) >= 0`,
+# a condition without columns, checked once before any row is read, so those
+# locks come first.  Changed rows that are not queued again leave the queue.
+_HOLD = """
+held AS MATERIALIZED (
+    SELECT q.token FROM delivery_queue AS q
+     WHERE q.job_type = %(queue)s AND q.token = ANY (ARRAY(SELECT unnest(%(tokens)s::bigint[])))
+     ORDER BY q.token FOR UPDATE
+)"""
+_CLOSE = """
+closed AS (
+    DELETE FROM delivery_queue AS q
+     WHERE q.job_type = %(queue)s
+       AND q.token = ANY (ARRAY(SELECT token FROM changed WHERE status <> 'queued'))
+)
+SELECT count(*) FROM changed"""
 
 
 def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
@@ -185,29 +514,45 @@ def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
     alone rather than waited for, which also rules out deadlocking with such a
     writer.  Returns how many rows changed.
     """
-    cur = conn.execute(
-        """
-        UPDATE deliveries AS d
-           SET status = CASE WHEN d.attempts >= %(max)s
-                             THEN 'failed'::delivery_status
-                             ELSE 'queued'::delivery_status END,
-               next_attempt_at = statement_timestamp(),
-               last_error = CASE WHEN d.attempts >= %(max)s
-                                 THEN format('lease expired, giving up after %%s attempts',
-                                             d.attempts)
-                                 ELSE format('lease expired (attempt %%s)', d.attempts) END
-          FROM (SELECT token FROM deliveries
-                 WHERE job_type = %(queue)s
-                   AND status = 'claimed'
-                   AND claimed_at < statement_timestamp() - %(lease_ms)s * interval '1 ms'
-                   FOR UPDATE SKIP LOCKED) AS expired
-         WHERE d.job_type = %(queue)s
-           AND d.token = expired.token
-           AND d.status = 'claimed'
-        """,
-        {"queue": queue, "lease_ms": lease_ms, "max": max_attempts},
-    )
-    return cur.rowcount
+    return _count(conn, f"""
+        WITH expired AS MATERIALIZED (
+            SELECT q.ctid AS id, q.token FROM delivery_queue AS q
+             WHERE q.job_type = %(queue)s AND q.claimed_at IS NOT NULL
+               AND q.claimed_at < statement_timestamp() - %(lease_ms)s * interval '1 ms'
+               FOR UPDATE SKIP LOCKED
+        ),
+        held AS MATERIALIZED (
+            SELECT d.token, d.status FROM deliveries AS d
+             WHERE d.token = ANY (ARRAY(SELECT token FROM expired)) AND d.job_type = %(queue)s
+               FOR UPDATE SKIP LOCKED
+        ),
+        changed AS (
+            UPDATE deliveries AS d
+               SET status = CASE WHEN d.attempts >= %(max)s THEN 'failed'::delivery_status
+                                 ELSE 'queued'::delivery_status END,
+                   next_attempt_at = statement_timestamp(),
+                   last_error = CASE WHEN d.attempts >= %(max)s
+                                     THEN format('lease expired, giving up after %%s attempts',
+                                                 d.attempts)
+                                     ELSE format('lease expired (attempt %%s)', d.attempts) END
+             WHERE d.token = ANY (ARRAY(SELECT token FROM held WHERE status = 'claimed'))
+               AND d.job_type = %(queue)s
+            RETURNING d.token, d.status, d.priority, d.next_attempt_at
+        ),
+        {_REQUEUE},
+        -- Leases of failed rows go, and so do those whose delivery is not
+        -- claimed (or gone); those whose delivery someone else holds stay.
+        dropped AS (
+            DELETE FROM delivery_queue AS q
+             WHERE q.ctid = ANY (ARRAY(
+                   SELECT e.id FROM expired AS e
+                    WHERE e.token NOT IN (SELECT token FROM changed WHERE status = 'queued')
+                      AND (e.token IN (SELECT token FROM held)
+                           OR NOT EXISTS (SELECT FROM deliveries AS d
+                                           WHERE d.token = e.token AND d.job_type = %(queue)s))))
+        )
+        SELECT count(*) FROM changed
+        """, {"queue": queue, "lease_ms": lease_ms, "max": max_attempts})
 
 
 # Which rows an outcome may change.
@@ -220,35 +565,42 @@ def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
 #    it also lands on a row that was re-queued, re-claimed or failed by lease
 #    expiry meanwhile: recording it prevents (or at least ends) a duplicate
 #    send.  Only rows already final (sent, emitted, skipped) are left alone.
-_RECORD = """
-UPDATE deliveries AS d
-   SET status = CASE WHEN o.kind = 'sent' THEN 'sent'
-                     WHEN o.kind = 'retry' AND d.attempts < %(max)s THEN 'queued'
-                     ELSE 'failed' END::delivery_status,
-       sent_at = CASE WHEN o.kind = 'sent' THEN statement_timestamp() ELSE d.sent_at END,
-       message_id = CASE WHEN o.kind = 'sent' THEN o.message_id ELSE d.message_id END,
-       last_error = CASE WHEN o.kind = 'sent' THEN d.last_error
-                         WHEN o.kind = 'retry' AND d.attempts >= %(max)s
-                         THEN format('giving up after %%s attempts: %%s', d.attempts, o.error)
-                         ELSE o.error END,
-       next_attempt_at = CASE WHEN o.kind <> 'retry' THEN d.next_attempt_at
-                              ELSE statement_timestamp()
-                                   + COALESCE(o.retry_after, 0) * interval '1 second' END
-  FROM unnest(%(tokens)s::bigint[], %(kinds)s::text[], %(message_ids)s::text[],
-              %(errors)s::text[], %(retry_after)s::float8[])
-       AS o (token, kind, message_id, error, retry_after)
- WHERE d.job_type = %(queue)s
-   -- Redundant with the join, on purpose: as an index condition it fetches just
-   -- these rows whatever the statistics say.  With stale statistics (a burst of
-   -- tokens since the last ANALYZE) the planner otherwise walks every row of
-   -- the queue and joins it against the array: ~300 ms at 20k rows, growing.
-   -- ARRAY(SELECT ...) hides the array's length from the planner, which then
-   -- keeps it as an index condition instead of a filter over the whole queue.
-   AND d.token = ANY(ARRAY(SELECT unnest(%(tokens)s::bigint[])))
-   AND d.token = o.token
-   AND (    (d.status = 'claimed'
-             AND (%(claimed_at)s::timestamptz IS NULL OR d.claimed_at = %(claimed_at)s))
-         OR (o.kind = 'sent' AND d.status IN ('claimed', 'queued', 'failed')))
+_RECORD = f"""
+WITH {_HOLD},
+changed AS (
+    UPDATE deliveries AS d
+       SET status = CASE WHEN o.kind = 'sent' THEN 'sent'
+                         WHEN o.kind = 'retry' AND d.attempts < %(max)s THEN 'queued'
+                         ELSE 'failed' END::delivery_status,
+           sent_at = CASE WHEN o.kind = 'sent' THEN statement_timestamp() ELSE d.sent_at END,
+           message_id = CASE WHEN o.kind = 'sent' THEN o.message_id ELSE d.message_id END,
+           last_error = CASE WHEN o.kind = 'sent' THEN d.last_error
+                             WHEN o.kind = 'retry' AND d.attempts >= %(max)s
+                             THEN format('giving up after %%s attempts: %%s', d.attempts, o.error)
+                             ELSE o.error END,
+           next_attempt_at = CASE WHEN o.kind <> 'retry' THEN d.next_attempt_at
+                                  ELSE statement_timestamp()
+                                       + COALESCE(o.retry_after, 0) * interval '1 second' END
+      FROM unnest(%(tokens)s::bigint[], %(kinds)s::text[], %(message_ids)s::text[],
+                  %(errors)s::text[], %(retry_after)s::float8[])
+           AS o (token, kind, message_id, error, retry_after)
+     WHERE (SELECT count(*) FROM held) >= 0
+       AND d.job_type = %(queue)s
+       -- Redundant with the join, on purpose: as an index condition it fetches
+       -- just these rows whatever the statistics say.  With stale statistics
+       -- (a burst of tokens since the last ANALYZE) the planner otherwise walks
+       -- every row of the ledger and joins it against the array.
+       -- ARRAY(SELECT ...) hides the array's length from the planner, which
+       -- then keeps it as an index condition instead of a filter.
+       AND d.token = ANY (ARRAY(SELECT unnest(%(tokens)s::bigint[])))
+       AND d.token = o.token
+       AND (    (d.status = 'claimed'
+                 AND (%(claimed_at)s::timestamptz IS NULL OR d.claimed_at = %(claimed_at)s))
+             OR (o.kind = 'sent' AND d.status IN ('claimed', 'queued', 'failed')))
+    RETURNING d.token, d.status, d.priority, d.next_attempt_at
+),
+{_REQUEUE},
+{_CLOSE}
 """
 
 
@@ -272,10 +624,10 @@ def record_outcomes(conn: psycopg.Connection[Any], queue: str, outcomes: Iterabl
     if not batch:
         return 0
     tokens, kinds, message_ids, errors, retry_after = (list(col) for col in zip(*batch))
-    params = dict(queue=queue, tokens=tokens, kinds=kinds, message_ids=message_ids,
-                  errors=errors, retry_after=retry_after, claimed_at=claimed_at,
-                  max=max_attempts if max_attempts is not None else 2**31 - 1)
-    return conn.execute(_RECORD, params).rowcount
+    return _count(conn, _RECORD, dict(
+        queue=queue, tokens=tokens, kinds=kinds, message_ids=message_ids, errors=errors,
+        retry_after=retry_after, claimed_at=claimed_at,
+        max=max_attempts if max_attempts is not None else 2**31 - 1))
 
 
 def _move_claimed(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence[int],
@@ -283,23 +635,33 @@ def _move_claimed(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence
     """Change rows of one claim that are still ``claimed``; how many changed."""
     if not token_ids:
         return 0
-    sql = f"""
-        UPDATE deliveries SET {assignments}
-         WHERE job_type = %(queue)s
-           -- Hidden from the planner as in _RECORD, so it stays an index condition.
-           AND token = ANY(ARRAY(SELECT unnest(%(tokens)s::bigint[])))
-           AND status = 'claimed'
-           AND (%(claimed_at)s::timestamptz IS NULL OR claimed_at = %(claimed_at)s)
-        """
-    params = {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at}
-    return conn.execute(sql, params).rowcount
+    return _count(conn, f"""
+        WITH {_HOLD},
+        changed AS (
+            UPDATE deliveries AS d SET {assignments}
+             WHERE (SELECT count(*) FROM held) >= 0
+               AND d.job_type = %(queue)s
+               -- Hidden from the planner as in _RECORD, so it stays an index condition.
+               AND d.token = ANY (ARRAY(SELECT unnest(%(tokens)s::bigint[])))
+               AND d.status = 'claimed'
+               AND (%(claimed_at)s::timestamptz IS NULL OR d.claimed_at = %(claimed_at)s)
+            RETURNING d.token, d.status, d.priority, d.next_attempt_at
+        ),
+        {_REQUEUE},
+        {_CLOSE}
+        """, {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at})
+
+
+def _count(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> int:
+    row = conn.execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
 
 
 def release(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence[int], *,
             claimed_at: dt.datetime | None = None) -> int:
     """Return claimed rows never handed to SES (clean shutdown) to the queue,
     giving the claim's attempt back since nothing was tried; how many changed."""
-    assignments = "status = 'queued', attempts = GREATEST(attempts - 1, 0)"
+    assignments = "status = 'queued', attempts = GREATEST(d.attempts - 1, 0)"
     return _move_claimed(conn, queue, token_ids, claimed_at, assignments)
 
 
@@ -323,16 +685,16 @@ def next_due_in(conn: psycopg.Connection[Any], queue: str, lease_ms: int) -> flo
         SELECT CASE
                    -- Not EXISTS: its planner may seq-scan for a "common" row;
                    -- ORDER BY + LIMIT walks the queued index from its start.
-                   WHEN (SELECT true FROM deliveries
-                          WHERE job_type = %(queue)s AND status = 'queued'
+                   WHEN (SELECT true FROM delivery_queue
+                          WHERE job_type = %(queue)s AND claimed_at IS NULL
                             AND next_attempt_at <= statement_timestamp()
                           ORDER BY priority, token LIMIT 1)
                    THEN 0
                    ELSE EXTRACT(EPOCH FROM LEAST(
-                            (SELECT min(next_attempt_at) FROM deliveries
-                              WHERE job_type = %(queue)s AND status = 'queued'),
-                            (SELECT min(claimed_at) FROM deliveries
-                              WHERE job_type = %(queue)s AND status = 'claimed')
+                            (SELECT min(next_attempt_at) FROM delivery_queue
+                              WHERE job_type = %(queue)s AND claimed_at IS NULL),
+                            (SELECT min(claimed_at) FROM delivery_queue
+                              WHERE job_type = %(queue)s AND claimed_at IS NOT NULL)
                             + %(lease_ms)s * interval '1 millisecond'
                         ) - statement_timestamp())
                END::float8
@@ -347,34 +709,30 @@ def status(conn: psycopg.Connection[Any], queue: str) -> dict[str, Any]:
     plus ``oldest_queued_s`` (age of the oldest queued row, ``None`` if none)
     and ``last_seq`` (``jobs.last_seq``).
 
-    Counting reads the whole queue: meant for a dashboard, not a hot loop.
+    One pass over the whole ledger: meant for a dashboard, not a hot loop.
     """
     result: dict[str, Any] = dict.fromkeys(STATUSES, 0)
-    counts = conn.execute(
-        "SELECT status::text, count(*) FROM deliveries WHERE job_type = %s GROUP BY status",
-        (queue,),
-    )
-    result.update({name: int(count) for name, count in counts})
-    row = conn.execute(
-        """
-        SELECT (SELECT EXTRACT(EPOCH FROM statement_timestamp() - min(created_at))::float8
-                  FROM deliveries WHERE job_type = %(queue)s AND status = 'queued'),
-               (SELECT last_seq FROM jobs WHERE job_type = %(queue)s)
-        """,
-        {"queue": queue},
-    ).fetchone()
-    assert row is not None
-    result["oldest_queued_s"] = None if row[0] is None else max(0.0, row[0])
-    result["last_seq"] = row[1]
+    result["oldest_queued_s"] = None
+    for name, count, age in conn.execute(
+        "SELECT status::text, count(*),"
+        "       EXTRACT(EPOCH FROM statement_timestamp() - min(created_at))::float8"
+        "  FROM deliveries WHERE job_type = %s GROUP BY status", (queue,),
+    ):
+        result[name] = int(count)
+        if name == "queued":
+            result["oldest_queued_s"] = max(0.0, age)
+    row = conn.execute("SELECT last_seq FROM jobs WHERE job_type = %s", (queue,)).fetchone()
+    result["last_seq"] = None if row is None else row[0]
     return result
 
 
 def check_schema(conn: psycopg.Connection[Any]) -> None:
     """Raise :class:`SchemaError` unless the database is migrated for this code:
-    ``schema_migrations`` at :data:`REQUIRED_VERSION` or later, clean, and a
-    ``deliveries`` table."""
+    ``schema_migrations`` at :data:`REQUIRED_VERSION` or later, clean, and the
+    ledger's tables."""
     found = conn.execute(
-        "SELECT to_regclass('schema_migrations') IS NOT NULL, to_regclass('deliveries') IS NOT NULL"
+        "SELECT to_regclass('schema_migrations') IS NOT NULL,"
+        "       to_regclass('deliveries') IS NOT NULL AND to_regclass('delivery_queue') IS NOT NULL"
     ).fetchone()
     assert found is not None
     row = None
@@ -404,11 +762,10 @@ def configure_session(conn: psycopg.Connection[Any]) -> None:
       advanced than what happened (queued instead of claimed, claimed instead
       of sent), which ends in a resend, never in a lost email; the database
       stays consistent.  The application's own token inserts are not affected.
-    * ``enable_bitmapscan = off``: when the statistics predate a burst of
-      tokens, the planner may think the queue is tiny and read the whole
-      backlog through a bitmap scan to sort it, per claim.  The ordered scan of
-      the partial index costs ``limit`` rows whatever the statistics say, and
-      every ledger statement here is built for plain index scans.
+    * ``enable_seqscan = off``, ``enable_bitmapscan = off``: statements here
+      are cached as generic plans, made once; one made while the queue was
+      small could otherwise read and sort the whole backlog at every claim
+      once a burst arrives.  Every statement here is built for index scans.
     * ``jit = off``: compiling these short statements costs more than running them.
 
     A SET is undone if its transaction rolls back: on a connection that is not
@@ -416,6 +773,7 @@ def configure_session(conn: psycopg.Connection[Any]) -> None:
     """
     idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
     conn.execute("SET synchronous_commit = off")
+    conn.execute("SET enable_seqscan = off")
     conn.execute("SET enable_bitmapscan = off")
     conn.execute("SET jit = off")
     if not conn.autocommit and idle:

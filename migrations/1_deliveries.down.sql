@@ -1,7 +1,8 @@
 -- Reverts migration 1: puts back the original token-insert trigger function,
 -- byte for byte as 0_init.up.sql created it, and drops the ledger.
--- jobs.last_seq has been kept up to date as a high-water mark, so the original
--- collector resumes after the highest token mailroom claimed.
+-- jobs.last_seq has been kept as a high-water mark (exact whenever a drain
+-- ends), so the original collector resumes after the highest token mailroom
+-- claimed.
 -- The runner wraps this file in one transaction.
 
 CREATE OR REPLACE FUNCTION tokens_notify_insert() RETURNS trigger
@@ -12,5 +13,6 @@ BEGIN
 END;
 $$;
 
+DROP TABLE IF EXISTS delivery_queue;
 DROP TABLE IF EXISTS deliveries;
 DROP TYPE IF EXISTS delivery_status;
