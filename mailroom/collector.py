@@ -231,6 +231,19 @@ class Collector:
         finally:
             self._close()
 
+    def run_or_exit_code(self) -> int | None:
+        """:meth:`run`, with the errors that retrying cannot fix turned into an
+        exit code (logged on one line); None when it ran until asked to stop."""
+        try:
+            self.run()
+        except ledger.SchemaError as exc:
+            log.error("%s", exc)
+            return config.EXIT_SCHEMA
+        except config.ConfigError as exc:
+            log.error("%s", exc)
+            return config.EXIT_CONFIG
+        return None
+
     def _listen_loop(self) -> None:
         conn = self.conn
         assert conn is not None
@@ -381,18 +394,14 @@ def run_stdout(settings: Settings, stream: BinaryIO | None = None) -> int:
     sink = StdoutSink(stream if stream is not None else sys.stdout.buffer)
     collector = Collector(settings, sink, stop, wakeup_fd=stop.read_fd)
     try:
-        collector.run()
-    except ledger.SchemaError as exc:
-        log.error("%s", exc)
-        return config.EXIT_SCHEMA
-    except config.ConfigError as exc:
-        log.error("%s", exc)
-        return config.EXIT_CONFIG
+        code = collector.run_or_exit_code()
     except BrokenPipeError:
         # The reader went away: the rows of the batch being written stay queued.
         log.error("stdout closed by the reader; stopping (unsent rows stay queued)")
         _silence_stdout()
         return config.EXIT_FAILURE
+    if code is not None:
+        return code
     log.info("stopped after %d batches, %d rows", collector.batches, collector.rows)
     return config.EXIT_OK
 

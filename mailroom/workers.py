@@ -144,17 +144,14 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
     collector = Collector(settings, sink, lambda: stop() or sink.stopping,
                           wakeup_fd=stop.read_fd, on_ready=lambda: pipe.send((protocol.READY,)))
     try:
-        collector.run()
-    except ledger.SchemaError as exc:
-        logger.error("%s", exc)
-        return config.EXIT_SCHEMA
-    except config.ConfigError as exc:
-        logger.error("%s", exc)
-        return config.EXIT_CONFIG
+        code = collector.run_or_exit_code()
     except OSError:
         if not sink.stopping:
             raise
         logger.error("supervisor is gone; stopping (the last batch went back to the queue)")
+        code = None
+    if code is not None:
+        return code
     if sink.pending and not stop():
         logger.warning("%d outcome messages not recorded (database unavailable at stop);"
                        " their rows are queued again when the claim lease expires", len(sink.pending))
