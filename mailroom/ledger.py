@@ -1,4 +1,7 @@
-"""The delivery ledger: every SQL statement the collector runs against it.
+"""The delivery ledger: every operation the workers run against it.
+
+The statements themselves, with the reasons for their shape, are in
+:mod:`mailroom.ledger_sql`; this module runs them and holds the policy.
 
 One ``deliveries`` row per (queue, token) moves through these states::
 
@@ -56,7 +59,6 @@ stale clock.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import weakref
 from collections.abc import Iterable, Sequence
@@ -64,6 +66,8 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import pq
+
+from mailroom import ledger_sql
 
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
@@ -113,310 +117,8 @@ class Claim(NamedTuple):
     claimed_at: dt.datetime | None = None
 
 
-# The claim, one statement: atomic, one round trip.  Each step is bounded by
-# the rows picked whatever the statistics say (they lag behind bursts, and the
-# cached plan never sees the hint's values): rows are found by LATERAL probes,
-# ctid, `= ANY(array)`, or a key range at most a few times as wide as the rows,
-# never by a join the planner could turn into a scan.  Eligibility is the
-# original collector's rule (SCHEMA.md, last section); the reason a row is not
-# sent goes to last_error.  _claim_sql fills in the variants below ({lookups},
-# {mark}, {dequeue}), then {queue}, {limit} and the rest.
-_CLAIM = """
-WITH hint AS MATERIALIZED (
-    SELECT fresh,
-           CASE WHEN fresh THEN h[1]::smallint ELSE -1 END AS priority,
-           CASE WHEN fresh THEN h[2]::bigint ELSE 0 END AS token,
-           CASE WHEN fresh THEN h[3]::xid8 END AS xmax,
-           CASE WHEN fresh THEN string_to_array(h[4], ',')::xid8[] END AS xip,
-           CASE WHEN fresh THEN h[5]::float8 ELSE EXTRACT(EPOCH FROM statement_timestamp())
-           END AS since,
-           -- expires_at is whole seconds: against the floor, the same test as
-           -- against the exact time, without a numeric per row.
-           floor(EXTRACT(EPOCH FROM statement_timestamp()))::bigint AS now_s,
-           COALESCE(h[6]::bigint, 0) AS owed  -- see high_water
-      FROM (SELECT h, COALESCE(EXTRACT(EPOCH FROM statement_timestamp()) - h[5]::float8
-                               BETWEEN 0 AND {ttl}, false) AS fresh
-              FROM string_to_array(current_setting('{guc}', true), ' ') AS h) AS s
-),
-ahead AS MATERIALIZED (
-    SELECT q.ctid AS id, q.priority, q.token
-      FROM delivery_queue AS q
-     WHERE q.job_type = {queue} AND q.claimed_at IS NULL
-       AND (q.priority, q.token) > ((SELECT priority FROM hint), (SELECT token FROM hint))
-       AND q.next_attempt_at <= statement_timestamp()
-     ORDER BY q.priority, q.token LIMIT {limit}
-       FOR UPDATE SKIP LOCKED
-),
-full_ahead AS MATERIALIZED (SELECT count(*) = {limit} AS yes FROM ahead),
--- Rows queued behind the hint since: by transactions that had not started
--- (xid >= xmax) or were running (xid in xip) when the hinted claim ran.  The
--- planner must use the queued_by index here whatever it guesses of the hint
--- (and of an empty table's statistics): queued_by order is what only that
--- index gives, and the job_type and "behind" tests are spelled so no other
--- index can serve them.
-arrived AS MATERIALIZED (
-    SELECT q.ctid AS id, q.priority, q.token
-      FROM delivery_queue AS q
-     WHERE (SELECT fresh FROM hint) AND (SELECT yes FROM full_ahead)
-       AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL
-       AND q.queued_by >= (SELECT xmax FROM hint)
-       AND {behind_hint}
-       AND q.next_attempt_at <= statement_timestamp()
-     ORDER BY q.queued_by LIMIT {limit}
-       FOR UPDATE SKIP LOCKED
-),
-inflight AS MATERIALIZED (
-    SELECT q.ctid AS id, q.priority, q.token
-      FROM delivery_queue AS q
-     WHERE (SELECT fresh FROM hint) AND (SELECT yes FROM full_ahead)
-       AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL
-       AND q.queued_by = ANY ((SELECT xip FROM hint)::xid8[])
-       AND {behind_hint}
-       AND q.next_attempt_at <= statement_timestamp()
-     ORDER BY q.queued_by LIMIT {limit}
-       FOR UPDATE SKIP LOCKED
-),
--- The range after the hint came back short: everything before it too.
-behind AS MATERIALIZED (
-    SELECT q.ctid AS id, q.priority, q.token
-      FROM delivery_queue AS q
-     WHERE NOT (SELECT yes FROM full_ahead)
-       AND q.job_type = {queue} AND q.claimed_at IS NULL
-       AND (q.priority, q.token) <= ((SELECT priority FROM hint), (SELECT token FROM hint))
-       AND q.next_attempt_at <= statement_timestamp()
-     ORDER BY q.priority, q.token LIMIT {limit} - (SELECT count(*) FROM ahead)
-       FOR UPDATE SKIP LOCKED
-),
-late AS MATERIALIZED (SELECT (SELECT count(*) FROM arrived) + (SELECT count(*) FROM inflight) AS n),
--- In order: behind's rows (pass 0), then ahead's, merged with the late ones
--- when there are any.  Rows of arrived or inflight past the limit stay queued
--- (locked until the commit).
-picked AS MATERIALIZED (
-    SELECT id, priority, token, 0 AS pass FROM behind
-    UNION ALL
-    SELECT id, priority, token, 1 FROM ahead WHERE (SELECT n = 0 FROM late)
-    UNION ALL
-    SELECT * FROM (SELECT id, priority, token, 1 FROM ahead
-                   UNION ALL SELECT id, priority, token, 1 FROM arrived
-                   UNION ALL SELECT id, priority, token, 1 FROM inflight
-                   ORDER BY 2, 3 LIMIT {limit}) AS merged
-     WHERE (SELECT n > 0 FROM late)
-),
-{lookups},
-checked AS MATERIALIZED (
-    SELECT x.id, x.token, x.priority, x.pass, x.action, x.secret, x.code, x.email, x.login,
-           CASE
-               WHEN x.action IS NULL THEN 'token deleted'
-               WHEN x.account_status IS NULL THEN 'account missing'
-               WHEN x.consumed_at IS NOT NULL THEN 'token consumed'
-               WHEN x.expires_at <= (SELECT now_s FROM hint) THEN 'token expired'
-               WHEN x.action = 'activation' AND x.account_status <> 'provisioned'
-                   THEN format('account is %s, activation needs provisioned', x.account_status)
-               WHEN x.action = 'password_recovery' AND x.account_status <> 'active'
-                   THEN format('account is %s, password recovery needs active',
-                               x.account_status)
-           END AS reason
-      FROM looked_up AS x
-),
-verdict AS MATERIALIZED (
-    SELECT count(*)::int AS picked, max(token) AS top,
-           COALESCE(max(ARRAY[priority, token]) FILTER (WHERE pass = 0),
-                    max(ARRAY[priority, token])) AS stop,
-           array_agg(token) FILTER (WHERE reason IS NULL) AS send,
-           array_agg(token) FILTER (WHERE reason IS NOT NULL) AS skip,
-           count(*) FILTER (WHERE reason IS NULL) AS sending,
-           min(token) FILTER (WHERE reason IS NULL) AS lo,
-           max(token) FILTER (WHERE reason IS NULL) AS hi
-      FROM checked
-),
-{mark},
-skipped AS (
-    UPDATE deliveries AS d
-       SET status = 'skipped', last_error = c.reason
-      FROM checked AS c
-     WHERE d.token = ANY ((SELECT skip FROM verdict)::bigint[]) AND d.token = c.token
-       AND d.job_type = {queue} AND d.status = 'queued'
-),
--- Every eligible row, unless some had moved on (the count spares the lookup).
-sent AS (
-    SELECT c.id, c.priority, c.token, CASE c.action WHEN 'activation' THEN 1 ELSE 2 END AS action,
-           c.email, c.login, c.secret,
-           COALESCE(c.code, '') AS code  -- the original printed a NULL code as ''
-      FROM checked AS c
-     WHERE c.reason IS NULL
-       AND ((SELECT count(*) FROM marked) = (SELECT sending FROM verdict)
-            OR c.token IN (SELECT token FROM marked))
-),
-{dequeue},
--- jobs.last_seq rises to the highest token picked.  A claim that filled its
--- limit does not wait for the jobs row while another claimer holds it (claims
--- do not wait for each other during a drain): it owes the raise, and its
--- session's next claim pays it.  A short claim, the end of a drain, waits, so
--- the mark is exact whenever a drain ends.
-raise_to AS MATERIALIZED (
-    SELECT GREATEST(v.top, h.owed) AS top, v.picked = {limit} AS full_claim,
-           (SELECT j.last_seq FROM jobs AS j WHERE j.job_type = {queue}) AS seen
-      FROM verdict AS v, hint AS h
-),
-high_water AS (
-    UPDATE jobs SET last_seq = GREATEST(jobs.last_seq, r.top)
-      FROM raise_to AS r
-     WHERE jobs.job_type = {queue} AND (jobs.last_seq IS NULL OR jobs.last_seq < r.top)
-       AND (NOT r.full_claim OR jobs.ctid = ANY (ARRAY(
-                SELECT j.ctid FROM jobs AS j WHERE j.job_type = {queue}
-                   FOR NO KEY UPDATE SKIP LOCKED)))
-    RETURNING jobs.job_type
-),
-owes AS MATERIALIZED (
-    SELECT CASE WHEN EXISTS (SELECT FROM high_water) OR r.seen >= r.top THEN 0
-                ELSE r.top END AS owed
-      FROM raise_to AS r
-),
--- The next claim's hint: where the scan that filled the limit stopped, and
--- this snapshot's bounds (the old ones if arrived or inflight had more).
-remember AS MATERIALIZED (
-    SELECT v.picked,
-           set_config('{guc}', CASE
-               WHEN v.picked < {limit} THEN ''
-               WHEN (SELECT n >= {limit} FROM late)
-               THEN concat_ws(' ', v.stop[1], v.stop[2], h.xmax, array_to_string(h.xip, ','),
-                              h.since, o.owed)
-               ELSE concat_ws(' ', v.stop[1], v.stop[2], pg_snapshot_xmax(pg_current_snapshot()),
-                              array_to_string(ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())),
-                                              ','),
-                              h.since, o.owed) END, false) AS hint
-      FROM hint AS h, verdict AS v, owes AS o
-)
--- A head row (rows picked, NULLs, claimed_at in epoch microseconds), then the
--- rows to send, each exactly a Row: no work per row in Python, and the
--- timestamp is sent once instead of once per row.
-SELECT r.picked, NULL, NULL, NULL::bytea, NULL,
-       (EXTRACT(EPOCH FROM statement_timestamp()) * 1000000)::bigint
-  FROM remember AS r
-UNION ALL
-(SELECT s.action, s.email, s.login, s.secret, s.code, s.token FROM sent AS s
-  ORDER BY s.priority, s.token)
-"""
-
-# Picked rows with their token and account.  A backlog is claimed in runs of
-# consecutive ids whose accounts were made with them: then one key range, read
-# once, beats a descent of the index per row.  Small claims (few rows, and a
-# plan with fewer nodes to set up) only probe.
-_LOOKUPS_PROBE = """
-looked_up AS (
-    SELECT p.*, t.action, t.secret, t.code, t.consumed_at, t.expires_at,
-           a.email, a.login, a.status AS account_status
-      FROM picked AS p
-      LEFT JOIN LATERAL (SELECT * FROM tokens AS t WHERE t.id = p.token OFFSET 0) AS t ON true
-      LEFT JOIN LATERAL (SELECT * FROM accounts AS a WHERE a.id = t.account OFFSET 0)
-           AS a ON true
-)"""
-_LOOKUPS_RANGE = """
-span AS MATERIALIZED (
-    SELECT min(token) AS lo, max(token) AS hi,
-           COALESCE(max(token) - min(token) < 4 * count(*), false) AS dense
-      FROM picked
-),
-tok AS MATERIALIZED (
-    SELECT p.*, t.action, t.secret, t.code, t.account, t.consumed_at, t.expires_at
-      FROM picked AS p
-      LEFT JOIN tokens AS t
-             ON t.id = p.token AND t.id BETWEEN (SELECT lo FROM span) AND (SELECT hi FROM span)
-     WHERE (SELECT dense FROM span)
-    UNION ALL
-    SELECT p.*, t.action, t.secret, t.code, t.account, t.consumed_at, t.expires_at
-      FROM picked AS p
-      LEFT JOIN LATERAL (SELECT * FROM tokens AS t WHERE t.id = p.token OFFSET 0) AS t ON true
-     WHERE NOT (SELECT dense FROM span)
-),
-aspan AS MATERIALIZED (
-    SELECT min(account) AS lo, max(account) AS hi,
-           COALESCE(max(account) - min(account) < 4 * count(*), false) AS dense
-      FROM tok
-),
-looked_up AS (
-    SELECT k.*, a.email, a.login, a.status AS account_status
-      FROM tok AS k
-      LEFT JOIN accounts AS a ON a.id = k.account
-            AND a.id BETWEEN (SELECT lo FROM aspan) AND (SELECT hi FROM aspan)
-     WHERE (SELECT dense FROM aspan)
-    UNION ALL
-    SELECT k.*, a.email, a.login, a.status
-      FROM tok AS k
-      LEFT JOIN LATERAL (SELECT * FROM accounts AS a WHERE a.id = k.account OFFSET 0)
-           AS a ON true
-     WHERE NOT (SELECT dense FROM aspan)
-)"""
-
-# The deliveries to send become '{final}'.  Only those still 'queued': a queue
-# row is a pointer, and its delivery may have moved on (an operator, a late
-# 'sent') since.  As for the lookups, a range when the rows are dense.
-_MARK_PROBE = """
-marked AS (
-    UPDATE deliveries AS d
-       SET status = '{final}', attempts = d.attempts + 1, claimed_at = statement_timestamp()
-     WHERE d.token = ANY ((SELECT send FROM verdict)::bigint[])
-       AND d.job_type = {queue} AND d.status = 'queued'
-    RETURNING d.token
-)"""
-_MARK_RANGE = """
-marked_sparse AS (
-    UPDATE deliveries AS d
-       SET status = '{final}', attempts = d.attempts + 1, claimed_at = statement_timestamp()
-     WHERE (SELECT hi - lo >= 2 * sending FROM verdict)
-       AND d.token = ANY ((SELECT send FROM verdict)::bigint[])
-       AND d.job_type = {queue} AND d.status = 'queued'
-    RETURNING d.token
-),
-marked_dense AS (
-    UPDATE deliveries AS d
-       SET status = '{final}', attempts = d.attempts + 1, claimed_at = statement_timestamp()
-     WHERE (SELECT hi - lo < 2 * sending FROM verdict)
-       AND d.token BETWEEN (SELECT lo FROM verdict) AND (SELECT hi FROM verdict)
-       AND d.job_type = {queue}
-       -- One test the planner cannot split: a filter on the range, never a
-       -- join (that could probe checked once per row), and hashed since its
-       -- row estimate does not hinge on how rare 'queued' was at ANALYZE.
-       AND (d.status = 'queued'
-            AND d.token IN (SELECT token FROM checked WHERE reason IS NULL)) IS TRUE
-    RETURNING d.token
-),
-marked AS (SELECT token FROM marked_sparse UNION ALL SELECT token FROM marked_dense)"""
-
 #: From this limit on, claims read key ranges when their rows are dense.
 _RANGES_FROM = 64
-
-# Compatibility mode: everything picked leaves the queue.
-_DEQUEUE_ALL = """dequeued AS (
-    DELETE FROM delivery_queue AS q WHERE q.ctid = ANY (ARRAY(SELECT id FROM picked))
-)"""
-
-# Claimed: the rows sent keep their queue row as their lease; the rest leave.
-_DEQUEUE_LEASE = """dequeued AS (
-    DELETE FROM delivery_queue AS q
-     WHERE q.ctid = ANY (ARRAY(SELECT id FROM picked EXCEPT ALL SELECT id FROM sent))
-),
-leased AS (
-    UPDATE delivery_queue AS q SET claimed_at = statement_timestamp()
-     WHERE q.ctid = ANY (ARRAY(SELECT id FROM sent))
-)"""
-
-
-@functools.lru_cache(maxsize=16)
-def _claim_sql(queue: str, limit: int, final_status: str, ttl: float, ranges_from: int) -> str:
-    """The claim's text for one queue, limit and final status.  No parameters:
-    the limit is in the text so the cached plan knows it, and the statement can
-    be PREPAREd.  The hint's setting is named after the queue (hex digits only,
-    so a valid name)."""
-    ranges = limit >= ranges_from
-    template = (_CLAIM.replace("{lookups}", _LOOKUPS_RANGE if ranges else _LOOKUPS_PROBE)
-                .replace("{mark}", _MARK_RANGE if ranges else _MARK_PROBE)
-                .replace("{dequeue}", _DEQUEUE_ALL if final_status == "emitted" else _DEQUEUE_LEASE))
-    return template.format(
-        queue="'" + queue.replace("'", "''") + "'::job_type", limit=int(limit), ttl=float(ttl),
-        final=final_status, guc="mailroom.claim_hint_" + hashlib.sha1(queue.encode()).hexdigest()[:16],
-        behind_hint="(q.priority < (SELECT priority FROM hint) OR (q.priority = (SELECT priority"
-                    " FROM hint) AND q.token <= (SELECT token FROM hint)))")
 
 
 def claim(conn: psycopg.Connection[Any], queue: str, limit: int, *, lease_ms: int,
@@ -438,7 +140,7 @@ def claim(conn: psycopg.Connection[Any], queue: str, limit: int, *, lease_ms: in
         raise ValueError(f"final_status must be 'claimed' or 'emitted', not {final_status!r}")
     if limit < 1 or lease_ms < 1:
         raise ValueError("limit and lease_ms must be >= 1")
-    sql = _claim_sql(queue, limit, final_status, _HINT_TTL_S, _RANGES_FROM)
+    sql = ledger_sql.claim_sql(queue, limit, final_status, _HINT_TTL_S, _RANGES_FROM)
     head, *rows = _execute_prepared(conn, sql, begin)
     if not head[0]:
         return Claim([], 0, 0, None)
@@ -474,36 +176,6 @@ def _execute_prepared(conn: psycopg.Connection[Any], sql: str, begin: bool,
     return cur.fetchall()
 
 
-# Deliveries a statement put back to 'queued' (its `changed` CTE returns token,
-# status, priority, next_attempt_at) get their queue row back, unclaimed.
-_REQUEUE = """
-requeued AS (
-    INSERT INTO delivery_queue (job_type, token, priority, next_attempt_at)
-    SELECT %(queue)s, token, priority, next_attempt_at FROM changed WHERE status = 'queued'
-    ON CONFLICT (job_type, token) DO UPDATE
-       SET priority = EXCLUDED.priority, next_attempt_at = EXCLUDED.next_attempt_at,
-           claimed_at = NULL, queued_by = EXCLUDED.queued_by
-)"""
-
-# Outcome writers lock the queue rows of their tokens first, in token order,
-# waiting for them; their UPDATE starts with `(SELECT count(*) FROM held) >= 0`,
-# a condition without columns, checked once before any row is read, so those
-# locks come first.  Changed rows that are not queued again leave the queue.
-_HOLD = """
-held AS MATERIALIZED (
-    SELECT q.token FROM delivery_queue AS q
-     WHERE q.job_type = %(queue)s AND q.token = ANY (ARRAY(SELECT unnest(%(tokens)s::bigint[])))
-     ORDER BY q.token FOR UPDATE
-)"""
-_CLOSE = """
-closed AS (
-    DELETE FROM delivery_queue AS q
-     WHERE q.job_type = %(queue)s
-       AND q.token = ANY (ARRAY(SELECT token FROM changed WHERE status <> 'queued'))
-)
-SELECT count(*) FROM changed"""
-
-
 def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
                     max_attempts: int) -> int:
     """Put ``claimed`` rows whose lease expired back in the queue.
@@ -514,94 +186,8 @@ def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
     alone rather than waited for, which also rules out deadlocking with such a
     writer.  Returns how many rows changed.
     """
-    return _count(conn, f"""
-        WITH expired AS MATERIALIZED (
-            SELECT q.ctid AS id, q.token FROM delivery_queue AS q
-             WHERE q.job_type = %(queue)s AND q.claimed_at IS NOT NULL
-               AND q.claimed_at < statement_timestamp() - %(lease_ms)s * interval '1 ms'
-               FOR UPDATE SKIP LOCKED
-        ),
-        held AS MATERIALIZED (
-            SELECT d.token, d.status FROM deliveries AS d
-             WHERE d.token = ANY (ARRAY(SELECT token FROM expired)) AND d.job_type = %(queue)s
-               FOR UPDATE SKIP LOCKED
-        ),
-        changed AS (
-            UPDATE deliveries AS d
-               SET status = CASE WHEN d.attempts >= %(max)s THEN 'failed'::delivery_status
-                                 ELSE 'queued'::delivery_status END,
-                   next_attempt_at = statement_timestamp(),
-                   last_error = CASE WHEN d.attempts >= %(max)s
-                                     THEN format('lease expired, giving up after %%s attempts',
-                                                 d.attempts)
-                                     ELSE format('lease expired (attempt %%s)', d.attempts) END
-             WHERE d.token = ANY (ARRAY(SELECT token FROM held WHERE status = 'claimed'))
-               AND d.job_type = %(queue)s
-            RETURNING d.token, d.status, d.priority, d.next_attempt_at
-        ),
-        {_REQUEUE},
-        -- Leases of failed rows go, and so do those whose delivery is not
-        -- claimed (or gone); those whose delivery someone else holds stay.
-        dropped AS (
-            DELETE FROM delivery_queue AS q
-             WHERE q.ctid = ANY (ARRAY(
-                   SELECT e.id FROM expired AS e
-                    WHERE e.token NOT IN (SELECT token FROM changed WHERE status = 'queued')
-                      AND (e.token IN (SELECT token FROM held)
-                           OR NOT EXISTS (SELECT FROM deliveries AS d
-                                           WHERE d.token = e.token AND d.job_type = %(queue)s))))
-        )
-        SELECT count(*) FROM changed
-        """, {"queue": queue, "lease_ms": lease_ms, "max": max_attempts})
-
-
-# Which rows an outcome may change.
-#  * failed / retry: only the claim the outcome belongs to (status 'claimed'
-#    and, when the caller passes it, the same claimed_at).  After a lease
-#    expiry the row may have been re-queued and claimed by another worker; a
-#    stale failure written over that claim would turn the other worker's
-#    success into a loss (its 'sent' would then find the row not claimed).
-#  * sent: SES accepted the email, which is a fact whatever happened since, so
-#    it also lands on a row that was re-queued, re-claimed or failed by lease
-#    expiry meanwhile: recording it prevents (or at least ends) a duplicate
-#    send.  Only rows already final (sent, emitted, skipped) are left alone.
-_RECORD = f"""
-WITH {_HOLD},
-changed AS (
-    UPDATE deliveries AS d
-       SET status = CASE WHEN o.kind = 'sent' THEN 'sent'
-                         WHEN o.kind = 'retry' AND d.attempts < %(max)s THEN 'queued'
-                         ELSE 'failed' END::delivery_status,
-           sent_at = CASE WHEN o.kind = 'sent' THEN statement_timestamp() ELSE d.sent_at END,
-           message_id = CASE WHEN o.kind = 'sent' THEN o.message_id ELSE d.message_id END,
-           last_error = CASE WHEN o.kind = 'sent' THEN d.last_error
-                             WHEN o.kind = 'retry' AND d.attempts >= %(max)s
-                             THEN format('giving up after %%s attempts: %%s', d.attempts, o.error)
-                             ELSE o.error END,
-           next_attempt_at = CASE WHEN o.kind <> 'retry' THEN d.next_attempt_at
-                                  ELSE statement_timestamp()
-                                       + COALESCE(o.retry_after, 0) * interval '1 second' END
-      FROM unnest(%(tokens)s::bigint[], %(kinds)s::text[], %(message_ids)s::text[],
-                  %(errors)s::text[], %(retry_after)s::float8[])
-           AS o (token, kind, message_id, error, retry_after)
-     WHERE (SELECT count(*) FROM held) >= 0
-       AND d.job_type = %(queue)s
-       -- Redundant with the join, on purpose: as an index condition it fetches
-       -- just these rows whatever the statistics say.  With stale statistics
-       -- (a burst of tokens since the last ANALYZE) the planner otherwise walks
-       -- every row of the ledger and joins it against the array.
-       -- ARRAY(SELECT ...) hides the array's length from the planner, which
-       -- then keeps it as an index condition instead of a filter.
-       AND d.token = ANY (ARRAY(SELECT unnest(%(tokens)s::bigint[])))
-       AND d.token = o.token
-       AND (    (d.status = 'claimed'
-                 AND (%(claimed_at)s::timestamptz IS NULL OR d.claimed_at = %(claimed_at)s))
-             OR (o.kind = 'sent' AND d.status IN ('claimed', 'queued', 'failed')))
-    RETURNING d.token, d.status, d.priority, d.next_attempt_at
-),
-{_REQUEUE},
-{_CLOSE}
-"""
+    return _count(conn, ledger_sql.REQUEUE_EXPIRED,
+                  {"queue": queue, "lease_ms": lease_ms, "max": max_attempts})
 
 
 def record_outcomes(conn: psycopg.Connection[Any], queue: str, outcomes: Iterable[Outcome], *,
@@ -614,7 +200,7 @@ def record_outcomes(conn: psycopg.Connection[Any], queue: str, outcomes: Iterabl
     row again ``retry_after_s`` seconds from now (``failed`` instead once it
     has been claimed ``max_attempts`` times).  Pass the batch's
     ``Claim.claimed_at`` so that failures and retries only change that claim
-    (see the comment on ``_RECORD`` for what a stale outcome may change).
+    (see the comment on ``ledger_sql.RECORD`` for what a stale outcome may change).
     Returns how many rows changed; stale or duplicate outcomes change nothing.
     """
     batch = [tuple(o) for o in outcomes]
@@ -624,7 +210,7 @@ def record_outcomes(conn: psycopg.Connection[Any], queue: str, outcomes: Iterabl
     if not batch:
         return 0
     tokens, kinds, message_ids, errors, retry_after = (list(col) for col in zip(*batch))
-    return _count(conn, _RECORD, dict(
+    return _count(conn, ledger_sql.RECORD, dict(
         queue=queue, tokens=tokens, kinds=kinds, message_ids=message_ids, errors=errors,
         retry_after=retry_after, claimed_at=claimed_at,
         max=max_attempts if max_attempts is not None else 2**31 - 1))
@@ -635,21 +221,7 @@ def _move_claimed(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence
     """Change rows of one claim that are still ``claimed``; how many changed."""
     if not token_ids:
         return 0
-    return _count(conn, f"""
-        WITH {_HOLD},
-        changed AS (
-            UPDATE deliveries AS d SET {assignments}
-             WHERE (SELECT count(*) FROM held) >= 0
-               AND d.job_type = %(queue)s
-               -- Hidden from the planner as in _RECORD, so it stays an index condition.
-               AND d.token = ANY (ARRAY(SELECT unnest(%(tokens)s::bigint[])))
-               AND d.status = 'claimed'
-               AND (%(claimed_at)s::timestamptz IS NULL OR d.claimed_at = %(claimed_at)s)
-            RETURNING d.token, d.status, d.priority, d.next_attempt_at
-        ),
-        {_REQUEUE},
-        {_CLOSE}
-        """, {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at})
+    return _count(conn, ledger_sql.move_claimed_sql(assignments), {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at})
 
 
 def _count(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from mailroom import ledger, migrate
+from mailroom import ledger, ledger_sql, migrate
 
 DATA = Path(__file__).resolve().parent / "data"
 Q = "mailroom"
@@ -476,7 +476,7 @@ def plan_nodes(plan: dict) -> Iterator[dict]:
 
 def explain(conn: psycopg.Connection, limit: int) -> list[dict]:
     """The claim's executed plan nodes (rolled back, hint included)."""
-    sql = ledger._claim_sql(Q, limit, "claimed", ledger._HINT_TTL_S, ledger._RANGES_FROM)
+    sql = ledger_sql.claim_sql(Q, limit, "claimed", ledger._HINT_TTL_S, ledger._RANGES_FROM)
     with conn.transaction(force_rollback=True):
         out = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql).fetchone()[0]
     if isinstance(out, str):
