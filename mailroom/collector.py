@@ -179,7 +179,8 @@ class Collector:
             try:
                 self.sink.deliver(claim, line)
             except Exception:
-                ledger.release(conn, self.settings.queue_name, [r[5] for r in claim.rows])
+                ledger.release(conn, self.settings.queue_name, [r[5] for r in claim.rows],
+                               claimed_at=claim.claimed_at)
                 raise
         if claim.rows:
             self.batches += 1

@@ -204,3 +204,60 @@ def test_health_check_after_a_quiet_interval(db, run_collector):
     insert_accounts(db, 2, "alive")
     assert len(collector.take(2)) >= 1
     assert collector.stop() == 0
+
+
+class _RefusingSink:
+    """A pipe-like sink (rows committed as ``claimed`` before the hand-off) whose
+    first hand-off fails, as when the supervisor's pipe breaks."""
+
+    final_status = "claimed"
+
+    def __init__(self) -> None:
+        self.delivered: list[bytes] = []
+        self.refused = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def deliver(self, claim, line: bytes) -> None:
+        if not self.refused:
+            self.refused += 1
+            raise BrokenPipeError("the pipe is gone")
+        self.delivered.append(line)
+
+    def fileno(self):
+        return None
+
+    def receive(self) -> None:
+        pass
+
+    def service(self, conn) -> int:
+        return 0
+
+    def tick(self) -> None:
+        pass
+
+
+def test_a_failed_hand_off_puts_the_batch_back(db, base_env):
+    from mailroom import config
+    from mailroom.collector import Collector
+
+    insert_accounts(db, 4, "handoff")
+    sink = _RefusingSink()
+    settings = config.load(dict(base_env, MAILROOM_DATABASE_URL=db, MAILROOM_BATCH_LIMIT="10"))
+    collector = Collector(settings, sink, lambda: False)
+    collector.connect()
+    try:
+        with pytest.raises(BrokenPipeError):
+            collector.claim_once()
+        with psycopg.connect(db) as conn:
+            # Back in the queue, the attempt given back: nothing was tried.
+            assert conn.execute("SELECT status::text, attempts FROM deliveries").fetchall() == \
+                [("queued", 0)] * 4
+            assert conn.execute("SELECT count(*) FROM delivery_queue WHERE claimed_at IS NULL"
+                                ).fetchone()[0] == 4
+        assert len(collector.claim_once().rows) == 4
+        assert [len(decode_line(line)) for line in sink.delivered] == [4]
+        assert ledger_counts(db) == {"claimed": 4}
+    finally:
+        collector._close()
