@@ -1,4 +1,9 @@
-"""Benchmark helpers: the implementations to compare and a rows/s summary at the end."""
+"""Benchmark helpers: the implementations to compare, a rows/s summary at the end,
+and the performance targets of the issues, checked against what was measured.
+
+A measured target that is missed fails the run (exit status 1) after the summary
+says which; a target whose benchmarks did not run (``-k``, ``--benchmark-disable``)
+is not judged."""
 
 from __future__ import annotations
 
@@ -9,6 +14,21 @@ import pytest
 
 # (group, implementation) -> rows per second, filled in by the benchmarks.
 RESULTS: dict[tuple[str, str], float] = {}
+
+#: (group, name) -> the least rows/s the issues ask for on the 2-core machine.
+MINIMUM_RATES: dict[tuple[str, str], float] = {
+    ("sign+encode", "c"): 3_000_000,
+    ("drain limit 1000", "100k"): 100_000,
+    ("drain limit 10", "100k"): 10_000,
+    ("sender destinations", "50 rows/batch"): 5_000,
+}
+
+#: (group, faster, slower, factor): ``faster`` must reach ``factor`` x ``slower``.
+MINIMUM_RATIOS: list[tuple[str, str, str, float]] = [
+    ("sign+encode", "c", "python", 15.0),           # compiled vs its pure-Python twin
+    ("drain limit 1000", "1M", "100k", 0.8),        # the cost stays flat: within 20 %
+    ("drain limit 10", "1M", "100k", 0.8),
+]
 
 
 @pytest.fixture(params=["c", "python"])
@@ -44,6 +64,26 @@ def record(benchmark, group: str, name: str, rows: int) -> None:
     RESULTS[(group, name)] = rate
 
 
+def verdicts() -> list[tuple[bool, str]]:
+    """(met, text) for every target whose measurements are in :data:`RESULTS`."""
+    found = []
+    for (group, name), minimum in MINIMUM_RATES.items():
+        if (rate := RESULTS.get((group, name))) is not None:
+            found.append((rate >= minimum,
+                          f"{group}, {name}: {rate:,.0f} rows/s, target >= {minimum:,.0f}"))
+    for group, faster, slower, factor in MINIMUM_RATIOS:
+        top, base = RESULTS.get((group, faster)), RESULTS.get((group, slower))
+        if top is not None and base is not None:
+            found.append((top >= factor * base,
+                          f"{group}, {faster} / {slower}: {top / base:.2f}x, target >= {factor:g}x"))
+    return found
+
+
+def pytest_sessionfinish(session) -> None:
+    if session.exitstatus == pytest.ExitCode.OK and not all(met for met, _ in verdicts()):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if not RESULTS:
         return
@@ -56,3 +96,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
         if "c" in rates and "python" in rates:
             parts.append(f"compiled/pure = {rates['c'] / rates['python']:.1f}x")
         terminalreporter.write_line(f"{group}: " + ", ".join(parts))
+    judged = verdicts()
+    if judged:
+        terminalreporter.section("targets")
+        for met, text in judged:
+            terminalreporter.write_line(("met     " if met else "MISSED  ") + text,
+                                        green=met, red=not met)
+        missed = sum(1 for met, _ in judged if not met)
+        if missed:
+            terminalreporter.write_line(f"{missed} target(s) missed: the run fails", red=True)

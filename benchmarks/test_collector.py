@@ -28,7 +28,7 @@ from pathlib import Path
 import psycopg
 from psycopg import conninfo
 import pytest
-from conftest import RESULTS
+from conftest import record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pgutil import ADMIN_URL, SECRET_KEY_HEX, create_database, drop_database  # noqa: E402
@@ -107,9 +107,8 @@ def test_backlog_drain(benchmark, backlog_template, limit):
     finally:
         devnull.close()
     assert drained == [SIZES[size]] * 3, drained    # every token, each round
-    rate = SIZES[size] / benchmark.stats.stats.median
-    benchmark.extra_info.update(rows=SIZES[size], rows_per_s=round(rate), backlog=size, limit=limit)
-    RESULTS[(f"drain limit {limit}", size)] = rate
+    benchmark.extra_info.update(backlog=size, limit=limit)
+    record(benchmark, f"drain limit {limit}", size, SIZES[size])
 
 
 def test_commit_to_stdout_latency(benchmark):
