@@ -109,7 +109,7 @@ def test_backlog_drain(benchmark, backlog_template, limit):
         benchmark.pedantic(drain, setup=setup, teardown=teardown, rounds=3, iterations=1)
     finally:
         devnull.close()
-    assert drained == [SIZES[size]] * 3, drained    # every token, each round
+    assert drained and set(drained) == {SIZES[size]}, drained    # every token, each round
     benchmark.extra_info.update(backlog=size, limit=limit)
     record(benchmark, f"drain limit {limit}", size, SIZES[size])
 
