@@ -27,11 +27,19 @@ def _url_for(dbname: str) -> str:
     return conninfo.make_conninfo(**params)
 
 
-def create_database(prefix: str = "mailroom_test") -> str:
-    """Create an empty database with a unique name and return its URL."""
+def create_database(prefix: str = "mailroom_test", template_url: str | None = None) -> str:
+    """Create a database with a unique name and return its URL: empty, or a copy
+    of the database at ``template_url`` (which must have no open session)."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    copy = ""
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        if template_url is not None:
+            copy = f' TEMPLATE "{conninfo.conninfo_to_dict(template_url)["dbname"]}"'
+            # From PostgreSQL 15 on, the default strategy writes the copy through
+            # the WAL: slower for a large template.  Older servers only copy files.
+            if admin.info.server_version >= 150000:
+                copy += " STRATEGY FILE_COPY"
+        admin.execute(f'CREATE DATABASE "{name}"{copy}')
     return _url_for(name)
 
 
