@@ -1,4 +1,4 @@
-"""Build script for the compiled hot path (``ext/_wire.pyx`` -> ``mailroom._wire``).
+"""Build script for the compiled hot path (``ext/_wire.pyx`` -> ``mailroom.wire._wire``).
 
 Cython is needed only when the generated C file is missing (as in a git checkout);
 an sdist that ships ``ext/_wire.c`` builds with a C compiler alone.  The extension
@@ -16,7 +16,7 @@ C_SOURCE = os.path.join("ext", "_wire.c")
 
 def extensions() -> list:
     common = dict(
-        name="mailroom._wire",
+        name="mailroom.wire._wire",
         libraries=["crypto"],
         extra_compile_args=["-O3"],
         define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", "1")],

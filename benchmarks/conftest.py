@@ -35,11 +35,11 @@ MINIMUM_RATIOS: list[tuple[str, str, str, float]] = [
 def impl(request):
     """The compiled and the pure-Python implementation, in the same run."""
     if request.param == "python":
-        from mailroom import _wire_py
+        from mailroom.wire import _py as _wire_py
 
         return _wire_py
     try:
-        from mailroom import _wire
+        from mailroom.wire import _wire
     except ImportError as exc:
         if os.environ.get("MAILROOM_IMPL", "").strip().lower() == "c":
             pytest.fail(f"MAILROOM_IMPL=c but the compiled extension is not built: {exc}")

@@ -22,7 +22,7 @@ from collector_util import insert_accounts, wait_for  # noqa: E402
 from ses_emulator import stub_process  # noqa: E402
 from supervisor_util import SupervisorProcess, ledger, supervisor_env  # noqa: E402
 
-from mailroom import migrate  # noqa: E402
+from mailroom.ledger import migrate  # noqa: E402
 
 ACCOUNTS = 20_000
 

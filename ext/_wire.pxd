@@ -1,7 +1,7 @@
 # Declarations and small inline helpers for ext/_wire.pyx (the compiled hot path):
 # OpenSSL and CPython declarations, then HMAC, base64url, quoting and scanning as
 # plain C on byte buffers (no Python objects).  setup.py builds ext/_wire.pyx as
-# mailroom._wire while ext/ is not a package, so Cython does not pair this file with
+# mailroom.wire._wire while ext/ is not a package, so Cython does not pair this file with
 # the .pyx by name: the .pyx cimports it as a declarations-only module (externs and
 # inline functions only, hence no import at run time).
 

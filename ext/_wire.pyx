@@ -1,13 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled wire format: HMAC-SHA256 token signing, base64url, batch line encode/decode.
 
-Built into ``mailroom._wire`` by setup.py.  Same interface, output and errors as the
-pure-Python ``mailroom._wire_py``; import the public API from :mod:`mailroom.wire`.
+Built into ``mailroom.wire._wire`` by setup.py.  Same interface, output and errors as the
+pure-Python ``mailroom.wire._py``; import the public API from :mod:`mailroom.wire`.
 
 Speed comes from doing each row in C: the HMAC keyed states are computed once per
 Signer, so a signature is two SHA-256 compressions on prepared blocks; base64url and
 RFC 4180 quoting write straight into the output ``bytes``.  Error paths may run Python
-code: they build their messages with the shared helpers of ``mailroom._wire_base``.
+code: they build their messages with the shared helpers of ``mailroom.wire._base``.
 """
 
 cimport cython
@@ -21,7 +21,7 @@ from libc.string cimport memchr, memcpy, memset
 # ext/_wire.pxd: OpenSSL and CPython declarations, C helpers (see the note at its top).
 from _wire cimport *
 
-from mailroom._wire_base import (
+from mailroom.wire._base import (
     E_ACTION, E_AFTER_QUOTE, E_FIELD_COUNT, E_LINE_BREAK, E_QUOTE_IN_FIELD,
     E_UNTERMINATED, E_UTF8, bad_row_item, check_token, wire_error,
 )
@@ -297,7 +297,7 @@ cdef object _field_error(bytes line, Py_ssize_t row, int field, Py_ssize_t start
         raise wire_error(E_ACTION, row, field, start, text)
     if field == 4:
         check_token(text, row, start)
-    raise SystemError(f"mailroom._wire: row {row} field {field} rejected without a reason")
+    raise SystemError(f"mailroom.wire._wire: row {row} field {field} rejected without a reason")
 
 
 def decode_line(line):

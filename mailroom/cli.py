@@ -13,7 +13,8 @@ import os
 import sys
 from collections.abc import Collection, Sequence
 
-from mailroom import config, log
+from mailroom import config
+from mailroom._process import one_line, setup_logging
 
 PROG = "mailroom"
 
@@ -33,35 +34,35 @@ def _settings(require: Collection[str]) -> config.Settings:
     except config.ConfigError as exc:
         sys.exit(_fail(str(exc), config.EXIT_CONFIG))
     except ImportError as exc:
-        sys.exit(_fail(" ".join(str(exc).split()), config.EXIT_CONFIG))
+        sys.exit(_fail(one_line(exc), config.EXIT_CONFIG))
     return settings
 
 
 def collector_main() -> None:
     """``mailroom-collector``: print batch lines on stdout (compatibility mode)."""
     settings = _settings(require=(config.DATABASE, config.SECRET))
-    log.setup("PG", settings.log_level)
-    from mailroom import collector
+    setup_logging("PG", settings.log_level)
+    from mailroom.collector.stdout import run_stdout
 
-    sys.exit(collector.run_stdout(settings))
+    sys.exit(run_stdout(settings))
 
 
 def sender_main() -> None:
     """``mailroom-sender``: read batch lines on stdin and send them through SES."""
     settings = _settings(require=())
-    log.setup("SES", settings.log_level)
-    from mailroom import sender_stdin
+    setup_logging("SES", settings.log_level)
+    from mailroom.sender.stdin import run_stdin
 
-    sys.exit(sender_stdin.run_stdin(settings))
+    sys.exit(run_stdin(settings))
 
 
 def supervisor_main() -> None:
     """``mailroom-supervisor``: run collector and sender workers under one supervisor."""
     settings = _settings(require=(config.DATABASE, config.SECRET))
-    log.setup("SUP", settings.log_level)
-    from mailroom import supervisor
+    setup_logging("SUP", settings.log_level)
+    from mailroom.supervisor import arbiter
 
-    sys.exit(supervisor.run(settings))
+    sys.exit(arbiter.run(settings))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,14 +79,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``mailroom``: ``migrate up|down|status|force`` and ``status``."""
     args = _parser().parse_args(argv)
     settings = _settings(require=(config.DATABASE,))
-    log.setup("PG", settings.log_level)
+    setup_logging("PG", settings.log_level)
     if args.command == "migrate":
-        from mailroom import migrate
+        from mailroom.ledger import migrate
 
         sys.exit(migrate.main(list(args.args), settings.database_url))
-    from mailroom import status
+    from mailroom.ledger import report
 
-    sys.exit(status.main(settings, as_json=args.json))
+    sys.exit(report.main(settings, as_json=args.json))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def base_env() -> dict[str, str]:
 @pytest.fixture
 def db() -> Iterator[str]:
     """URL of a fresh database migrated to the latest version, for this one test."""
-    from mailroom import migrate
+    from mailroom.ledger import migrate
 
     url = create_database()
     migrate.up(url)

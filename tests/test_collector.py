@@ -15,7 +15,7 @@ from collector_util import (CollectorProcess, backend_pids, collector_env, inser
                             wait_for)
 from pgutil import console_script
 
-from mailroom import migrate
+from mailroom.ledger import migrate
 from mailroom.wire import decode_line
 
 DATA = pathlib.Path(__file__).parent / "data"

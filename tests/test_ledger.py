@@ -14,7 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from mailroom import ledger, ledger_sql, migrate
+from mailroom import ledger
+from mailroom.ledger import operations as ledger_ops
+from mailroom.ledger import migrate
+from mailroom.ledger import sql as ledger_sql
 
 DATA = Path(__file__).resolve().parent / "data"
 Q = "mailroom"
@@ -54,9 +57,9 @@ def assert_queue_matches(conn: psycopg.Connection) -> None:
 @pytest.fixture(autouse=True, params=["probes", "ranges"])
 def lookups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test twice: small claims probe row by row, large ones read key
-    ranges where the rows are dense (ledger._RANGES_FROM)."""
+    ranges where the rows are dense (ledger_ops._RANGES_FROM)."""
     if request.param == "ranges":
-        monkeypatch.setattr(ledger, "_RANGES_FROM", 1)
+        monkeypatch.setattr(ledger_ops, "_RANGES_FROM", 1)
 
 
 @pytest.fixture
@@ -455,7 +458,7 @@ def test_rows_queued_behind_the_hint_come_first(db: str, conn: psycopg.Connectio
 
 def test_rows_the_hint_cannot_see_wait_at_most_its_ttl(
         db: str, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ledger, "_HINT_TTL_S", 1.0)
+    monkeypatch.setattr(ledger_ops, "_HINT_TTL_S", 1.0)
     claim(conn, 10)
     made = new_tokens(conn, 30, "activation")
     with connect(db) as aborting:
@@ -474,7 +477,7 @@ def test_hinted_claims_do_not_walk_the_rows_claimed_before(
         fresh_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A DELETE leaves its index entry until VACUUM: a drain must not read
     every entry it already took at each claim."""
-    monkeypatch.setattr(ledger, "_HINT_TTL_S", 600.0)
+    monkeypatch.setattr(ledger_ops, "_HINT_TTL_S", 600.0)
     migrate.up(fresh_db)
     with connect(fresh_db) as c:
         bulk_backlog(c, 1, 60_000)
@@ -497,7 +500,7 @@ def plan_nodes(plan: dict) -> Iterator[dict]:
 
 def explain(conn: psycopg.Connection, limit: int) -> list[dict]:
     """The claim's executed plan nodes (rolled back, hint included)."""
-    sql = ledger_sql.claim_sql(Q, limit, "claimed", ledger._HINT_TTL_S, ledger._RANGES_FROM)
+    sql = ledger_sql.claim_sql(Q, limit, "claimed", ledger_ops._HINT_TTL_S, ledger_ops._RANGES_FROM)
     with conn.transaction(force_rollback=True):
         out = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql).fetchone()[0]
     if isinstance(out, str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from mailroom import migrate
+from mailroom.ledger import migrate
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 

@@ -29,7 +29,7 @@ def wheel(tmp_path_factory) -> pathlib.Path:
 
 def test_wheel_contains_the_extension_and_migrations(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("mailroom/_wire.") and n.endswith(".so") for n in names), names
+    assert any(n.startswith("mailroom/wire/_wire.") and n.endswith(".so") for n in names), names
     for sql in ("0_init.up.sql", "0_init.down.sql", "1_deliveries.up.sql", "1_deliveries.down.sql"):
         assert f"mailroom/migrations/{sql}" in names
     assert not any(n.endswith((".c", ".pyx")) for n in names)
@@ -40,7 +40,7 @@ def test_installed_package_uses_the_compiled_extension(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     env = {k: v for k, v in os.environ.items() if k != "MAILROOM_IMPL"}
     env["PYTHONPATH"] = str(site)
-    code = ("import mailroom, mailroom.wire as w, mailroom.migrate as m;"
+    code = ("import mailroom, mailroom.wire as w, mailroom.ledger.migrate as m;"
             "print(w.IMPL, mailroom.__file__, len(m.available()))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)

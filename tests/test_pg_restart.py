@@ -15,7 +15,7 @@ import pytest
 from collector_util import CollectorProcess, backend_pids, collector_env, insert_accounts, wait_for
 from pgutil import ADMIN_URL, create_database, drop_database
 
-from mailroom import migrate
+from mailroom.ledger import migrate
 from mailroom.wire import decode_line
 
 pytestmark = pytest.mark.pg_restart

@@ -25,10 +25,11 @@ from ses_emulator import (
     throttling,
 )
 
-from mailroom import ses, wire
+from mailroom import wire
+from mailroom.sender import pacing, ses
 from mailroom.config import Settings
 from mailroom.sender import FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
-from mailroom.sender_stdin import run_stdin
+from mailroom.sender.stdin import run_stdin
 
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
 FAST = SendPolicy(backoff_base=0.01, backoff_cap=0.05, pause_base=0.05, pause_cap=0.2,
@@ -267,7 +268,7 @@ def test_rate_limit_holds_within_ten_percent(stub, make_settings, running):
 
 def test_token_bucket_makes_each_caller_pay_for_the_one_before():
     clock = [0.0]
-    bucket = ses.TokenBucket(10.0, clock=lambda: clock[0])
+    bucket = pacing.TokenBucket(10.0, clock=lambda: clock[0])
     assert bucket.reserve(50) == 0.0  # a call larger than the bucket still goes...
     assert bucket.reserve(10) == 5.0  # ...and the next one waits until it is paid for
     clock[0] = 5.0
@@ -276,7 +277,7 @@ def test_token_bucket_makes_each_caller_pay_for_the_one_before():
     assert bucket.reserve(10) == 0.0
     assert bucket.reserve(10) == pytest.approx(0.0)
     assert bucket.reserve(1) == pytest.approx(1.0)
-    assert ses.TokenBucket(None).reserve(10**6) == 0.0
+    assert pacing.TokenBucket(None).reserve(10**6) == 0.0
 
 
 def test_calls_run_concurrently_but_bounded(stub, make_settings, running):

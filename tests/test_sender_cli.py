@@ -24,7 +24,7 @@ from ses_emulator import AWS_ENV, SOURCE
 from mailroom import wire
 from mailroom.config import Settings
 from mailroom.sender import SendPolicy
-from mailroom.sender_stdin import run_stdin
+from mailroom.sender.stdin import run_stdin
 
 DATA = Path(__file__).parent / "data"
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailroom import _wire_py, tokens, wire
+from mailroom import tokens, wire
+from mailroom.wire import _py as _wire_py
 
 DATA = Path(__file__).parent / "data"
 KEY_HEX = "deadbeef" * 8
@@ -27,11 +28,11 @@ def impl(request, monkeypatch):
         module = _wire_py
     else:
         try:
-            from mailroom import _wire as module
+            from mailroom.wire import _wire as module
         except ImportError as exc:
             if FORCED_C:
                 pytest.fail(f"MAILROOM_IMPL=c but the compiled extension is not built: {exc}")
-            pytest.skip("compiled extension mailroom._wire is not built")
+            pytest.skip("compiled extension mailroom.wire._wire is not built")
     monkeypatch.setattr(wire, "Signer", module.Signer)
     return module
 

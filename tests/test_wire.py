@@ -15,8 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailroom import _wire_py, wire
-from mailroom._wire_base import WireError, parse_key
+from mailroom import wire
+from mailroom.wire import _py as _wire_py
+from mailroom.wire._base import WireError, parse_key
 
 DATA = Path(__file__).parent / "data"
 KEY = bytes.fromhex("deadbeef" * 8)
@@ -24,9 +25,9 @@ FORCED_C = os.environ.get("MAILROOM_IMPL", "").strip().lower() == "c"
 
 
 def compiled_module():
-    """mailroom._wire, or None when it is not built (an error under MAILROOM_IMPL=c)."""
+    """mailroom.wire._wire, or None when it is not built (an error under MAILROOM_IMPL=c)."""
     try:
-        from mailroom import _wire
+        from mailroom.wire import _wire
     except ImportError as exc:
         if FORCED_C:
             pytest.fail(f"MAILROOM_IMPL=c but the compiled extension is not built: {exc}")
@@ -41,7 +42,7 @@ def impl(request):
         return _wire_py
     module = compiled_module()
     if module is None:
-        pytest.skip("compiled extension mailroom._wire is not built")
+        pytest.skip("compiled extension mailroom.wire._wire is not built")
     return module
 
 
@@ -50,7 +51,7 @@ def both():
     """(pure, compiled) for tests that compare the two."""
     module = compiled_module()
     if module is None:
-        pytest.skip("compiled extension mailroom._wire is not built")
+        pytest.skip("compiled extension mailroom.wire._wire is not built")
     return _wire_py, module
 
 
@@ -385,7 +386,7 @@ def _import_wire(env_value: str | None, hide_extension: bool = False) -> subproc
         env["MAILROOM_IMPL"] = env_value
     code = "import sys\n"
     if hide_extension:
-        code += "sys.modules['mailroom._wire'] = None\n"  # makes `import mailroom._wire` fail
+        code += "sys.modules['mailroom.wire._wire'] = None\n"  # makes `import mailroom.wire._wire` fail
     code += "from mailroom import wire; import mailroom.wire; print(wire.IMPL)\n"
     root = str(Path(__file__).resolve().parent.parent)
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)

@@ -24,7 +24,9 @@ import sys
 import time
 from multiprocessing.connection import Connection, wait
 
-from mailroom import config, protocol
+from mailroom import config
+from mailroom._process import SignalFlag
+from mailroom.supervisor import messages as protocol
 from mailroom.config import Settings
 
 logger = logging.getLogger("mailroom.supervisor")
@@ -117,25 +119,17 @@ class Supervisor:
         self.workers = {COLLECTOR: Worker(COLLECTOR), SENDER: Worker(SENDER)}
         self.batches: dict[str, Batch] = {}
         self.outbox: collections.deque = collections.deque()  # outcomes awaiting a collector
-        self.signals: list[int] = []
+        self.signals = SignalFlag()
         self.stopping = False
         self.phase = ""
         self.deadline = 0.0
         self.exit_code = config.EXIT_OK
         self.done = False
         self.announced_ready = False
-        self.wake_r, self.wake_w = os.pipe()
 
     # -- signals: handlers only record, the loop acts ------------------------------
-    def _on_signal(self, signum: int, frame) -> None:
-        self.signals.append(signum)
-
     def install_signals(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, self._on_signal)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.signals.install(HANDLED_SIGNALS)
 
     def handle_term(self) -> None:
         if self.stopping:
@@ -188,16 +182,14 @@ class Supervisor:
         # plumbing and close every pipe end that belongs to the supervisor (this
         # worker's own included), so a dead supervisor shows up as EOF and as
         # EPIPE on the worker's pipe.
-        signal.set_wakeup_fd(-1)
+        self.signals.close()
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
-        os.close(self.wake_r)
-        os.close(self.wake_w)
         parent_end.close()
         for worker in self.workers.values():
             if worker.pipe is not None:
                 worker.pipe.close()
-        from mailroom import workers
+        from mailroom.supervisor import workers
 
         entry = workers.collector_worker if role == COLLECTOR else workers.sender_worker
         sys.exit(entry(pipe, self.settings))
@@ -383,18 +375,14 @@ class Supervisor:
         self.spawn(self.workers[SENDER])
         while not self.done:
             pipes = [w.pipe for w in self.workers.values() if w.pipe is not None]
-            ready = wait([*pipes, self.wake_r], timeout=0.5)
+            ready = wait([*pipes, self.signals.read_fd], timeout=0.5)
             for worker in self.workers.values():
                 if worker.pipe is not None and worker.pipe in ready:
                     self.read(worker)
-            if self.wake_r in ready:
-                try:
-                    while os.read(self.wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
-            while self.signals:
-                name = signal.Signals(self.signals.pop(0)).name[3:].lower()
+            if self.signals.read_fd in ready:
+                self.signals.drain_wakeups()
+            while (signum := self.signals.pop()) is not None:
+                name = signal.Signals(signum).name[3:].lower()
                 getattr(self, f"handle_{name}")()
             self.reap()
             self.tick()

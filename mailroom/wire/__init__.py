@@ -2,9 +2,9 @@
 
 This module picks the implementation once, at import, like psycopg does:
 
-- ``MAILROOM_IMPL=c``: the compiled extension ``mailroom._wire``; ImportError if it is
+- ``MAILROOM_IMPL=c``: the compiled extension ``mailroom.wire._wire``; ImportError if it is
   not built.
-- ``MAILROOM_IMPL=python``: the pure-Python twin ``mailroom._wire_py``.
+- ``MAILROOM_IMPL=python``: the pure-Python twin ``mailroom.wire._py``.
 - unset or empty: the compiled one if it imports, else the pure-Python one, with one
   line on stderr saying so.
 
@@ -26,7 +26,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from mailroom._wire_base import (
+from mailroom.wire._base import (
     ACTIVATION,
     RECOVERY,
     SECRET_LENGTH,
@@ -59,24 +59,24 @@ _BUILD_HINT = "build it with `python setup.py build_ext --inplace` or install th
 def _load() -> tuple[str, WireImplementation]:
     choice = os.environ.get(ENV_VAR, "").strip().lower()
     if choice == "python":
-        from mailroom import _wire_py
+        from mailroom.wire import _py as _wire_py
 
         return "python", _wire_py
     if choice == "c":
         try:
-            from mailroom import _wire
+            from mailroom.wire import _wire
         except ImportError as exc:
             raise ImportError(
-                f"{ENV_VAR}=c but the compiled extension mailroom._wire is not built or does not "
+                f"{ENV_VAR}=c but the compiled extension mailroom.wire._wire is not built or does not "
                 f"load ({exc}); {_BUILD_HINT}, or set {ENV_VAR}=python"
             ) from exc
         return "c", _wire
     if choice:
         raise ImportError(f"{ENV_VAR} must be 'c', 'python' or empty (automatic), got {choice!r}")
     try:
-        from mailroom import _wire
+        from mailroom.wire import _wire
     except ImportError:
-        from mailroom import _wire_py
+        from mailroom.wire import _py as _wire_py
 
         # Printed here, at the single import of this module: once per process.
         print(
@@ -90,7 +90,7 @@ def _load() -> tuple[str, WireImplementation]:
 IMPL, _impl = _load()
 
 if TYPE_CHECKING:  # type checkers see the pure-Python twin: same signatures
-    from mailroom._wire_py import Signer, decode_line
+    from mailroom.wire._py import Signer, decode_line
 else:
     #: Signs token secrets and encodes batch lines (see ``SignerProtocol``).
     Signer = _impl.Signer

@@ -13,19 +13,16 @@ claiming until a claim comes back short.
 from __future__ import annotations
 
 import logging
-import os
-import random
 import select
-import signal
-import sys
 import time
 from collections.abc import Callable
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import psycopg
 from psycopg import sql
 
 from mailroom import config, ledger, wire
+from mailroom._process import backoff_delays, drain_fd, one_line
 from mailroom.config import Settings
 
 log = logging.getLogger("mailroom.collector")
@@ -69,14 +66,6 @@ class BatchSink(Protocol):
         """Called at least every :data:`MAX_WAIT` seconds (heartbeats)."""
 
 
-def backoff_delays(first: float = BACKOFF_FIRST, cap: float = BACKOFF_CAP):
-    """Endless jittered exponential delays: full jitter over a doubling ceiling."""
-    ceiling = first
-    while True:
-        yield random.uniform(ceiling / 2, ceiling)
-        ceiling = min(cap, ceiling * 2)
-
-
 class Collector:
     """One LISTEN connection, one queue; call :meth:`run` until ``should_stop()``."""
 
@@ -101,7 +90,7 @@ class Collector:
         A missing or outdated schema raises :class:`ledger.SchemaError`: retrying
         cannot fix it, the operator must run ``mailroom migrate up``.
         """
-        delays = backoff_delays()
+        delays = backoff_delays(BACKOFF_FIRST, BACKOFF_CAP)
         attempt = 0
         while True:
             attempt += 1
@@ -123,11 +112,11 @@ class Collector:
                 return conn
             except psycopg.ProgrammingError as exc:
                 # A malformed connection string: no retry can fix it.
-                raise config.ConfigError("MAILROOM_DATABASE_URL", _one_line(exc)) from None
+                raise config.ConfigError("MAILROOM_DATABASE_URL", one_line(exc)) from None
             except psycopg.OperationalError as exc:
                 delay = next(delays)
                 log.warning("connection failed (attempt %d): %s; retrying in %.1fs",
-                            attempt, _one_line(exc), delay)
+                            attempt, one_line(exc), delay)
                 if self._sleep(delay):
                     raise _Stopped() from None
 
@@ -147,7 +136,7 @@ class Collector:
         watch = [fd for fd in (*fds, self.wakeup_fd, sink_fd) if fd is not None]
         ready, _, _ = select.select(watch, [], [], max(0.0, timeout))
         if self.wakeup_fd is not None and self.wakeup_fd in ready:
-            _drain_fd(self.wakeup_fd)
+            drain_fd(self.wakeup_fd)
         if sink_fd is not None and sink_fd in ready:
             self.sink.receive()
         self.sink.tick()
@@ -225,7 +214,7 @@ class Collector:
                         self.drain()
                     self._listen_loop()
                 except psycopg.OperationalError as exc:
-                    log.warning("database connection lost: %s", _one_line(exc))
+                    log.warning("database connection lost: %s", one_line(exc))
                     self._close()
         except _Stopped:
             pass
@@ -316,98 +305,9 @@ class _Stopped(Exception):
     """Raised inside the loop when a stop was requested during a wait."""
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _rollback(conn: psycopg.Connection) -> None:
     """End a failed claim's transaction; a broken connection is left to the caller."""
     try:
         conn.rollback()
     except psycopg.Error:
         pass
-
-
-def _drain_fd(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
-
-
-class StdoutSink:
-    """Compatibility mode: one line per batch on stdout, flushed before the commit."""
-
-    final_status = "emitted"
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-
-    def ready(self) -> bool:
-        return True
-
-    def deliver(self, claim: ledger.Claim, line: bytes) -> None:
-        self.stream.write(line)
-        self.stream.flush()
-
-    def fileno(self) -> int | None:
-        return None
-
-    def receive(self) -> None:
-        return None
-
-    def service(self, conn: psycopg.Connection) -> int:
-        return 0
-
-    def tick(self) -> None:
-        return None
-
-
-class StopFlag:
-    """Signal handling the arbiter way: handlers only set a flag and poke a pipe."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        os.set_blocking(self.write_fd, False)
-
-    def install(self, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
-        for signum in signals:
-            signal.signal(signum, self._handle)
-        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            # A second Ctrl-C: the operator does not want to wait.
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __call__(self) -> bool:
-        return self.requested
-
-
-def run_stdout(settings: Settings, stream: BinaryIO | None = None) -> int:
-    """``mailroom-collector``: print batches on stdout until SIGTERM/SIGINT; exit code."""
-    stop = StopFlag()
-    stop.install()
-    sink = StdoutSink(stream if stream is not None else sys.stdout.buffer)
-    collector = Collector(settings, sink, stop, wakeup_fd=stop.read_fd)
-    try:
-        code = collector.run_or_exit_code()
-    except BrokenPipeError:
-        # The reader went away: the rows of the batch being written stay queued.
-        log.error("stdout closed by the reader; stopping (unsent rows stay queued)")
-        _silence_stdout()
-        return config.EXIT_FAILURE
-    if code is not None:
-        return code
-    log.info("stopped after %d batches, %d rows", collector.batches, collector.rows)
-    return config.EXIT_OK
-
-
-def _silence_stdout() -> None:
-    # Python flushes stdout at exit; on a closed pipe that would print a traceback.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())

@@ -220,7 +220,7 @@ class SignerProtocol(Protocol):
 
 
 class WireImplementation(Protocol):
-    """What ``mailroom._wire`` (compiled) and ``mailroom._wire_py`` both provide."""
+    """What ``mailroom.wire._wire`` (compiled) and ``mailroom.wire._py`` both provide."""
 
     Signer: type[SignerProtocol]
 

@@ -67,7 +67,7 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg import pq
 
-from mailroom import ledger_sql
+from mailroom.ledger import sql as ledger_sql
 
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",

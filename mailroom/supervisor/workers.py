@@ -17,35 +17,22 @@ from multiprocessing.connection import Connection
 
 import psycopg
 
-from mailroom import config, ledger, log, protocol
-from mailroom.collector import Collector, StopFlag
+from mailroom import config, ledger
+from mailroom._process import SignalFlag, die_with_parent, one_line, setup_logging
+from mailroom.collector import Collector
 from mailroom.config import Settings
+from mailroom.supervisor import messages as protocol
 
 logger = logging.getLogger("mailroom.workers")
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when the supervisor dies (Linux only; the loops
-    also notice EOF on their pipe, which covers other systems)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-def _boot(tag: str, settings: Settings) -> StopFlag:
-    log.setup(tag, settings.log_level)
-    _die_with_parent()
+def _boot(tag: str, settings: Settings) -> SignalFlag:
+    setup_logging(tag, settings.log_level)
+    die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group: only the supervisor
     # decides how to stop, it tells the workers through their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop = StopFlag()
-    stop.install(signals=(signal.SIGTERM,))
+    stop = SignalFlag()
+    stop.install((signal.SIGTERM,))
     return stop
 
 
@@ -171,7 +158,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
         sender.start()
     except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings, e.g. a bad endpoint URL
         # Creating the client does not talk to SES: what fails here is configuration.
-        logger.error("cannot start the sender: %s", " ".join(str(exc).split()))
+        logger.error("cannot start the sender: %s", one_line(exc))
         return config.EXIT_CONFIG
     events: queue.SimpleQueue = queue.SimpleQueue()
 

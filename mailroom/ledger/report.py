@@ -9,6 +9,7 @@ from typing import TextIO
 import psycopg
 
 from mailroom import config, ledger
+from mailroom._process import one_line
 from mailroom.config import Settings
 
 
@@ -53,7 +54,7 @@ def main(settings: Settings, as_json: bool = False, out: TextIO = sys.stdout) ->
         print(f"mailroom: {exc}", file=sys.stderr)
         return config.EXIT_SCHEMA
     except psycopg.OperationalError as exc:
-        print(f"mailroom: cannot connect to the database: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"mailroom: cannot connect to the database: {one_line(exc)}", file=sys.stderr)
         return config.EXIT_FAILURE
     print(json.dumps(shaped) if as_json else render(shaped), file=out)
     return config.EXIT_OK

@@ -23,8 +23,9 @@ import threading
 import time
 from typing import Any, NamedTuple, TextIO
 
-from mailroom import ses
+from mailroom._process import backoff
 from mailroom.config import Settings
+from mailroom.sender import pacing, ses
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,9 @@ class Sender:
         self.policy = policy or SendPolicy()
         self._stdout = stdout
         self._client: Any = None
-        self._bucket: ses.TokenBucket | None = None
+        self._bucket: pacing.TokenBucket | None = None
         self._raw: ses.RawResponseWriter | None = None
-        self._schedule = ses.Schedule()
+        self._schedule = pacing.Schedule()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # guards the fields below
         self._batches: set[_Batch] = set()
@@ -174,7 +175,7 @@ class Sender:
         rate = self.settings.ses_max_send_rate
         if rate is None:
             rate = ses.read_send_rate(self._client)
-        self._bucket = ses.TokenBucket(rate)
+        self._bucket = pacing.TokenBucket(rate)
         log.info(
             "sending through SES%s with %d threads, %s",
             f" at {self.settings.ses_endpoint_url}" if self.settings.ses_endpoint_url else "",
@@ -325,7 +326,7 @@ class Sender:
                 self._resolve(call.batch, call.indices[position], Outcome(FAILED, error=error))
             return
         reason = verdicts[positions[0]].detail or "retryable"
-        delay = ses.jitter(min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (attempts - 1)))
+        delay = backoff(attempts - 1, self.policy.backoff_base, self.policy.backoff_cap)
         again = call.subset(positions)
         with self._lock:  # against close(defer_retries=True) emptying the queue meanwhile
             defer = self._defer_retries
@@ -357,8 +358,7 @@ class Sender:
             if not self._paused or probe:
                 self._paused = True
                 self._pause_level += 1
-                nominal = self.policy.pause_base * 2 ** (self._pause_level - 1)
-                delay = ses.jitter(min(self.policy.pause_cap, nominal))
+                delay = backoff(self._pause_level - 1, self.policy.pause_base, self.policy.pause_cap)
                 self._probe_at = time.monotonic() + delay
                 self._schedule.put(_PROBE, self._probe_at)
                 log.warning("SES sending is paused (%s); trying again in %.3g s", reason, delay)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import psycopg
 
+from mailroom._process import one_line
+
 __all__ = [
     "DirtyError", "Migration", "MigrationError", "available", "current_version",
     "down", "force", "main", "status", "up",
@@ -100,7 +102,7 @@ def _default_source() -> Traversable:
         pass
     # Running from a source tree that was never installed: the SQL is at the
     # top level (golang-migrate layout), beside the package directory.
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def available(source: Source = None) -> list[Migration]:
@@ -206,10 +208,6 @@ def _position_to_line(sql: str, position: str | None) -> int | None:
     return sql.count("\n", 0, pos - 1) + 1 if 0 < pos <= len(sql) else None
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _run_step(conn: psycopg.Connection, migration: Migration, direction: str,
               current: int | None, target: int | None) -> None:
     """Move the database from ``current`` to ``target`` with one file of ``migration``."""
@@ -230,9 +228,9 @@ def _run_step(conn: psycopg.Connection, migration: Migration, direction: str,
         diag = exc.diag
         where = _position_to_line(sql, diag.statement_position)
         at = f" (line {where})" if where else ""
-        message = _one_line(diag.message_primary or str(exc))
+        message = one_line(diag.message_primary or str(exc))
         if diag.message_detail:
-            message += ": " + _one_line(diag.message_detail)
+            message += ": " + one_line(diag.message_detail)
         # The file ran in one transaction, so the schema is still at `current`;
         # only the version row says otherwise (dirty), as golang-migrate's would.
         was = _NIL if current is None else current
@@ -396,6 +394,6 @@ def main(argv: list[str], database_url: str) -> int:
         print(f"mailroom: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:
-        print(f"mailroom: database error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"mailroom: database error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     return 0

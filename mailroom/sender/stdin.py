@@ -19,8 +19,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO, TextIO
 
+from mailroom._process import SignalFlag
 from mailroom.config import Settings
-from mailroom.sender import FAILED, RETRY, SENT, Outcome, Row, Sender, SendPolicy
+from mailroom.sender.engine import FAILED, RETRY, SENT, Outcome, Row, Sender, SendPolicy
 
 log = logging.getLogger("mailroom.sender")
 
@@ -56,11 +57,11 @@ def run_stdin(
         log.error("cannot start the sender: %s", exc)
         return 1
     window = threading.BoundedSemaphore(settings.ses_concurrency + settings.max_in_flight)
-    signals = _Signals()
-    signals.install()
+    signals = SignalFlag()
+    signals.install((signal.SIGTERM, signal.SIGINT), second_is_fatal=True)
     try:
         for number, line in _batch_lines(_split_lines(_chunks(stdin, signals)), decode_line):
-            if signals.received is not None:
+            if signals():
                 break  # what was read but not yet submitted stays unsent
             if not line.endswith(b"\n"):
                 # A writer that died mid-line: the cut could fall inside a field (a
@@ -76,18 +77,18 @@ def run_stdin(
                 continue
             # Wait for room; polling only while the window is full, to notice a signal.
             while not window.acquire(timeout=0.1):
-                if signals.received is not None:
+                if signals():
                     break
             else:
                 started = time.monotonic()
                 future = sender.submit(rows)
                 future.add_done_callback(functools.partial(_report, number, rows, started, window))
-            if signals.received is not None:
+            if signals():
                 break
-        if signals.received is not None:
+        if signals():
             timeout = settings.shutdown_timeout / 1000
             log.info("%s: stopped reading; finishing the batches in flight (at most %g s)",
-                     signal.Signals(signals.received).name, timeout)
+                     signal.Signals(signals.first or signal.SIGTERM).name, timeout)
             sender.close(timeout)
         else:
             sender.close(None)
@@ -95,7 +96,7 @@ def run_stdin(
         sender.close(0)
         raise
     finally:
-        signals.restore()
+        signals.close()
     return 0
 
 
@@ -127,58 +128,15 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
-class _Signals:
-    """SIGTERM/SIGINT handling: the handler only records the signal.
-
-    The C-level wake-up fd wakes the reader's ``poll`` (a plain blocking read would
-    be restarted after the handler, PEP 475).  Only the main thread can do this; in
-    another thread (an embedding program) signals are left alone.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.wake_fd: int | None = None
-        self._write_fd: int | None = None
-        self._saved: dict[int, Any] = {}
-        self._saved_wakeup = -1
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        self.wake_fd, self._write_fd = os.pipe()
-        os.set_blocking(self.wake_fd, False)
-        os.set_blocking(self._write_fd, False)
-        self._saved_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._saved[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            self.received = signum
-            # A second signal takes the default action: the process ends at once.
-            for other in self._saved:
-                signal.signal(other, signal.SIG_DFL)
-
-    def restore(self) -> None:
-        if self.wake_fd is None:
-            return
-        for signum, handler in self._saved.items():
-            signal.signal(signum, handler)
-        signal.set_wakeup_fd(self._saved_wakeup)
-        os.close(self.wake_fd)
-        os.close(self._write_fd)  # type: ignore[arg-type]
-        self.wake_fd = None
-
-
-def _chunks(stdin: BinaryIO, signals: _Signals) -> Iterator[bytes]:
+def _chunks(stdin: BinaryIO, signals: SignalFlag) -> Iterator[bytes]:
     """Read ``stdin`` in chunks until end of input or a signal."""
     try:
         fd: int | None = stdin.fileno()
     except (AttributeError, OSError, ValueError):  # io.BytesIO and friends
         fd = None
-    if fd is None or signals.wake_fd is None:
+    if fd is None:
         read = stdin.read1 if hasattr(stdin, "read1") else stdin.read
-        while signals.received is None:
+        while not signals():
             data = read(_CHUNK)
             if not data:
                 return
@@ -187,15 +145,15 @@ def _chunks(stdin: BinaryIO, signals: _Signals) -> Iterator[bytes]:
     # poll, not epoll: stdin may be a regular file, which epoll refuses.
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    poller.register(signals.wake_fd, select.POLLIN)
+    poller.register(signals.read_fd, select.POLLIN)
     while True:
         ready = {ready_fd for ready_fd, _ in poller.poll()}
-        if signals.wake_fd in ready:
+        if signals.read_fd in ready:
             try:
-                os.read(signals.wake_fd, 512)
+                os.read(signals.read_fd, 512)
             except BlockingIOError:
                 pass
-        if signals.received is not None:
+        if signals():
             return
         if fd in ready:
             data = os.read(fd, _CHUNK)

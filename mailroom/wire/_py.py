@@ -1,4 +1,4 @@
-"""Pure-Python implementation of the wire format (the compiled ``mailroom._wire`` twin).
+"""Pure-Python implementation of the wire format (the compiled ``mailroom.wire._wire`` twin).
 
 Used when the extension is not built, or with ``MAILROOM_IMPL=python``.  Its output
 and its errors are byte for byte those of the compiled module; only speed differs.
@@ -13,7 +13,7 @@ import hmac
 import re
 from typing import Iterable, Sequence
 
-from mailroom._wire_base import (
+from mailroom.wire._base import (
     E_ACTION,
     E_AFTER_QUOTE,
     E_FIELD_COUNT,

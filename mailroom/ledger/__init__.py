@@ -1,0 +1,32 @@
+"""The delivery ledger: everything that talks to it.
+
+- :mod:`~mailroom.ledger.operations`: what the workers run (claim, record outcomes,
+  release, lease expiry, status), re-exported here: ``ledger.claim(...)``.
+- :mod:`~mailroom.ledger.sql`: the statements those operations run.
+- :mod:`~mailroom.ledger.migrate`: ``mailroom migrate``, golang-migrate compatible.
+- :mod:`~mailroom.ledger.report`: ``mailroom status``.
+"""
+
+from mailroom.ledger.operations import (
+    REQUIRED_VERSION,
+    STATUSES,
+    Claim,
+    Outcome,
+    Row,
+    SchemaError,
+    check_schema,
+    claim,
+    configure_session,
+    mark_emitted,
+    next_due_in,
+    record_outcomes,
+    release,
+    requeue_expired,
+    status,
+)
+
+__all__ = [
+    "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
+    "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
+    "record_outcomes", "release", "requeue_expired", "status",
+]

@@ -1,0 +1,11 @@
+"""The sender: batches of decoded rows in, one outcome per token out.
+
+:class:`~mailroom.sender.engine.Sender` is the engine (split, call, classify, retry,
+pause); :mod:`~mailroom.sender.ses` the SES client, requests and answers;
+:mod:`~mailroom.sender.pacing` the rate limit and retry schedule;
+:func:`~mailroom.sender.stdin.run_stdin` the compatibility mode.
+"""
+
+from mailroom.sender.engine import FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
+
+__all__ = ["FAILED", "RETRY", "SENT", "Outcome", "SendPolicy", "Sender"]

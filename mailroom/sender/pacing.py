@@ -1,0 +1,94 @@
+"""Pacing for the sender: the recipients-per-second limit and the retry schedule.
+
+- :class:`TokenBucket` is the thread-safe recipients-per-second limit.
+- :class:`Schedule` is the time-ordered queue that lets a retry wait without
+  holding a thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from typing import Any
+
+
+class TokenBucket:
+    """Thread-safe recipients-per-second limit (token bucket with reservations).
+
+    ``acquire(n)`` reserves ``n`` tokens and sleeps until they are paid for, so a
+    call larger than the bucket (50 recipients at a 1/s sandbox rate) still goes,
+    and the calls after it wait.  The bucket starts empty and holds at most one
+    second's worth, so neither a fresh start nor an idle spell allows a burst
+    above ``rate`` plus one call.  ``rate=None`` means no limit.
+    """
+
+    def __init__(self, rate: float | None, *, clock: Any = time.monotonic) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens = 0.0
+        self._capacity = max(rate or 0.0, 1.0)
+        self._last = clock()
+
+    def reserve(self, n: int) -> float:
+        """Take ``n`` tokens now; return how many seconds the caller must wait for them."""
+        if self.rate is None:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            # Debt model: whoever finds the bucket non-negative goes now; the debt
+            # it leaves is waited for by the next caller, in arrival order.
+            wait = 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+            self._tokens -= n
+        return wait
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        """Take ``n`` tokens, waiting as needed; False if ``stop`` was set meanwhile."""
+        wait = self.reserve(n)
+        if wait > 0:
+            return not stop.wait(wait)
+        return not stop.is_set()
+
+
+class Schedule:
+    """Time-ordered work queue: ``get`` blocks until the earliest item is due."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Any]] = []
+        self._seq = itertools.count()  # ties keep submission order
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, item: Any, due: float = 0.0) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (due, next(self._seq), item))
+            self._cond.notify()
+
+    def get(self) -> Any:
+        """Return the next due item, or None once closed."""
+        with self._cond:
+            while not self._closed:
+                if self._heap:
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        return heapq.heappop(self._heap)[2]
+                    self._cond.wait(wait)
+                else:
+                    self._cond.wait()
+            return None
+
+    def take_all(self) -> list[tuple[float, Any]]:
+        """Remove and return every queued item with its due time."""
+        with self._cond:
+            items = [(due, item) for due, _, item in self._heap]
+            self._heap.clear()
+            return items
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
