@@ -28,7 +28,7 @@ from ses_emulator import (
 from mailroom import wire
 from mailroom.sender import pacing, ses
 from mailroom.config import Settings
-from mailroom.sender import FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
+from mailroom.sender import EMITTED, FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
 from mailroom.sender.stdin import run_stdin
 
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
@@ -360,7 +360,8 @@ def test_debug_mode_prints_requests_and_sends_nothing(stub, make_settings):
 
     sender = Sender(settings, stdout=out)
     sender.start()
-    assert sender.submit(rows(2)).result(5) == [Outcome(SENT), Outcome(SENT)]
+    # Printed, not sent: the ledger records these as emitted, never as sent.
+    assert sender.submit(rows(2)).result(5) == [Outcome(EMITTED), Outcome(EMITTED)]
     sender.close()
     assert stub.requests == []
 

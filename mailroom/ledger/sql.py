@@ -365,11 +365,13 @@ WITH {_HOLD},
 changed AS (
     UPDATE deliveries AS d
        SET status = CASE WHEN o.kind = 'sent' THEN 'sent'
+                         -- debug mode printed the request and sent nothing
+                         WHEN o.kind = 'emitted' THEN 'emitted'
                          WHEN o.kind = 'retry' AND d.attempts < %(max)s THEN 'queued'
                          ELSE 'failed' END::delivery_status,
            sent_at = CASE WHEN o.kind = 'sent' THEN statement_timestamp() ELSE d.sent_at END,
            message_id = CASE WHEN o.kind = 'sent' THEN o.message_id ELSE d.message_id END,
-           last_error = CASE WHEN o.kind = 'sent' THEN d.last_error
+           last_error = CASE WHEN o.kind IN ('sent', 'emitted') THEN d.last_error
                              WHEN o.kind = 'retry' AND d.attempts >= %(max)s
                              THEN format('giving up after %%s attempts: %%s', d.attempts, o.error)
                              ELSE o.error END,

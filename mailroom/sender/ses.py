@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import urllib.parse
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 from mailroom._process import one_line
 from mailroom.config import Settings
@@ -43,6 +43,7 @@ _DEFAULT_DATA = {
 
 # Verdict kinds.
 SENT = "sent"
+EMITTED = "emitted"  # printed by the debug client, not sent
 RETRY = "retry"  # worth another attempt (counts against send_max_attempts)
 PAUSE = "pause"  # the account cannot send now: hold, probe later, no attempt burnt
 FAIL = "fail"  # permanent for this destination
@@ -114,6 +115,29 @@ def read_send_rate(client: Any) -> float | None:
     if rate <= 0:  # SES uses -1 for "unlimited"
         return None
     return rate
+
+
+class PrintingClient:
+    """Debug mode's stand-in for the SES client: prints each request, sends nothing.
+
+    Each ``SendBulkTemplatedEmail`` request is written to ``out`` as one JSON
+    object per line, and every destination is answered with :data:`STATUS`,
+    which the sender records as ``emitted`` (printed, not sent): an operator who
+    turns debug mode on in production must not find those emails marked sent.
+    """
+
+    STATUS = "PrintedNotSent"
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def send_bulk_templated_email(self, **request: Any) -> dict[str, Any]:
+        """Print ``request``; answer as SES would, with one status per destination."""
+        with self._lock:
+            self._out.write(json.dumps(request, ensure_ascii=False) + "\n")
+            self._out.flush()
+        return {"Status": [{"Status": self.STATUS}] * len(request["Destinations"])}
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -215,6 +239,8 @@ _ERROR_PAUSE = {
 def classify_status(entry: dict[str, Any]) -> Verdict:
     """Classify one ``Status`` entry of a SendBulkTemplatedEmail response."""
     status = entry.get("Status", "")
+    if status == PrintingClient.STATUS:
+        return Verdict(EMITTED, None)
     # moto leaves Status out of its answers; a MessageId alone means accepted too.
     if status == "Success" or (not status and entry.get("MessageId") and not entry.get("Error")):
         return Verdict(SENT, entry.get("MessageId"))

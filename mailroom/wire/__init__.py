@@ -31,7 +31,7 @@ from mailroom.wire._base import (
     RECOVERY,
     SECRET_LENGTH,
     TOKEN_LENGTH,
-    Row,
+    WireFields,
     SignerProtocol,
     WireError,
     WireImplementation,
@@ -44,7 +44,7 @@ __all__ = [
     "RECOVERY",
     "SECRET_LENGTH",
     "TOKEN_LENGTH",
-    "Row",
+    "WireFields",
     "Signer",
     "SignerProtocol",
     "WireError",
@@ -94,5 +94,5 @@ if TYPE_CHECKING:  # type checkers see the pure-Python twin: same signatures
 else:
     #: Signs token secrets and encodes batch lines (see ``SignerProtocol``).
     Signer = _impl.Signer
-    #: ``decode_line(line: bytes) -> list[Row]``; raises WireError on a malformed line.
+    #: ``decode_line(line: bytes) -> list[WireFields]``; raises WireError on a malformed line.
     decode_line = _impl.decode_line
