@@ -335,6 +335,20 @@ def test_address_ses_cannot_take_fails_that_destination_only(stub, make_settings
     assert stub.bulk[0].addresses == ["user0@example.test"]
 
 
+@pytest.mark.parametrize("email, expected", [
+    ("anne@straße.example", "anne@xn--strae-oqa.example"),  # IDNA 2003 would say strasse.example
+    ("bo@faß.de", "bo@xn--fa-hia.de"),
+    ("cy@ΣΊΣΥΦΟΣ.example", "cy@xn--kxa6akbbkh.example"),  # UTS 46 maps to lower case first
+])
+def test_international_domains_follow_uts46(email, expected):
+    assert ses.normalize_address(email) == expected
+
+
+def test_a_domain_idna_2008_refuses_fails_the_destination():
+    with pytest.raises(ses.AddressError, match="IDNA"):
+        ses.normalize_address("x@a\u200db.example")  # a joiner with no context: invalid
+
+
 @pytest.mark.parametrize("email", ['"quoted"@example.test', "o'brien+tag@example.test", "x@localhost"])
 def test_valid_addresses_pass_unchanged(email):
     assert ses.normalize_address(email) == email

@@ -20,8 +20,8 @@ __all__ = ["RECORD", "REQUEUE_EXPIRED", "claim_sql", "move_claimed_sql"]
 # cached plan never sees the hint's values): rows are found by LATERAL probes,
 # ctid, `= ANY(array)`, or a key range at most a few times as wide as the rows,
 # never by a join the planner could turn into a scan.  Eligibility is the
-# original collector's rule (SCHEMA.md, last section); the reason a row is not
-# sent goes to last_error.  claim_sql fills in the variants below ({lookups},
+# original collector's rule (token not expired, not consumed, and its account's
+# status fits the action); the reason a row is not sent goes to last_error.  claim_sql fills in the variants below ({lookups},
 # {mark}, {dequeue}), then {queue}, {limit} and the rest.
 _CLAIM = """
 WITH hint AS MATERIALIZED (

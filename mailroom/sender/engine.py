@@ -1,4 +1,4 @@
-"""The sender: batches of decoded rows in, one outcome per token out (DESIGN §7).
+"""The sender: batches of decoded rows in, one outcome per token out.
 
 :class:`Sender` is the engine shared by the two ways of running it: the sender
 worker forked by the supervisor (outcomes go back over its pipe to the ledger), and

@@ -26,6 +26,8 @@ import time
 import urllib.parse
 from typing import Any, NamedTuple, TextIO
 
+import idna
+
 from mailroom._process import one_line
 from mailroom.config import Settings
 from mailroom.wire import ACTIVATION, RECOVERY
@@ -171,9 +173,11 @@ def normalize_address(email: str) -> str:
     if not (_DOT_ATOM.fullmatch(local) or _QUOTED.fullmatch(local)):
         raise AddressError("the local part is not valid address syntax")
     if not domain.isascii():
+        # UTS 46 / IDNA 2008 (the idna package), not Python's "idna" codec, which is
+        # IDNA 2003 and maps straße.example to strasse.example: another domain.
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
             raise AddressError(f"the domain cannot be encoded as IDNA ({exc})") from None
     labels = domain.split(".")
     if len(domain) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
