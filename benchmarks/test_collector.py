@@ -29,12 +29,12 @@ import pytest
 from conftest import record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pgutil import SECRET_KEY_HEX, create_database, drop_database  # noqa: E402
 from collector_util import CollectorProcess, backend_pids, wait_for  # noqa: E402
+from pgutil import SECRET_KEY_HEX, create_database, drop_database  # noqa: E402
 
 from mailroom import config  # noqa
-from mailroom.ledger import migrate  # noqa: E402
 from mailroom.collector import Collector, StdoutSink  # noqa: E402
+from mailroom.ledger import migrate  # noqa: E402
 
 SIZES = {"100k": 100_000, "1M": 1_000_000}
 

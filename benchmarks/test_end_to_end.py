@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pgutil import SECRET_KEY_HEX, create_database, drop_database  # noqa: E402
 from collector_util import insert_accounts, wait_for  # noqa: E402
+from pgutil import SECRET_KEY_HEX, create_database, drop_database  # noqa: E402
 from ses_emulator import stub_process  # noqa: E402
 from supervisor_util import SupervisorProcess, ledger, supervisor_env  # noqa: E402
 

@@ -64,7 +64,7 @@ def backoff(attempt: int, first: float, cap: float, *, jitter: bool = True) -> f
     """Delay before retry number ``attempt`` (0 for the first): ``first * 2**attempt``,
     capped at ``cap``; with ``jitter``, a uniform draw from its upper half ("equal
     jitter": never close to 0, and peers that failed together spread apart)."""
-    ceiling = min(cap, first * 2 ** min(attempt, 64))
+    ceiling = min(cap, first * 2.0 ** min(attempt, 64))
     if not jitter:
         return ceiling
     return ceiling / 2 + random.uniform(0, ceiling / 2)

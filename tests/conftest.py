@@ -11,8 +11,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from ses_emulator import SesStub, moto_server
 from pgutil import SECRET_KEY_HEX, create_database, drop_database
+from ses_emulator import SesStub, moto_server
 
 
 @pytest.fixture

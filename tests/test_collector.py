@@ -11,8 +11,7 @@ import time
 
 import psycopg
 import pytest
-from collector_util import (CollectorProcess, backend_pids, collector_env, insert_accounts,
-                            wait_for)
+from collector_util import CollectorProcess, backend_pids, collector_env, insert_accounts, wait_for
 from pgutil import console_script
 
 from mailroom.ledger import migrate

@@ -15,10 +15,10 @@ import psycopg
 import pytest
 
 from mailroom import ledger
-from mailroom.vocabulary import Outcome
-from mailroom.ledger import operations as ledger_ops
 from mailroom.ledger import migrate
+from mailroom.ledger import operations as ledger_ops
 from mailroom.ledger import sql as ledger_sql
+from mailroom.vocabulary import Outcome
 
 DATA = Path(__file__).resolve().parent / "data"
 Q = "mailroom"

@@ -26,9 +26,8 @@ from ses_emulator import (
 )
 
 from mailroom import wire
-from mailroom.sender import pacing, ses
 from mailroom.config import Settings
-from mailroom.sender import EMITTED, FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
+from mailroom.sender import EMITTED, FAILED, RETRY, SENT, Outcome, Sender, SendPolicy, pacing, ses
 from mailroom.sender.stdin import run_stdin
 
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))

@@ -51,7 +51,8 @@ def test_every_eligible_token_reaches_ses_once(db, base_env, supervisors):
     assert all(len(call.destinations) <= 50 for call in calls)
     with psycopg.connect(db) as conn:
         expected = {email: (action, login, bytes(secret), code) for email, action, login, secret, code in conn.execute(
-            "SELECT a.email, t.action::text, a.login, t.secret, t.code FROM tokens t JOIN accounts a ON a.id = t.account")}
+            "SELECT a.email, t.action::text, a.login, t.secret, t.code"
+            " FROM tokens t JOIN accounts a ON a.id = t.account")}
         unsent = conn.execute("SELECT count(*) FROM deliveries WHERE status <> 'sent' OR message_id IS NULL"
                               " OR sent_at IS NULL").fetchone()[0]
     assert unsent == 0
@@ -169,8 +170,8 @@ def test_throttling_keeps_claims_inside_the_window(db, base_env, supervisors, st
 
 
 def test_bad_configuration_exits_2_with_one_line(db, base_env):
-    from supervisor_util import run
     from pgutil import console_script
+    from supervisor_util import run
 
     env = supervisor_env(base_env, db, "http://127.0.0.1:9", max_in_flight="zero")
     proc = run(console_script("mailroom-supervisor"), env=env)
@@ -180,8 +181,8 @@ def test_bad_configuration_exits_2_with_one_line(db, base_env):
 
 
 def test_missing_schema_halts_with_a_named_code(fresh_db, base_env):
-    from supervisor_util import run
     from pgutil import console_script
+    from supervisor_util import run
 
     env = supervisor_env(base_env, fresh_db, "http://127.0.0.1:9")
     started = time.monotonic()
@@ -225,9 +226,9 @@ def test_batch_in_flight_at_three_sender_deaths_goes_back_delayed(db, base_env, 
     wait_for(lambda: ledger(db).get("claimed") == 10, what="one batch in flight")
     for death in range(3):
         pid = sup.worker("sender")
-        wait_for(lambda: len(stub.bulk) > death, what="the batch reaching the sender")
+        wait_for(lambda death=death: len(stub.bulk) > death, what="the batch reaching the sender")
         signal_pid(pid, signal.SIGKILL)
-        wait_for(lambda: pid not in sup.started("sender")[-1:], timeout=30, what="a new sender")
+        wait_for(lambda pid=pid: pid not in sup.started("sender")[-1:], timeout=30, what="a new sender")
     wait_for(lambda: ledger(db).get("queued") == 10, timeout=30, what="the batch handed back")
     with psycopg.connect(db) as conn:
         errors = {r[0] for r in conn.execute("SELECT last_error FROM deliveries")}

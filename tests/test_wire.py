@@ -68,7 +68,8 @@ FIXTURE_ROWS = {
     1: (2, "john.doe123@fakemail.test", "johndoe", bytes([0x11]) * 32, "35866", 1),
     2: (1, "jane.smith456@notreal.example", "janesmith", bytes([0x22]) * 32, "24735", 2),
     3: (1, "emma.jones789@madeup.mail", "emmajones", bytes(range(32)), "25416", 3),
-    4: (1, "sarah.connor999@unreal.mail", "resistance1234", bytes.fromhex("ffeeddccbbaa99887766554433221100" * 2), "38022", 4),
+    4: (1, "sarah.connor999@unreal.mail", "resistance1234",
+        bytes.fromhex("ffeeddccbbaa99887766554433221100" * 2), "38022", 4),
     8: (2, "john.doe123@fakemail.test", "johndoe", bytes([0xFE]) * 32, "09999", 8),
 }
 LIMIT3_BATCHES = [[1, 2, 3], [4, 8]]
@@ -184,7 +185,7 @@ def test_round_trip(rows):
         assert line.endswith(b"\n")
         decoded = module.decode_line(line)
         assert decoded == [(a, e, lo, signer.sign(a, s, c), c or "") for a, e, lo, s, c in rows]
-        for action, _, _, token, code in decoded:
+        for _, _, _, token, _ in decoded:
             assert len(token) == 86
     if len(impls) == 2:
         assert impls[0].Signer(KEY).encode_batch(rows) == impls[1].Signer(KEY).encode_batch(rows)
@@ -292,7 +293,8 @@ def test_decode_errors(impl, line, row, field, offset, words):
 
 def test_decode_error_example_from_brief(impl):
     line = f"1,a,b,{TOKEN},c,".encode() + f"2,e,l,{TOKEN[:85]},c".encode()
-    with pytest.raises(WireError, match=r"^row 2 field 4 \(secret\) at byte 101: expected 86 base64url characters, got 85$"):
+    message = r"^row 2 field 4 \(secret\) at byte 101: expected 86 base64url characters, got 85$"
+    with pytest.raises(WireError, match=message):
         impl.decode_line(line)
 
 

@@ -24,6 +24,7 @@ from psycopg import sql
 from mailroom import config, ledger, wire
 from mailroom._process import backoff_delays, drain_fd, one_line
 from mailroom.config import Settings
+from mailroom.vocabulary import DeliveryStatus
 
 log = logging.getLogger("mailroom.collector")
 
@@ -45,7 +46,7 @@ class BatchSink(Protocol):
 
     #: Ledger status the claim sets: ``emitted`` (committed only after
     #: :meth:`deliver` returns, stdout) or ``claimed`` (committed before, pipe).
-    final_status: str
+    final_status: DeliveryStatus
 
     def ready(self) -> bool:
         """May another batch be claimed now? (backpressure)"""
@@ -207,10 +208,10 @@ class Collector:
             while not self.should_stop():
                 try:
                     if self.conn is None:
-                        self.connect()
+                        conn = self.connect()
                         if self.on_ready is not None:
                             self.on_ready()
-                        self.sink.service(self.conn)
+                        self.sink.service(conn)
                         self.drain()
                     self._listen_loop()
                 except psycopg.OperationalError as exc:

@@ -19,6 +19,7 @@ from mailroom import config, ledger
 from mailroom._process import SignalFlag
 from mailroom.collector.engine import Collector
 from mailroom.config import Settings
+from mailroom.vocabulary import DeliveryStatus
 
 log = logging.getLogger("mailroom.collector")
 
@@ -26,7 +27,7 @@ log = logging.getLogger("mailroom.collector")
 class StdoutSink:
     """Compatibility mode: one line per batch on stdout, flushed before the commit."""
 
-    final_status = "emitted"
+    final_status = DeliveryStatus.EMITTED
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream

@@ -91,7 +91,7 @@ _RECORDED_KINDS = frozenset({OutcomeKind.SENT, OutcomeKind.EMITTED, OutcomeKind.
 #: during a drain.
 _HINT_TTL_S = 1.0
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class SchemaError(Exception):
@@ -227,7 +227,8 @@ def _move_claimed(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence
     """Change rows of one claim that are still ``claimed``; how many changed."""
     if not token_ids:
         return 0
-    return _count(conn, ledger_sql.move_claimed_sql(assignments), {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at})
+    params = {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at}
+    return _count(conn, ledger_sql.move_claimed_sql(assignments), params)
 
 
 def _count(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> int:

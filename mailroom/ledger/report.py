@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import psycopg
 
@@ -24,7 +24,7 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def report(raw: dict, queue: str) -> dict:
+def report(raw: dict[str, Any], queue: str) -> dict[str, Any]:
     """Shape :func:`ledger.status`'s flat result as ``{queue, counts, oldest_queued_s, last_seq}``."""
     return {
         "queue": queue,
@@ -34,7 +34,7 @@ def report(raw: dict, queue: str) -> dict:
     }
 
 
-def render(shaped: dict) -> str:
+def render(shaped: dict[str, Any]) -> str:
     """The human-readable form of :func:`report`."""
     lines = [f"queue {shaped['queue']}"]
     for name, count in shaped["counts"].items():

@@ -21,8 +21,9 @@ __all__ = ["RECORD", "REQUEUE_EXPIRED", "claim_sql", "move_claimed_sql"]
 # ctid, `= ANY(array)`, or a key range at most a few times as wide as the rows,
 # never by a join the planner could turn into a scan.  Eligibility is the
 # original collector's rule (token not expired, not consumed, and its account's
-# status fits the action); the reason a row is not sent goes to last_error.  claim_sql fills in the variants below ({lookups},
-# {mark}, {dequeue}), then {queue}, {limit} and the rest.
+# status fits the action); the reason a row is not sent goes to last_error.
+# claim_sql fills in the variants below ({lookups}, {mark}, {dequeue}), then
+# {queue}, {limit} and the rest.
 _CLAIM = """
 WITH hint AS MATERIALIZED (
     SELECT fresh,

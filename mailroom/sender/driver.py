@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from mailroom.sender.engine import RETRY, Outcome, Row, Sender
+from mailroom.sender.engine import RETRY, Row, Sender
+from mailroom.vocabulary import Outcome
 from mailroom.wire import WireError, decode_line
 
 log = logging.getLogger("mailroom.sender")

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from mailroom._process import backoff
 from mailroom.config import Settings
 from mailroom.sender import pacing, ses
-from mailroom.vocabulary import Outcome, OutcomeKind
+from mailroom.vocabulary import Action, Outcome, OutcomeKind
 from mailroom.wire import WireFields
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Sender:
         batch = _Batch(len(rows))
         groups: dict[int, tuple[list[int], list[dict[str, Any]]]] = {}
         for index, (action, email, login, token, code) in enumerate(rows):
-            if action not in (ses.ACTIVATION, ses.RECOVERY):
+            if action not in (Action.ACTIVATION, Action.RECOVERY):
                 self._resolve(batch, index, Outcome(FAILED, error=f"unknown action {action!r}"))
                 continue
             try:

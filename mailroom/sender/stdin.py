@@ -18,11 +18,12 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO, TextIO
 
+from mailroom import config
 from mailroom._process import SignalFlag, one_line
 from mailroom.config import Settings
-from mailroom import config
 from mailroom.sender.driver import Driver, EndOfInput, Job, StopRequest
-from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Outcome, Row, Sender, SendPolicy
+from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Row, Sender, SendPolicy
+from mailroom.vocabulary import Outcome
 from mailroom.wire import WireError
 
 log = logging.getLogger("mailroom.sender")

@@ -30,9 +30,9 @@ from typing import Any
 
 from mailroom import config
 from mailroom._process import SignalFlag, backoff
+from mailroom.config import Settings
 from mailroom.supervisor import messages as msg
 from mailroom.supervisor.router import COLLECTOR, SENDER, Router
-from mailroom.config import Settings
 
 logger = logging.getLogger("mailroom.supervisor")
 

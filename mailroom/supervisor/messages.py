@@ -23,15 +23,12 @@ from mailroom.vocabulary import TokenOutcomes
 #: Seconds between heartbeats; a worker silent for ``MAILROOM_WORKER_TIMEOUT`` is killed.
 HEARTBEAT_INTERVAL = 1.0
 
-_message = dataclasses.dataclass(frozen=True, slots=True)
-
-
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class Ready:
     """The worker is up: connected, schema checked (collector) or client made (sender)."""
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat:
     """The worker's loop is alive; ``stats`` carries what only the worker knows
     (queue depth, SES quota, RSS, ...), or is empty."""
@@ -39,7 +36,7 @@ class Heartbeat:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class Claimed:
     """collector -> supervisor: a batch whose claim is committed, to be sent."""
 
@@ -51,7 +48,7 @@ class Claimed:
     claimed_at: Any  # the claim's timestamp, echoed back to the collector
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class SendBatch:
     """supervisor -> sender: send this batch, answer with :class:`BatchOutcomes`."""
 
@@ -60,7 +57,7 @@ class SendBatch:
     token_ids: list[int]
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class BatchOutcomes:
     """sender -> supervisor: one outcome per token of a batch."""
 
@@ -68,14 +65,14 @@ class BatchOutcomes:
     outcomes: TokenOutcomes
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class Adopt:
     """supervisor -> a new collector: batches in flight that a former one claimed."""
 
     batch_ids: list[str]
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class RecordOutcomes:
     """supervisor -> collector: write these outcomes to the ledger."""
 
@@ -84,7 +81,7 @@ class RecordOutcomes:
     claimed_at: Any
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class Release:
     """supervisor -> collector: these rows were never sent; queue them again."""
 
@@ -93,12 +90,12 @@ class Release:
     claimed_at: Any
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class Drain:
     """supervisor -> collector: stop claiming (shutdown has begun)."""
 
 
-@_message
+@dataclasses.dataclass(frozen=True, slots=True)
 class Stop:
     """supervisor -> worker: finish (the sender: within ``timeout`` s) and exit 0."""
 

@@ -23,16 +23,16 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mailroom.wire._base import (
     ACTIVATION,
     RECOVERY,
     SECRET_LENGTH,
     TOKEN_LENGTH,
-    WireFields,
     SignerProtocol,
     WireError,
+    WireFields,
     WireImplementation,
     parse_key,
 )
@@ -60,20 +60,20 @@ def _load() -> tuple[str, WireImplementation]:
     if choice == "python":
         from mailroom.wire import _py as _wire_py
 
-        return "python", _wire_py
+        return "python", cast(WireImplementation, _wire_py)
     if choice == "c":
         try:
-            from mailroom.wire import _wire
+            import mailroom.wire._wire as _wire
         except ImportError as exc:
             raise ImportError(
                 f"{ENV_VAR}=c but the compiled extension mailroom.wire._wire is not built or does not "
                 f"load ({exc}); {_BUILD_HINT}, or set {ENV_VAR}=python"
             ) from exc
-        return "c", _wire
+        return "c", cast(WireImplementation, _wire)
     if choice:
         raise ImportError(f"{ENV_VAR} must be 'c', 'python' or empty (automatic), got {choice!r}")
     try:
-        from mailroom.wire import _wire
+        import mailroom.wire._wire as _wire
     except ImportError as exc:
         from mailroom.wire import _py as _wire_py
 
@@ -81,8 +81,8 @@ def _load() -> tuple[str, WireImplementation]:
         # The console scripts log FALLBACK once, after their logging is set up.
         global FALLBACK
         FALLBACK = f"compiled extension not available ({exc}), using the pure-Python wire format (slower)"
-        return "python", _wire_py
-    return "c", _wire
+        return "python", cast(WireImplementation, _wire_py)
+    return "c", cast(WireImplementation, _wire)
 
 
 #: Why the pure-Python twin is in use although nobody asked for it, else None.
@@ -90,7 +90,12 @@ FALLBACK: str | None = None
 IMPL, _impl = _load()
 
 if TYPE_CHECKING:  # type checkers see the pure-Python twin: same signatures
+    import mailroom.wire._py as _py_checked
+    import mailroom.wire._wire as _wire_checked  # its stub, _wire.pyi
     from mailroom.wire._py import Signer, decode_line
+
+    # mypy proves both implementations provide the one interface.
+    _both: tuple[WireImplementation, WireImplementation] = (_py_checked, _wire_checked)
 else:
     #: Signs token secrets and encodes batch lines (see ``SignerProtocol``).
     Signer = _impl.Signer

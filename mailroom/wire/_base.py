@@ -9,7 +9,8 @@ call the same message builders, so an error reads the same whichever one is load
 from __future__ import annotations
 
 import binascii
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 ACTIVATION = 1
 RECOVERY = 2
@@ -57,7 +58,7 @@ class WireError(ValueError):
         name = FIELD_NAMES[(field - 1) % 5]
         super().__init__(f"row {row} field {field} ({name}) at byte {offset}: {problem}")
 
-    def __reduce__(self):  # keep the exception picklable (it crosses process pipes)
+    def __reduce__(self) -> tuple[type[WireError], tuple[int, int, int, str]]:  # picklable (it crosses process pipes)
         return (type(self), (self.row, self.field, self.offset, self.problem))
 
 
@@ -79,7 +80,7 @@ def _show_value(text: str) -> str:
     return f"a {len(text)}-character value"
 
 
-def wire_error(kind: int, row: int, field: int, offset: int, detail: object = None) -> WireError:
+def wire_error(kind: int, row: int, field: int, offset: int, detail: Any = None) -> WireError:
     """Build the :class:`WireError` for a problem found by a decoder.
 
     ``row`` and ``field`` are 1-based, ``field`` counts within the row (1..5), and
@@ -88,7 +89,7 @@ def wire_error(kind: int, row: int, field: int, offset: int, detail: object = No
     if kind == E_UNTERMINATED:
         problem = "quoted field is never closed (missing closing '\"')"
     elif kind == E_AFTER_QUOTE:
-        problem = f"expected ',' or end of line after closing quote, got {_show_byte(detail)}"
+        problem = f"expected ',' or end of line after closing quote, got {_show_byte(int(detail))}"
     elif kind == E_QUOTE_IN_FIELD:
         problem = "'\"' inside an unquoted field (such a field must be quoted)"
     elif kind == E_LINE_BREAK:
@@ -97,11 +98,11 @@ def wire_error(kind: int, row: int, field: int, offset: int, detail: object = No
     elif kind == E_UTF8:
         problem = f"invalid UTF-8 ({detail})"
     elif kind == E_ACTION:
-        problem = f"expected action 1 or 2, got {_show_value(detail)}"
+        problem = f"expected action 1 or 2, got {_show_value(str(detail))}"
     elif kind == E_TOKEN_LENGTH:
         problem = f"expected {TOKEN_LENGTH} base64url characters, got {detail}"
     elif kind == E_TOKEN_CHAR:
-        index, char = detail
+        index, char = detail  # the decoders pass (index, character) here
         problem = f"character {index + 1} of the token, {char!r}, is not base64url"
     elif kind == E_FIELD_COUNT:
         problem = f"line ends after {detail} fields; each row needs 5"
@@ -223,7 +224,10 @@ class SignerProtocol(Protocol):
 class WireImplementation(Protocol):
     """What ``mailroom.wire._wire`` (compiled) and ``mailroom.wire._py`` both provide."""
 
-    Signer: type[SignerProtocol]
+    @property
+    def Signer(self) -> type[SignerProtocol]:  # noqa: N802 - a class, named as one
+        """The implementation's signer class."""
+        ...
 
     def decode_line(self, line: bytes) -> list[WireFields]:
         """Parse and validate one batch line into its rows."""

@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import hmac
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from mailroom.wire._base import (
     E_ACTION,
