@@ -32,14 +32,14 @@ class FailuresPane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label("failures: not loaded yet", id="failures-info")
-        table: DataTable[Any] = DataTable(id="failures", cursor_type="row", zebra_stripes=True)
+        table: DataTable[Any] = DataTable(id="failure-groups", cursor_type="row", zebra_stripes=True)
         table.add_columns("error", "count", "first seen", "last seen", "sample")
         yield table
         self.groups: list[dict[str, Any]] = []
 
     def selected_error(self) -> str | None:
         """The error text of the group under the cursor, or None."""
-        table = self.query_one("#failures", DataTable)
+        table = self.query_one("#failure-groups", DataTable)
         if not self.groups or not 0 <= table.cursor_row < len(self.groups):
             return None
         return as_str(self.groups[table.cursor_row].get("error"), limit=10000)
@@ -66,7 +66,7 @@ class FailuresPane(Vertical):
             info.update(Text(f"ledger unavailable: {result}", style="bold red"))
             return
         groups = [g for g in result if isinstance(g, dict)] if isinstance(result, list) else []
-        table = self.query_one("#failures", DataTable)
+        table = self.query_one("#failure-groups", DataTable)
         row = table.cursor_row
         table.clear()
         self.groups = groups

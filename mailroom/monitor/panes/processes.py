@@ -49,7 +49,7 @@ class ProcessesPane(Vertical):
             rss = f"{w.rss / 1048576:.0f} MiB" if w.rss else "-"
             started = as_float(w.started)
             uptime = age(started) if started is not None else when(w.started)
-            rows.append((w.name, num(w.pid), w.state, uptime, num(w.restarts),
+            rows.append((w.name, "-" if w.pid is None else str(w.pid), w.state, uptime, num(w.restarts),
                          when(w.last_heartbeat), rss))
         if rows != getattr(self, "_rows", None):
             self._rows = rows
@@ -83,7 +83,7 @@ class ProcessesPane(Vertical):
         for r in rows:
             stale = bool(r.get("stale"))
             table.add_row(
-                as_str(r.get("host"), "-"), num(as_int(r.get("pid"))), when(r.get("started_at")),
+                as_str(r.get("host"), "-"), as_str(as_int(r.get("pid")), "-"), when(r.get("started_at")),
                 age(as_float(r.get("seen_s_ago"))) + " ago", num(as_int(r.get("batches"))),
                 num(as_int(r.get("rows"))),
                 Text("stale", style="bold red") if stale else Text("live", style="green"),
