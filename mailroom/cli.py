@@ -72,12 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("args", nargs=argparse.REMAINDER)
     status = sub.add_parser("status", help="delivery ledger counts for the queue")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    monitor = sub.add_parser("monitor", help="the Textual monitor (live batches and the ledger)")
+    from mailroom.monitor import add_arguments
+
+    add_arguments(monitor)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``mailroom``: ``migrate up|down|status|force`` and ``status``."""
+    """``mailroom``: ``migrate up|down|status|force``, ``status`` and ``monitor``."""
     args = _parser().parse_args(argv)
+    if args.command == "monitor":
+        # Needs neither database nor secret: either the socket or the ledger will do.
+        from mailroom.monitor import run
+
+        sys.exit(run(args))
     settings = _settings(require=(config.DATABASE,))
     setup_logging("PG", settings.log_level)
     if args.command == "migrate":
