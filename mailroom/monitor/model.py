@@ -23,7 +23,7 @@ from typing import Any
 
 __all__ = [
     "BATCH_STATES", "MAX_BATCHES", "RUN_STATES", "Batch", "Destination", "EventLine",
-    "MonitorState", "Tick", "Worker", "as_bool", "as_float", "as_int", "as_str", "destinations",
+    "MonitorState", "Tick", "Worker", "as_bool", "as_epoch", "as_float", "as_int", "as_str", "destinations",
 ]
 
 #: The live table keeps this many batches (the newest).
@@ -94,6 +94,22 @@ def as_bool(value: Any, default: bool | None = None) -> bool | None:
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.lower() in ("true", "1", "yes")
     return default
+
+
+def as_epoch(value: Any) -> float | None:
+    """A time as epoch seconds: a number is taken as is, a string as ISO-8601; else None."""
+    number = as_float(value)
+    if number is not None and not isinstance(value, str):
+        return number
+    if isinstance(value, str):
+        try:
+            when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return number
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        return when.timestamp()
+    return None
 
 
 def _dict(value: Any) -> Mapping[str, Any]:
@@ -180,9 +196,10 @@ class Worker:
     name: str
     pid: int | None = None
     state: str = "?"
-    started: str | None = None
+    #: Epoch seconds (the socket may send a number or an ISO-8601 string).
+    started: float | None = None
     restarts: int = 0
-    last_heartbeat: str | None = None
+    last_heartbeat: float | None = None
     rss: int | None = None
 
     def update(self, data: Mapping[str, Any]) -> None:
@@ -198,7 +215,7 @@ class Worker:
             self.restarts = restarts
         for name in ("started", "last_heartbeat"):
             if name in data:
-                setattr(self, name, as_str(data.get(name), limit=40))
+                setattr(self, name, as_epoch(data.get(name)))
         rss = as_int(data.get("rss"))
         if rss is not None:
             self.rss = rss

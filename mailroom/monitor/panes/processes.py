@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -47,10 +48,11 @@ class ProcessesPane(Vertical):
         rows = []
         for w in sorted(state.workers.values(), key=lambda w: w.name):
             rss = f"{w.rss / 1048576:.0f} MiB" if w.rss else "-"
-            started = as_float(w.started)
-            uptime = age(started) if started is not None else when(w.started)
-            rows.append((w.name, "-" if w.pid is None else str(w.pid), w.state, uptime, num(w.restarts),
-                         when(w.last_heartbeat), rss))
+            now = time.time()
+            uptime = "-" if w.started is None else age(now - w.started)
+            beat = "-" if w.last_heartbeat is None else age(now - w.last_heartbeat) + " ago"
+            rows.append((w.name, "-" if w.pid is None else str(w.pid), w.state, uptime,
+                         num(w.restarts), beat, rss))
         if rows != getattr(self, "_rows", None):
             self._rows = rows
             table.clear()
