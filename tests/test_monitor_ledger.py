@@ -164,3 +164,24 @@ def test_no_database_and_no_socket_still_runs() -> None:
             assert "MAILROOM_DATABASE_URL" in str(app.query_one("#fleet-info").render())
             assert app.is_running
     asyncio.run(main())
+
+
+def test_a_slow_ledger_query_does_not_freeze_the_screen(db: str) -> None:
+    """Ledger queries run in thread workers: the UI answers keys while one is stuck."""
+    import threading
+
+    release = threading.Event()
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        def stuck() -> dict[str, Any]:
+            release.wait(30)
+            return {}
+        app.ledger.counts = stuck  # type: ignore[method-assign]
+        app.query_one("#ledger").load()
+        await pilot.press("3", "4", "5", "1", "2")
+        assert app.current == "ledger"
+        release.set()
+    try:
+        ledger_scenario(db, test)
+    finally:
+        release.set()
