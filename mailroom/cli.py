@@ -72,11 +72,23 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("args", nargs=argparse.REMAINDER)
     status = sub.add_parser("status", help="delivery ledger counts for the queue")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("ctl", help="talk to a running supervisor (mailroom ctl --help)", add_help=False)
+    from mailroom.ledger import commands
+
+    for name, text in (("deliveries", "every delivery of an address"),
+                       ("retry", "put failed deliveries back in the queue"),
+                       ("skip", "mark queued deliveries skipped")):
+        commands.add_arguments(name, sub.add_parser(name, help=text))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``mailroom``: ``migrate up|down|status|force`` and ``status``."""
+    """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:  # its own parser; needs no database
+        from mailroom.control import ctl
+
+        sys.exit(ctl.main(argv[1:], os.environ))
     args = _parser().parse_args(argv)
     settings = _settings(require=(config.DATABASE,))
     setup_logging("PG", settings.log_level)
@@ -84,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mailroom.ledger import migrate
 
         sys.exit(migrate.main(list(args.args), settings.database_url))
+    if args.command in ("deliveries", "retry", "skip"):
+        from mailroom.ledger import commands
+
+        sys.exit(commands.main(args.command, args, settings))
     from mailroom.ledger import report
 
     sys.exit(report.main(settings, as_json=args.json))
