@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Any
@@ -87,12 +88,24 @@ class ControlClient:
         if self._sock is not None:
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            raise _unavailable(self.path, exc) from None
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        delay = 0.01
+        while True:
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+                break
+            except BlockingIOError as exc:
+                # A Unix socket with a timeout says EAGAIN instead of waiting
+                # while the server's backlog is full: wait a little and retry.
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    sock.close()
+                    raise _unavailable(self.path, exc) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+            except OSError as exc:
+                sock.close()
+                raise _unavailable(self.path, exc) from None
         self._sock = sock
 
     def close(self) -> None:

@@ -58,24 +58,27 @@ def resolve_group(group: str) -> int:
         raise ControlSocketError(f"control socket group {group!r} does not exist") from None
 
 
-def _prepare_directory(directory: str) -> None:
-    """Create a missing parent 0700. A parent inside a sticky shared directory
-    (``/tmp``) must be ours and private: otherwise another user could have made
-    it first and would own the socket's neighbourhood."""
+def _prepare_directory(directory: str, gid: int | None) -> None:
+    """Create a missing parent 0700 (0710 with the socket's group, so its members can
+    reach the socket). An existing parent inside a sticky shared directory (``/tmp``)
+    must be ours and writable by no one else: otherwise another user could have made
+    it first and could replace the socket."""
     try:
         os.mkdir(directory, 0o700)
-        return
     except FileExistsError:
-        pass
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode):
+            raise ControlSocketError(f"{directory} is not a directory") from None
+        parent = os.stat(os.path.dirname(os.path.abspath(directory)) or "/")
+        if parent.st_mode & stat.S_ISVTX and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+            raise ControlSocketError(f"{directory} must belong to uid {os.getuid()} and be"
+                                     " writable by no one else") from None
+        return
     except FileNotFoundError:
         os.makedirs(directory, 0o700, exist_ok=True)
-        return
-    info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise ControlSocketError(f"{directory} is not a directory")
-    parent = os.stat(os.path.dirname(os.path.abspath(directory)) or "/")
-    if parent.st_mode & stat.S_ISVTX and (info.st_uid != os.getuid() or info.st_mode & 0o077):
-        raise ControlSocketError(f"{directory} must be a directory of uid {os.getuid()} with mode 0700")
+    if gid is not None:
+        os.chown(directory, -1, gid)
+        os.chmod(directory, 0o710)
 
 
 def probe(path: str, timeout: float = PROBE_TIMEOUT) -> dict[str, object] | None:
@@ -106,7 +109,7 @@ def probe(path: str, timeout: float = PROBE_TIMEOUT) -> dict[str, object] | None
             return {}
 
 
-def bind_unix(path: str, group: str | None, backlog: int = 128) -> tuple[socket.socket, tuple[int, int]]:
+def bind_unix(path: str, group: str | None, backlog: int = 512) -> tuple[socket.socket, tuple[int, int]]:
     """A non-blocking listening socket at ``path`` and the file's ``(st_dev, st_ino)``.
 
     Raises :class:`SocketInUse` when a live process answers there, and
@@ -115,7 +118,7 @@ def bind_unix(path: str, group: str | None, backlog: int = 128) -> tuple[socket.
     if len(os.fsencode(path)) > 107:
         raise ControlSocketError(f"control socket path too long (max 107 bytes): {path}")
     gid = resolve_group(group) if group else None
-    _prepare_directory(os.path.dirname(os.path.abspath(path)))
+    _prepare_directory(os.path.dirname(os.path.abspath(path)), gid)
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ControlSocketError(f"{path} exists and is not a socket; not removing it")
