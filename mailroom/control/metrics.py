@@ -236,12 +236,13 @@ class MetricsServer:
 
     def service(self, readable: Iterable[Any] = (), writable: Iterable[Any] = ()) -> None:
         """Accept, read, answer, flush; drop connections older than REQUEST_TIMEOUT."""
-        readable, writable = set(readable), set(writable)
+        readable = set(readable)
         now = time.monotonic()
         if self._listener is not None and self._listener in readable:
             self._accept(now)
-        for sock in [s for s in writable if s in self._conns]:
-            self._flush(self._conns[sock])
+        del writable  # pending output is tried every call, as in ControlServer.service
+        for conn in [c for c in self._conns.values() if c.outbuf]:
+            self._flush(conn)
         for sock in [s for s in readable if s in self._conns]:
             self._read(self._conns[sock])
         for conn in list(self._conns.values()):

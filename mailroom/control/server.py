@@ -193,13 +193,19 @@ class ControlServer:
         """Accept, read, answer and flush what is ready; time out stale connections.
 
         Call it every loop turn, with the subsets of :meth:`readers` and
-        :meth:`writers` that the wait reported (anything else in them is ignored).
+        :meth:`writers` that the wait reported (anything else in them is ignored;
+        pending output is tried every call, so ``writable`` only makes the loop
+        wake up sooner when a slow reader's buffer drains).
         """
-        readable, writable = set(readable), set(writable)
+        readable = set(readable)
         if self._listener is not None and self._listener in readable:
             self._accept()
-        for sock in [s for s in writable if s in self._clients]:
-            self._flush(self._clients[sock])
+        # Every pending output is tried, reported writable or not: a failed send
+        # costs one EAGAIN, and a loop that can only wait for readability
+        # (multiprocessing.connection.wait) still gets its output out each turn.
+        del writable
+        for client in [c for c in self._clients.values() if c.outbuf]:
+            self._flush(client)
         for sock in [s for s in readable if s in self._clients]:
             self._read(self._clients[sock])
         self._expire(time.monotonic())
