@@ -164,6 +164,17 @@ def test_a_deferred_reply_arrives_later_and_a_gone_client_is_no_error(running):
     assert Raw(path).request(req("hello"))["ok"]
 
 
+def test_a_client_that_half_closes_still_gets_a_deferred_answer(running):
+    _, handler, loop, path = running
+    c = Raw(path)
+    c.send(json.dumps(req("drain", 21)).encode() + b"\n")
+    c.sock.shutdown(socket.SHUT_WR)  # what `echo ... | nc -U` does
+    kept = handler.kept.get(timeout=10)
+    loop.call(lambda: kept.reply({"drained": True}))
+    assert c.line()["result"] == {"drained": True}
+    assert c.closed()
+
+
 def test_a_10_mb_line_is_too_large_then_closed(running):
     srv, _, loop, path = running
     big = Raw(path)

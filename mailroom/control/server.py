@@ -284,7 +284,7 @@ class ControlServer:
                 self._drop(client)
                 return
             del client.outbuf[:sent]
-        if client.close_after_flush and not client.outbuf:
+        if client.close_after_flush and not client.outbuf and not client.pending:
             self._drop(client)
 
     def _read(self, client: _Client) -> None:
@@ -295,8 +295,14 @@ class ControlServer:
         except OSError:
             self._drop(client)
             return
-        if not data:  # EOF; an unfinished line goes with it
-            self._drop(client)
+        if not data:
+            # EOF. An unfinished line goes with it; answers still owed are sent
+            # first: `echo REQUEST | nc -U` shuts its side down after the request.
+            if client.pending or client.outbuf:
+                client.close_after_flush = True
+                client.inbuf.clear()
+            else:
+                self._drop(client)
             return
         client.inbuf += data
         now = time.monotonic()
