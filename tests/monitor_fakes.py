@@ -155,7 +155,9 @@ class StandinClient:
                     break  # EOF, possibly mid-line: the half line is dropped
                 # Like issue 10's client: a line that is not JSON ends the connection.
                 msg = json.loads(line)
-                if isinstance(msg, dict) and "id" in msg and "ok" in msg:
+                if not isinstance(msg, dict):
+                    break
+                if "id" in msg and "ok" in msg:
                     fut = self._waiting.pop(msg.get("id"), None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)

@@ -173,7 +173,6 @@ def test_malformed_and_unexpected_events_never_crash_the_monitor() -> None:
         await server.event("worker.started", {"worker": ["collector"], "pid": "12"})
         await server.event("state.changed", {"state": None, "paused": "yes"})
         await server.raw(b'{"v":1,"event":"tick","seq":"x","data":{"sent_per_s":"\\u0000\\u001b[31m"}}\n')
-        await server.raw(b'["an", "array"]\n')
         await server.event("batch.claimed", batch(1))
         await until(pilot, lambda: "b-1" in row_keys(app), "the good batch after the bad ones")
         assert "b-x" in row_keys(app) and cell(app, "b-x", "rows") == "12"
@@ -184,9 +183,10 @@ def test_malformed_and_unexpected_events_never_crash_the_monitor() -> None:
     scenario(test)
 
 
-def test_non_json_line_reconnects_and_resumes() -> None:
+@pytest.mark.parametrize("line", [b"this is not json\n", b'["an", "array"]\n', b"\xff\xfe\n"])
+def test_a_line_that_is_not_a_json_object_reconnects_and_resumes(line: bytes) -> None:
     async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
-        await server.raw(b"this is not json\n")
+        await server.raw(line)
         await until(pilot, lambda: app.feed.connections >= 2 or not app.feed.connected,
                     "dropped the broken connection")
         await until(pilot, lambda: app.feed.connected and app.feed.connections >= 2, "reconnected")

@@ -20,7 +20,7 @@ DEFAULT_WEB_PORT = 8566
 def socket_path(environ: Mapping[str, str], queue: str) -> str | None:
     """The control socket to watch (OPERATIONS.md 2); None when it is ``off``."""
     try:
-        from mailroom.control.server import default_socket_path
+        from mailroom.control.sockfile import default_socket_path
     except ImportError:
         default_socket_path = None
     if default_socket_path is not None:

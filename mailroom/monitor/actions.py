@@ -42,6 +42,18 @@ def _describe(exc: BaseException) -> str:
     return f"{code}: {message}" if code else message
 
 
+def error_filter(group_error: str) -> str:
+    """The text to select a failure group's rows by (``error=`` matches a substring).
+
+    Groups are keyed by the error with each address replaced by ``<address>``;
+    the stored errors hold the real addresses, so the longest piece between
+    placeholders is what every row of the group contains.  The confirmation
+    shows the dry-run count of exactly what this selects.
+    """
+    pieces = [p for p in group_error.split("<address>") if p.strip()]
+    return max(pieces, key=len) if pieces else group_error
+
+
 class OperatorActions:
     """Mixin: P, D, L, R, X with their checks and confirmations."""
 
@@ -139,7 +151,7 @@ class OperatorActions:
         if self.current == "failures":
             error = self.query_one(FailuresPane).selected_error()
             if error is not None:
-                return f"with the error {error[:80]!r}", {"error": error}
+                return f"with the error {error[:80]!r}", {"error": error_filter(error)}
         if self.current == "ledger":
             email = self.query_one(LedgerPane).email
             if email:
