@@ -20,7 +20,6 @@ import types
 from collections.abc import AsyncIterator
 from typing import Any
 
-
 # ----------------------------------------------------------- fake server
 
 
