@@ -9,6 +9,7 @@ example, the supervisor never imports psycopg or boto3.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Collection, Sequence
@@ -24,24 +25,28 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _settings(require: Collection[str]) -> config.Settings:
-    """Load settings or exit with the one-line configuration error."""
+def _settings(require: Collection[str], tag: str) -> config.Settings:
+    """Load settings (or exit with the one-line configuration error), then set up
+    logging with ``tag`` and say once which wire implementation was chosen if it
+    was not the expected one."""
     try:
         settings = config.load(os.environ, require=require)
         # Choose the wire implementation now: MAILROOM_IMPL=c without the built
         # extension is a configuration error, not a traceback from a worker.
-        from mailroom import wire  # noqa: F401
+        from mailroom import wire
     except config.ConfigError as exc:
         sys.exit(_fail(str(exc), config.EXIT_CONFIG))
     except ImportError as exc:
         sys.exit(_fail(one_line(exc), config.EXIT_CONFIG))
+    setup_logging(tag, settings.log_level)
+    if wire.FALLBACK:
+        logging.getLogger("mailroom").warning("%s", wire.FALLBACK)
     return settings
 
 
 def collector_main() -> None:
     """``mailroom-collector``: print batch lines on stdout (compatibility mode)."""
-    settings = _settings(require=(config.DATABASE, config.SECRET))
-    setup_logging("PG", settings.log_level)
+    settings = _settings((config.DATABASE, config.SECRET), "PG")
     from mailroom.collector.stdout import run_stdout
 
     sys.exit(run_stdout(settings))
@@ -49,8 +54,7 @@ def collector_main() -> None:
 
 def sender_main() -> None:
     """``mailroom-sender``: read batch lines on stdin and send them through SES."""
-    settings = _settings(require=())
-    setup_logging("SES", settings.log_level)
+    settings = _settings((), "SES")
     from mailroom.sender.stdin import run_stdin
 
     sys.exit(run_stdin(settings))
@@ -58,8 +62,7 @@ def sender_main() -> None:
 
 def supervisor_main() -> None:
     """``mailroom-supervisor``: run collector and sender workers under one supervisor."""
-    settings = _settings(require=(config.DATABASE, config.SECRET))
-    setup_logging("SUP", settings.log_level)
+    settings = _settings((config.DATABASE, config.SECRET), "SUP")
     from mailroom.supervisor import arbiter
 
     sys.exit(arbiter.run(settings))
@@ -99,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mailroom.monitor import run
 
         sys.exit(run(args))
-    settings = _settings(require=(config.DATABASE,))
-    setup_logging("PG", settings.log_level)
+    settings = _settings((config.DATABASE,), "PG")
     if args.command == "migrate":
         from mailroom.ledger import migrate
 

@@ -1,6 +1,6 @@
 """Configuration from ``MAILROOM_*`` environment variables, parsed and validated once.
 
-The variables and defaults are the original collector's and sender's (DESIGN §8);
+The variables and defaults are the original collector's and sender's (see the README's table);
 the variables this project added are documented in the README. Unlike the original,
 a malformed value is refused instead of silently replaced by its default: the caller
 gets a :class:`ConfigError` naming the variable and the problem, and the console

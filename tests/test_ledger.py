@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from mailroom import ledger
+from mailroom.vocabulary import Outcome
 from mailroom.ledger import operations as ledger_ops
 from mailroom.ledger import migrate
 from mailroom.ledger import sql as ledger_sql
@@ -229,17 +230,29 @@ def test_concurrent_claimers_never_share_a_token_while_vacuum_runs(db: str, conn
 # ------------------------------------------------------------- lifecycle
 
 
+def expire_leases(conn: psycopg.Connection) -> None:
+    """Make every current lease look an hour old, instead of waiting for it.
+
+    Only the queue row (the lease) is backdated: the delivery keeps its
+    ``claimed_at``, which is what identifies the claim to its outcomes.
+    """
+    conn.execute("UPDATE delivery_queue SET claimed_at = claimed_at - interval '1 hour'"
+                 " WHERE claimed_at IS NOT NULL")
+
+
+
+
 def test_lease_expiry_requeues_then_fails(conn: psycopg.Connection) -> None:
     first = claim(conn, 3)
     assert tokens_of(first) == [1, 8]
     assert ledger.requeue_expired(conn, Q, 60_000, 3) == 0
-    time.sleep(0.02)
-    assert ledger.requeue_expired(conn, Q, 10, 2) == 2
+    expire_leases(conn)
+    assert ledger.requeue_expired(conn, Q, 60_000, 2) == 2
     got = rows_of(conn, "SELECT status::text, attempts, last_error FROM deliveries WHERE token = 1")
     assert got == [("queued", 1, "lease expired (attempt 1)")]
     assert tokens_of(claim(conn, 2)) == tokens_of(first)
-    time.sleep(0.02)
-    assert ledger.requeue_expired(conn, Q, 10, 2) == 2
+    expire_leases(conn)
+    assert ledger.requeue_expired(conn, Q, 60_000, 2) == 2
     got = rows_of(conn, "SELECT status::text, attempts, last_error FROM deliveries WHERE token = 1")
     assert got == [("failed", 2, "lease expired, giving up after 2 attempts")]
     assert_queue_matches(conn)
@@ -250,10 +263,10 @@ def test_outcomes_of_each_kind(conn: psycopg.Connection) -> None:
     assert tokens_of(c) == [1, 8, 2, 3, 4]
     changed = ledger.record_outcomes(
         conn, Q,
-        [(1, "sent", "msg-1", None, None),
-         (8, "failed", None, "MessageRejected: bad address", None),
-         (2, "retry", None, "Throttling", 60.0),
-         (3, "retry", None, "ServiceUnavailable", 0.0)],
+        [(1, Outcome("sent", "msg-1", None, None)),
+         (8, Outcome("failed", None, "MessageRejected: bad address", None)),
+         (2, Outcome("retry", None, "Throttling", 60.0)),
+         (3, Outcome("retry", None, "ServiceUnavailable", 0.0))],
         claimed_at=c.claimed_at,
     )
     assert changed == 4
@@ -271,11 +284,11 @@ def test_outcomes_of_each_kind(conn: psycopg.Connection) -> None:
     assert tokens_of(again) == [3]
     assert 55 < (ledger.next_due_in(conn, Q, 3_600_000) or 0) <= 60
     # Out of attempts: a retry becomes a failure.
-    ledger.record_outcomes(conn, Q, [(3, "retry", None, "Throttling", 1.0)], max_attempts=2)
+    ledger.record_outcomes(conn, Q, [(3, Outcome("retry", None, "Throttling", 1.0))], max_attempts=2)
     assert rows_of(conn, "SELECT status::text, last_error FROM deliveries WHERE token = 3") == [
         ("failed", "giving up after 2 attempts: Throttling")]
     with pytest.raises(ValueError):
-        ledger.record_outcomes(conn, Q, [(4, "bounced", None, None, None)])
+        ledger.record_outcomes(conn, Q, [(4, Outcome("bounced", None, None, None))])
     assert ledger.record_outcomes(conn, Q, []) == 0
     assert_queue_matches(conn)
 
@@ -283,32 +296,32 @@ def test_outcomes_of_each_kind(conn: psycopg.Connection) -> None:
 def test_stale_outcomes_do_not_clobber(conn: psycopg.Connection) -> None:
     old = claim(conn, 1)
     assert tokens_of(old) == [1]
-    time.sleep(0.02)
-    ledger.requeue_expired(conn, Q, 10, 5)
+    expire_leases(conn)
+    ledger.requeue_expired(conn, Q, 60_000, 5)
     new = claim(conn, 1)
     assert tokens_of(new) == [1] and new.claimed_at != old.claimed_at
 
     # A late failure of the first claim must not undo the second one...
     for kind in ("failed", "retry"):
         assert ledger.record_outcomes(
-            conn, Q, [(1, kind, None, "late", 5.0)], claimed_at=old.claimed_at) == 0
+            conn, Q, [(1, Outcome(kind, None, "late", 5.0))], claimed_at=old.claimed_at) == 0
     assert statuses(conn)[1] == "claimed"
     # ... but the current claim's outcome lands.
     assert ledger.record_outcomes(
-        conn, Q, [(1, "sent", "new-msg", None, None)], claimed_at=new.claimed_at) == 1
+        conn, Q, [(1, Outcome("sent", "new-msg", None, None))], claimed_at=new.claimed_at) == 1
     # Outcomes for rows already final change nothing.
-    assert ledger.record_outcomes(conn, Q, [(1, "sent", "dup", None, None)]) == 0
-    assert ledger.record_outcomes(conn, Q, [(1, "failed", None, "x", None)]) == 0
+    assert ledger.record_outcomes(conn, Q, [(1, Outcome("sent", "dup", None, None))]) == 0
+    assert ledger.record_outcomes(conn, Q, [(1, Outcome("failed", None, "x", None))]) == 0
     assert rows_of(conn, "SELECT message_id FROM deliveries WHERE token = 1") == [("new-msg",)]
 
     # A late *sent* is a fact: it lands on a row re-queued meanwhile and so
     # prevents the duplicate.
     c8 = claim(conn, 2)  # 5 is skipped on the way
     assert tokens_of(c8) == [8]
-    time.sleep(0.02)
-    ledger.requeue_expired(conn, Q, 10, 5)
+    expire_leases(conn)
+    ledger.requeue_expired(conn, Q, 60_000, 5)
     assert ledger.record_outcomes(
-        conn, Q, [(8, "sent", "late-msg", None, None)], claimed_at=c8.claimed_at) == 1
+        conn, Q, [(8, Outcome("sent", "late-msg", None, None))], claimed_at=c8.claimed_at) == 1
     assert statuses(conn)[8] == "sent"
     assert 8 not in tokens_of(claim(conn, 10))
     assert_queue_matches(conn)
@@ -366,7 +379,7 @@ def test_status_and_next_due_in(conn: psycopg.Connection) -> None:
     assert ledger.next_due_in(conn, Q, 1000) == 0.0
 
     c = claim(conn, 10)
-    ledger.record_outcomes(conn, Q, [(1, "sent", "m", None, None), (8, "failed", None, "e", None)],
+    ledger.record_outcomes(conn, Q, [(1, Outcome("sent", "m", None, None)), (8, Outcome("failed", None, "e", None))],
                            claimed_at=c.claimed_at)
     s = ledger.status(conn, Q)
     assert {k: s[k] for k in ledger.STATUSES} == {
@@ -374,7 +387,7 @@ def test_status_and_next_due_in(conn: psycopg.Connection) -> None:
     assert s["oldest_queued_s"] is None and s["last_seq"] == 8
     due = ledger.next_due_in(conn, Q, 30_000)
     assert due is not None and 25 < due <= 30  # the claims' lease runs out
-    ledger.record_outcomes(conn, Q, [(t, "sent", "m", None, None) for t in (2, 3, 4)])
+    ledger.record_outcomes(conn, Q, [(t, Outcome("sent", "m", None, None)) for t in (2, 3, 4)])
     assert ledger.next_due_in(conn, Q, 30_000) is None
 
 

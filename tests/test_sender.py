@@ -28,7 +28,7 @@ from ses_emulator import (
 from mailroom import wire
 from mailroom.sender import pacing, ses
 from mailroom.config import Settings
-from mailroom.sender import FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
+from mailroom.sender import EMITTED, FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
 from mailroom.sender.stdin import run_stdin
 
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
@@ -335,6 +335,20 @@ def test_address_ses_cannot_take_fails_that_destination_only(stub, make_settings
     assert stub.bulk[0].addresses == ["user0@example.test"]
 
 
+@pytest.mark.parametrize("email, expected", [
+    ("anne@straße.example", "anne@xn--strae-oqa.example"),  # IDNA 2003 would say strasse.example
+    ("bo@faß.de", "bo@xn--fa-hia.de"),
+    ("cy@ΣΊΣΥΦΟΣ.example", "cy@xn--kxa6akbbkh.example"),  # UTS 46 maps to lower case first
+])
+def test_international_domains_follow_uts46(email, expected):
+    assert ses.normalize_address(email) == expected
+
+
+def test_a_domain_idna_2008_refuses_fails_the_destination():
+    with pytest.raises(ses.AddressError, match="IDNA"):
+        ses.normalize_address("x@a\u200db.example")  # a joiner with no context: invalid
+
+
 @pytest.mark.parametrize("email", ['"quoted"@example.test', "o'brien+tag@example.test", "x@localhost"])
 def test_valid_addresses_pass_unchanged(email):
     assert ses.normalize_address(email) == email
@@ -360,7 +374,8 @@ def test_debug_mode_prints_requests_and_sends_nothing(stub, make_settings):
 
     sender = Sender(settings, stdout=out)
     sender.start()
-    assert sender.submit(rows(2)).result(5) == [Outcome(SENT), Outcome(SENT)]
+    # Printed, not sent: the ledger records these as emitted, never as sent.
+    assert sender.submit(rows(2)).result(5) == [Outcome(EMITTED), Outcome(EMITTED)]
     sender.close()
     assert stub.requests == []
 
@@ -409,3 +424,51 @@ def test_close_waits_for_retries_by_default(stub, make_settings, running):
     future = sender.submit(rows(1))
     sender.close()
     assert future.result(0)[0].kind == SENT
+
+
+# --- the sender worker (supervisor mode) ------------------------------------------------------
+
+
+def _receive(pipe, kind, timeout=20.0):
+    """The next message of class ``kind`` from a worker, skipping heartbeats."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if pipe.poll(left):
+            message = pipe.recv()
+            if isinstance(message, kind):
+                return message
+    raise AssertionError(f"no {kind.__name__} from the worker within {timeout}s")
+
+
+def test_worker_reports_a_batch_in_flight_at_stop_after_a_malformed_one(stub, make_settings):
+    """A malformed batch must not upset the count of batches in flight: the
+    batch after it is still waited for and reported when the worker stops."""
+    import multiprocessing
+
+    from mailroom.supervisor import messages as msg
+    from mailroom.supervisor.workers import sender_worker
+
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    worker = ctx.Process(target=sender_worker, args=(theirs, make_settings(stub.url)), daemon=True)
+    worker.start()
+    theirs.close()
+    try:
+        _receive(ours, msg.Ready)
+        ours.send(msg.SendBatch("bad", b"not a batch line\n", [1]))
+        bad = _receive(ours, msg.BatchOutcomes)
+        assert bad.batch_id == "bad" and [(t, o.kind) for t, o in bad.outcomes] == [(1, FAILED)]
+
+        stub.gate.clear()  # SES holds the next call until we say
+        ours.send(msg.SendBatch("good", line((1, "g@example.test", "g", b"\x07" * 32, "00001")), [2]))
+        stub.wait_for(1)
+        ours.send(msg.Stop(timeout=20.0))
+        threading.Timer(0.3, stub.gate.set).start()  # answers while the worker is stopping
+        good = _receive(ours, msg.BatchOutcomes)
+        assert good.batch_id == "good" and [(t, o.kind) for t, o in good.outcomes] == [(2, SENT)]
+        worker.join(20)
+        assert worker.exitcode == 0
+    finally:
+        stub.gate.set()
+        if worker.is_alive():
+            worker.kill()

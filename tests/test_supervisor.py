@@ -236,3 +236,17 @@ def test_batch_in_flight_at_three_sender_deaths_goes_back_delayed(db, base_env, 
     assert delay.total_seconds() > 30
     stub.gate.set()
     assert sup.stop() == 0
+
+
+def test_debug_mode_records_emitted_not_sent(db, base_env, supervisors, stub):
+    """Debug mode prints instead of sending: an operator who turns it on in
+    production must find those rows 'emitted', never 'sent' (they can be re-queued)."""
+    sup = supervisors(supervisor_env(base_env, db, stub.url, debug="true"))
+    insert_accounts(db, 12, "dbg")
+    wait_for(lambda: ledger(db).get("emitted") == 12, timeout=60, what="12 emitted")
+    assert sup.stop() == 0
+    assert ledger(db).get("sent", 0) == 0
+    assert stub.bulk == []  # SES was never called
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM deliveries WHERE message_id IS NOT NULL"
+                            " OR sent_at IS NOT NULL").fetchone()[0] == 0

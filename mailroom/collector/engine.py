@@ -1,6 +1,6 @@
 """The collector: LISTEN for new tokens, claim them from the ledger in batches, encode.
 
-The loop (DESIGN §6) is independent of where batches go: a :class:`BatchSink`
+The loop is independent of where batches go: a :class:`BatchSink`
 receives each encoded line. :func:`run_stdout` plugs in stdout (compatibility
 mode, ``mailroom-collector | mailroom-sender``); the supervisor's collector worker
 plugs in its pipe and records the sender's outcomes through the same ledger module.

@@ -68,6 +68,7 @@ import psycopg
 from psycopg import pq
 
 from mailroom.ledger import sql as ledger_sql
+from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind, Row
 
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
@@ -79,15 +80,11 @@ __all__ = [
 REQUIRED_VERSION = 1
 
 #: Every ``delivery_status``, in lifecycle order.
-STATUSES = ("queued", "claimed", "sent", "emitted", "failed", "skipped")
+STATUSES = tuple(status.value for status in DeliveryStatus)
 
-#: A claimed row: ``(action 1|2, email, login, secret, code, token_id)``.
-Row = tuple[int, str, str, bytes, str, int]
-
-#: ``(token_id, kind, message_id, error, retry_after_s)``, kind in sent/failed/retry.
-Outcome = tuple[int, str, str | None, str | None, float | None]
-
-_OUTCOME_KINDS = frozenset({"sent", "failed", "retry"})
+#: The outcome kinds :func:`record_outcomes` takes (``skipped`` is the claim's own).
+_RECORDED_KINDS = frozenset({OutcomeKind.SENT, OutcomeKind.EMITTED, OutcomeKind.FAILED,
+                             OutcomeKind.RETRY})
 
 #: How long a chain of hinted claims may go on before a claim reads the queue
 #: from its start again (seconds): the longest a row the hint cannot see waits
@@ -190,26 +187,35 @@ def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
                   {"queue": queue, "lease_ms": lease_ms, "max": max_attempts})
 
 
-def record_outcomes(conn: psycopg.Connection[Any], queue: str, outcomes: Iterable[Outcome], *,
+def record_outcomes(conn: psycopg.Connection[Any], queue: str,
+                    outcomes: Iterable[tuple[int, Outcome]], *,
                     claimed_at: dt.datetime | None = None,
                     max_attempts: int | None = None) -> int:
     """Write what SES said about claimed rows, in one statement for the batch.
 
-    Each outcome is ``(token_id, kind, message_id, error, retry_after_s)``:
-    ``sent`` stores the MessageId, ``failed`` the error, ``retry`` queues the
-    row again ``retry_after_s`` seconds from now (``failed`` instead once it
-    has been claimed ``max_attempts`` times).  Pass the batch's
+    ``outcomes`` pairs each token id with its :class:`Outcome`: ``sent`` stores
+    the MessageId, ``emitted`` (debug mode) marks it printed, ``failed`` stores
+    the error, ``retry`` queues the row again ``retry_after`` seconds from now
+    (``failed`` instead once it has been claimed ``max_attempts`` times).  Pass the batch's
     ``Claim.claimed_at`` so that failures and retries only change that claim
     (see the comment on ``ledger_sql.RECORD`` for what a stale outcome may change).
     Returns how many rows changed; stale or duplicate outcomes change nothing.
     """
-    batch = [tuple(o) for o in outcomes]
-    for outcome in batch:
-        if outcome[1] not in _OUTCOME_KINDS:
-            raise ValueError(f"unknown outcome kind {outcome[1]!r}")
-    if not batch:
+    tokens: list[int] = []
+    kinds: list[str] = []
+    message_ids: list[str | None] = []
+    errors: list[str | None] = []
+    retry_after: list[float | None] = []
+    for token, outcome in outcomes:
+        if outcome.kind not in _RECORDED_KINDS:
+            raise ValueError(f"unknown outcome kind {outcome.kind!r}")
+        tokens.append(token)
+        kinds.append(str(outcome.kind))  # the plain value, whatever psycopg does with enums
+        message_ids.append(outcome.message_id)
+        errors.append(outcome.error)
+        retry_after.append(outcome.retry_after)
+    if not tokens:
         return 0
-    tokens, kinds, message_ids, errors, retry_after = (list(col) for col in zip(*batch))
     return _count(conn, ledger_sql.RECORD, dict(
         queue=queue, tokens=tokens, kinds=kinds, message_ids=message_ids, errors=errors,
         retry_after=retry_after, claimed_at=claimed_at,

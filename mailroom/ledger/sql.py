@@ -20,8 +20,8 @@ __all__ = ["RECORD", "REQUEUE_EXPIRED", "claim_sql", "move_claimed_sql"]
 # cached plan never sees the hint's values): rows are found by LATERAL probes,
 # ctid, `= ANY(array)`, or a key range at most a few times as wide as the rows,
 # never by a join the planner could turn into a scan.  Eligibility is the
-# original collector's rule (SCHEMA.md, last section); the reason a row is not
-# sent goes to last_error.  claim_sql fills in the variants below ({lookups},
+# original collector's rule (token not expired, not consumed, and its account's
+# status fits the action); the reason a row is not sent goes to last_error.  claim_sql fills in the variants below ({lookups},
 # {mark}, {dequeue}), then {queue}, {limit} and the rest.
 _CLAIM = """
 WITH hint AS MATERIALIZED (
@@ -365,11 +365,13 @@ WITH {_HOLD},
 changed AS (
     UPDATE deliveries AS d
        SET status = CASE WHEN o.kind = 'sent' THEN 'sent'
+                         -- debug mode printed the request and sent nothing
+                         WHEN o.kind = 'emitted' THEN 'emitted'
                          WHEN o.kind = 'retry' AND d.attempts < %(max)s THEN 'queued'
                          ELSE 'failed' END::delivery_status,
            sent_at = CASE WHEN o.kind = 'sent' THEN statement_timestamp() ELSE d.sent_at END,
            message_id = CASE WHEN o.kind = 'sent' THEN o.message_id ELSE d.message_id END,
-           last_error = CASE WHEN o.kind = 'sent' THEN d.last_error
+           last_error = CASE WHEN o.kind IN ('sent', 'emitted') THEN d.last_error
                              WHEN o.kind = 'retry' AND d.attempts >= %(max)s
                              THEN format('giving up after %%s attempts: %%s', d.attempts, o.error)
                              ELSE o.error END,

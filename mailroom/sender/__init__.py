@@ -6,6 +6,7 @@ pause); :mod:`~mailroom.sender.ses` the SES client, requests and answers;
 :func:`~mailroom.sender.stdin.run_stdin` the compatibility mode.
 """
 
-from mailroom.sender.engine import FAILED, RETRY, SENT, Outcome, Sender, SendPolicy
+from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Sender, SendPolicy
+from mailroom.vocabulary import Outcome
 
-__all__ = ["FAILED", "RETRY", "SENT", "Outcome", "SendPolicy", "Sender"]
+__all__ = ["EMITTED", "FAILED", "RETRY", "SENT", "Outcome", "SendPolicy", "Sender"]

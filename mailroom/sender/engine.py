@@ -1,4 +1,4 @@
-"""The sender: batches of decoded rows in, one outcome per token out (DESIGN §7).
+"""The sender: batches of decoded rows in, one outcome per token out.
 
 :class:`Sender` is the engine shared by the two ways of running it: the sender
 worker forked by the supervisor (outcomes go back over its pipe to the ledger), and
@@ -16,39 +16,27 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import sys
 import threading
 import time
-from typing import Any, NamedTuple, TextIO
+from typing import Any, TextIO
 
 from mailroom._process import backoff
 from mailroom.config import Settings
 from mailroom.sender import pacing, ses
+from mailroom.vocabulary import Outcome, OutcomeKind
+from mailroom.wire import WireFields
 
 log = logging.getLogger(__name__)
 
-Row = tuple[int, str, str, str, str]
+#: A decoded batch row: ``(action, email, login, signed token, code)`` (wire format).
+Row = WireFields
 
-SENT = "sent"
-FAILED = "failed"
-RETRY = "retry"
-
-
-class Outcome(NamedTuple):
-    """What became of one token of a batch.
-
-    ``kind`` is ``"sent"`` (SES accepted it; ``message_id`` is SES's MessageId, None
-    in debug mode), ``"failed"`` (refused for good or out of attempts; ``error`` says
-    why) or ``"retry"`` (not sent now: shutdown or a paused account; the caller may
-    queue it again after ``retry_after`` seconds, when known).
-    """
-
-    kind: str
-    message_id: str | None = None
-    error: str | None = None
-    retry_after: float | None = None
+SENT = OutcomeKind.SENT
+EMITTED = OutcomeKind.EMITTED
+FAILED = OutcomeKind.FAILED
+RETRY = OutcomeKind.RETRY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +133,6 @@ class Sender:
         self._probe_at = 0.0
         self._held: list[_Call] = []
         self._stopping = threading.Event()  # wakes every wait when close() gives up
-        self._print_lock = threading.Lock()
 
     @property
     def rate(self) -> float | None:
@@ -161,27 +148,31 @@ class Sender:
             return
         self._started = True
         if self.settings.debug:
+            # The same path as real sending, with a client that prints instead of
+            # calling SES: one thread, so requests print in submission order.
             log.info("debug mode: printing each request on stdout, sending nothing")
-            return
-        concurrency = self.settings.ses_concurrency
-        self._client = ses.make_client(
-            self.settings,
-            connect_timeout=self.policy.connect_timeout,
-            read_timeout=self.policy.read_timeout,
-            pool_size=concurrency,
-        )
-        self._raw = ses.RawResponseWriter(self.settings.ses_output_path)
-        self._raw.attach(self._client)
-        rate = self.settings.ses_max_send_rate
-        if rate is None:
-            rate = ses.read_send_rate(self._client)
+            self._client = ses.PrintingClient(self._stdout or sys.stdout)
+            concurrency, rate = 1, None
+        else:
+            concurrency = self.settings.ses_concurrency
+            self._client = ses.make_client(
+                self.settings,
+                connect_timeout=self.policy.connect_timeout,
+                read_timeout=self.policy.read_timeout,
+                pool_size=concurrency,
+            )
+            self._raw = ses.RawResponseWriter(self.settings.ses_output_path)
+            self._raw.attach(self._client)
+            rate = self.settings.ses_max_send_rate
+            if rate is None:
+                rate = ses.read_send_rate(self._client)
+            log.info(
+                "sending through SES%s with %d threads, %s",
+                f" at {self.settings.ses_endpoint_url}" if self.settings.ses_endpoint_url else "",
+                concurrency,
+                f"at most {rate:g} recipients/s" if rate else "no rate limit",
+            )
         self._bucket = pacing.TokenBucket(rate)
-        log.info(
-            "sending through SES%s with %d threads, %s",
-            f" at {self.settings.ses_endpoint_url}" if self.settings.ses_endpoint_url else "",
-            concurrency,
-            f"at most {rate:g} recipients/s" if rate else "no rate limit",
-        )
         for number in range(concurrency):
             # Daemon threads: a call stuck past the shutdown deadline must not keep
             # the process alive; its tokens were already handed back as "retry".
@@ -215,9 +206,7 @@ class Sender:
             for action, (indices, destinations) in groups.items()
             for i in range(0, len(indices), size)
         ]
-        if self.settings.debug:
-            self._print(calls)
-        elif calls:
+        if calls:
             with self._lock:
                 if not batch.done:
                     self._batches.add(batch)
@@ -226,18 +215,6 @@ class Sender:
         if not rows:
             self._finish(batch)
         return batch.future
-
-    def _print(self, calls: list[_Call]) -> None:
-        # Debug mode: the exact requests, one JSON object per line, and "sent".
-        out = self._stdout or sys.stdout
-        with self._print_lock:
-            for call in calls:
-                request = ses.bulk_request(self.settings, call.action, call.destinations)
-                out.write(json.dumps(request, ensure_ascii=False) + "\n")
-            out.flush()
-        for call in calls:
-            for index in call.indices:
-                self._resolve(call.batch, index, Outcome(SENT))
 
     # --- sending --------------------------------------------------------------------------
 
@@ -275,7 +252,8 @@ class Sender:
             self._give_back(call, "sender stopping")
             return
         verdicts = self._attempt(call)
-        by_kind: dict[str, list[int]] = {ses.SENT: [], ses.RETRY: [], ses.PAUSE: [], ses.FAIL: []}
+        by_kind: dict[str, list[int]] = {ses.SENT: [], ses.EMITTED: [], ses.RETRY: [], ses.PAUSE: [],
+                                         ses.FAIL: []}
         for position, verdict in enumerate(verdicts):
             by_kind[verdict.kind].append(position)
         # The pause state first: whoever sees the outcomes sees the state that led to them.
@@ -287,6 +265,8 @@ class Sender:
         for position in by_kind[ses.SENT]:
             outcome = Outcome(SENT, message_id=verdicts[position].detail)
             self._resolve(call.batch, call.indices[position], outcome)
+        for position in by_kind[ses.EMITTED]:
+            self._resolve(call.batch, call.indices[position], Outcome(EMITTED))
         for position in by_kind[ses.FAIL]:
             outcome = Outcome(FAILED, error=verdicts[position].detail)
             self._resolve(call.batch, call.indices[position], outcome)

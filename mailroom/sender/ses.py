@@ -24,7 +24,9 @@ import re
 import threading
 import time
 import urllib.parse
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
+
+import idna
 
 from mailroom._process import one_line
 from mailroom.config import Settings
@@ -43,6 +45,7 @@ _DEFAULT_DATA = {
 
 # Verdict kinds.
 SENT = "sent"
+EMITTED = "emitted"  # printed by the debug client, not sent
 RETRY = "retry"  # worth another attempt (counts against send_max_attempts)
 PAUSE = "pause"  # the account cannot send now: hold, probe later, no attempt burnt
 FAIL = "fail"  # permanent for this destination
@@ -116,6 +119,29 @@ def read_send_rate(client: Any) -> float | None:
     return rate
 
 
+class PrintingClient:
+    """Debug mode's stand-in for the SES client: prints each request, sends nothing.
+
+    Each ``SendBulkTemplatedEmail`` request is written to ``out`` as one JSON
+    object per line, and every destination is answered with :data:`STATUS`,
+    which the sender records as ``emitted`` (printed, not sent): an operator who
+    turns debug mode on in production must not find those emails marked sent.
+    """
+
+    STATUS = "PrintedNotSent"
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def send_bulk_templated_email(self, **request: Any) -> dict[str, Any]:
+        """Print ``request``; answer as SES would, with one status per destination."""
+        with self._lock:
+            self._out.write(json.dumps(request, ensure_ascii=False) + "\n")
+            self._out.flush()
+        return {"Status": [{"Status": self.STATUS}] * len(request["Destinations"])}
+
+
 # --- requests ---------------------------------------------------------------------------
 
 
@@ -147,9 +173,11 @@ def normalize_address(email: str) -> str:
     if not (_DOT_ATOM.fullmatch(local) or _QUOTED.fullmatch(local)):
         raise AddressError("the local part is not valid address syntax")
     if not domain.isascii():
+        # UTS 46 / IDNA 2008 (the idna package), not Python's "idna" codec, which is
+        # IDNA 2003 and maps straße.example to strasse.example: another domain.
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
             raise AddressError(f"the domain cannot be encoded as IDNA ({exc})") from None
     labels = domain.split(".")
     if len(domain) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
@@ -215,6 +243,8 @@ _ERROR_PAUSE = {
 def classify_status(entry: dict[str, Any]) -> Verdict:
     """Classify one ``Status`` entry of a SendBulkTemplatedEmail response."""
     status = entry.get("Status", "")
+    if status == PrintingClient.STATUS:
+        return Verdict(EMITTED, None)
     # moto leaves Status out of its answers; a MessageId alone means accepted too.
     if status == "Success" or (not status and entry.get("MessageId") and not entry.get("Error")):
         return Verdict(SENT, entry.get("MessageId"))

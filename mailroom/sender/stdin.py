@@ -7,8 +7,7 @@ a malformed line is reported with its line number and skipped.
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
+import collections
 import logging
 import os
 import select
@@ -19,9 +18,12 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO, TextIO
 
-from mailroom._process import SignalFlag
+from mailroom._process import SignalFlag, one_line
 from mailroom.config import Settings
-from mailroom.sender.engine import FAILED, RETRY, SENT, Outcome, Row, Sender, SendPolicy
+from mailroom import config
+from mailroom.sender.driver import Driver, EndOfInput, Job, StopRequest
+from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Outcome, Row, Sender, SendPolicy
+from mailroom.wire import WireError
 
 log = logging.getLogger("mailroom.sender")
 
@@ -47,80 +49,94 @@ def run_stdin(
     what is in flight gets ``shutdown_timeout`` ms (a second signal ends the process
     at once).  A paused account holds the batches: nobody would send them later.
     """
-    from mailroom.wire import WireError, decode_line
-
     stdin = stdin if stdin is not None else sys.stdin.buffer
     sender = Sender(settings, stdout=stdout, policy=policy or SendPolicy(hold_when_paused=True))
     try:
         sender.start()
-    except Exception as exc:  # noqa: BLE001 - e.g. a malformed endpoint URL
-        log.error("cannot start the sender: %s", exc)
-        return 1
-    window = threading.BoundedSemaphore(settings.ses_concurrency + settings.max_in_flight)
+    except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings, e.g. a bad endpoint URL
+        # Creating the client does not talk to SES: what fails here is configuration.
+        log.error("cannot start the sender: %s", one_line(exc))
+        return config.EXIT_CONFIG
     signals = SignalFlag()
     signals.install((signal.SIGTERM, signal.SIGINT), second_is_fatal=True)
+    on_signal = StopRequest(settings.shutdown_timeout / 1000)
+    driver = Driver(sender, _LogSink(signals), window=settings.ses_concurrency + settings.max_in_flight,
+                    poll_stop=lambda: on_signal if signals() else None)
+    reader = threading.Thread(target=_read, args=(stdin, signals, driver), name="stdin-reader", daemon=True)
+    try:
+        reader.start()
+        driver.run()
+    except BaseException:
+        sender.close(0)
+        raise
+    finally:
+        # Handlers back, pipe left open: the reader thread may still be polling it.
+        signals.restore()
+    return config.EXIT_OK
+
+
+def _read(stdin: BinaryIO, signals: SignalFlag, driver: Driver) -> None:
+    """The source: number the lines of ``stdin`` and hand them to the driver.
+
+    Runs in its own thread; it waits for room in the driver's window before each
+    line, so a huge input is not read ahead.  What was read but not yet handed over
+    when a signal came stays unsent.
+    """
+    from mailroom.wire import decode_line
+
     try:
         for number, line in _batch_lines(_split_lines(_chunks(stdin, signals)), decode_line):
-            if signals():
-                break  # what was read but not yet submitted stays unsent
             if not line.endswith(b"\n"):
                 # A writer that died mid-line: the cut could fall inside a field (a
                 # shorter code still parses), so an unterminated line is never sent.
                 log.error("line %d: incomplete (input ended without a newline); skipped", number)
                 continue
-            try:
-                rows = decode_line(line)
-            except WireError as exc:
-                log.error("line %d: %s", number, exc)
-                continue
-            if not rows:
-                continue
-            # Wait for room; polling only while the window is full, to notice a signal.
-            while not window.acquire(timeout=0.1):
+            while not driver.window.acquire(timeout=0.1):
                 if signals():
-                    break
-            else:
-                started = time.monotonic()
-                future = sender.submit(rows)
-                future.add_done_callback(functools.partial(_report, number, rows, started, window))
+                    return
             if signals():
-                break
-        if signals():
-            timeout = settings.shutdown_timeout / 1000
-            log.info("%s: stopped reading; finishing the batches in flight (at most %g s)",
-                     signal.Signals(signals.first or signal.SIGTERM).name, timeout)
-            sender.close(timeout)
-        else:
-            sender.close(None)
-    except BaseException:
-        sender.close(0)
-        raise
-    finally:
-        signals.close()
-    return 0
+                return
+            driver.put(Job(number, line))
+    except Exception as exc:  # noqa: BLE001 - an unreadable stdin ends the input, with a line
+        log.error("cannot read the input: %s", one_line(exc))
+    if not signals():  # a signal is the driver's to act on, not an end of input
+        driver.put(EndOfInput())
 
 
-def _report(number: int, rows: list[Row], started: float, window: threading.BoundedSemaphore,
-            future: concurrent.futures.Future[list[Outcome]]) -> None:
-    """Log a finished batch: one line per destination not sent, then the summary."""
-    window.release()
-    outcomes = future.result()
-    counts = {SENT: 0, FAILED: 0, RETRY: 0}
-    for row, outcome in zip(rows, outcomes):
-        counts[outcome.kind] += 1
-        if outcome.kind == FAILED:
-            log.warning("line %d: failed to send to %s: %s", number, _printable(row[1]), outcome.error)
-        elif outcome.kind == RETRY:
-            log.warning("line %d: not sent to %s (%s)", number, _printable(row[1]), outcome.error)
-    log.info(
-        "line %d: %d rows, %d sent, %d failed%s, %d ms",
-        number,
-        len(rows),
-        counts[SENT],
-        counts[FAILED],
-        f", {counts[RETRY]} not sent" if counts[RETRY] else "",
-        (time.monotonic() - started) * 1000,
-    )
+class _LogSink:
+    """Stdin mode's outcome sink: a log line per destination not sent, then a summary."""
+
+    def __init__(self, signals: SignalFlag) -> None:
+        self.signals = signals
+
+    def done(self, job: Job, rows: list[Row], outcomes: list[Outcome]) -> None:
+        if not rows:
+            return
+        counts = collections.Counter(outcome.kind for outcome in outcomes)
+        for row, outcome in zip(rows, outcomes):
+            if outcome.kind == FAILED:
+                log.warning("line %s: failed to send to %s: %s", job.key, _printable(row[1]), outcome.error)
+            elif outcome.kind == RETRY:
+                log.warning("line %s: not sent to %s (%s)", job.key, _printable(row[1]), outcome.error)
+        log.info(
+            "line %s: %d rows, %d sent, %d failed%s, %d ms",
+            job.key,
+            len(rows),
+            counts[SENT] + counts[EMITTED],
+            counts[FAILED],
+            f", {counts[RETRY]} not sent" if counts[RETRY] else "",
+            (time.monotonic() - job.started) * 1000,
+        )
+
+    def malformed(self, job: Job, error: WireError) -> None:
+        log.error("line %s: %s", job.key, error)
+
+    def tick(self) -> None:
+        return None
+
+    def stopping(self, stop: StopRequest) -> None:
+        log.info("%s: stopped reading; finishing the batches in flight (at most %g s)",
+                 signal.Signals(self.signals.first or signal.SIGTERM).name, stop.timeout)
 
 
 def _printable(text: str) -> str:

@@ -1,4 +1,4 @@
-"""``mailroom-supervisor``: fork, route between and watch the collector and sender.
+"""The arbiter of ``mailroom-supervisor``: fork, watch and restart the two workers.
 
 The shape is gunicorn's arbiter: signal handlers only queue the signal and poke a
 wake-up pipe; the main loop waits on the workers' pipes and that wake-up pipe
@@ -7,14 +7,17 @@ reaps exited workers, restarts them with capped exponential backoff, and kills a
 worker whose heartbeats stop. A worker exiting with a boot-error code (bad
 configuration, missing schema) halts the supervisor instead of a restart loop.
 
+Batches are the router's business (:mod:`mailroom.supervisor.router`): the arbiter
+reads the pipes, hands batch messages to it and tells it when a worker came or went.
+
 This module imports neither psycopg nor boto3: the supervisor holds no database
 connection, no SES client and no thread; the workers create theirs after the fork.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import enum
 import logging
 import multiprocessing
 import os
@@ -23,16 +26,16 @@ import socket
 import sys
 import time
 from multiprocessing.connection import Connection, wait
+from typing import Any
 
 from mailroom import config
-from mailroom._process import SignalFlag
-from mailroom.supervisor import messages as protocol
+from mailroom._process import SignalFlag, backoff
+from mailroom.supervisor import messages as msg
+from mailroom.supervisor.router import COLLECTOR, SENDER, Router
 from mailroom.config import Settings
 
 logger = logging.getLogger("mailroom.supervisor")
 
-COLLECTOR = "collector"
-SENDER = "sender"
 #: Restart backoff (seconds): first delay, cap, and the uptime after which a
 #: worker counts as healthy again (its backoff starts over).
 RESTART_FIRST = 0.5
@@ -40,11 +43,6 @@ RESTART_CAP = 30.0
 HEALTHY_AFTER = 60.0
 #: After the stop message, how long a worker gets before SIGKILL.
 STOP_GRACE = 10.0
-#: A batch in flight at this many sender deaths is suspected of killing the sender:
-#: it goes back to the ledger as a delayed retry (whose attempts are bounded)
-#: instead of being handed to every restarted sender forever.
-POISON_DEATHS = 3
-POISON_RETRY_AFTER = 60.0
 #: Exit codes that mean "restarting will not help": halt with the same code.
 BOOT_ERRORS = {
     config.EXIT_CONFIG: "invalid configuration",
@@ -65,24 +63,20 @@ class Worker:
     failures: int = 0
     restart_at: float | None = 0.0   # None: do not (re)start
     exited: bool = True
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # from its last heartbeat
 
     @property
     def up(self) -> bool:
         return self.pipe is not None and not self.exited
 
 
-@dataclasses.dataclass
-class Batch:
-    """A batch between its claim and its outcomes: what a restarted sender needs."""
+class Phase(enum.Enum):
+    """Where the supervisor is in its life; a stop goes through the last three in order."""
 
-    line: bytes
-    token_ids: list
-    activation: int
-    recovery: int
-    claimed_at: object          # opaque to the supervisor: echoed back to the collector
-    received_at: float
-    dispatched: bool = False
-    deaths: int = 0             # sender deaths while this batch was in flight
+    RUNNING = "running"
+    DRAIN = "drain"  # no new claims; the sender finishes what is in flight
+    STOP_SENDER = "stop_sender"  # the sender was told to stop; its last outcomes come in
+    STOP_COLLECTOR = "stop_collector"  # the collector records the rest and exits
 
 
 def describe_exit(code: int | None) -> str:
@@ -117,15 +111,17 @@ class Supervisor:
         self.settings = settings
         self.ctx = multiprocessing.get_context("fork")
         self.workers = {COLLECTOR: Worker(COLLECTOR), SENDER: Worker(SENDER)}
-        self.batches: dict[str, Batch] = {}
-        self.outbox: collections.deque = collections.deque()  # outcomes awaiting a collector
+        self.router = Router(self.send)
         self.signals = SignalFlag()
-        self.stopping = False
-        self.phase = ""
+        self.phase = Phase.RUNNING
         self.deadline = 0.0
         self.exit_code = config.EXIT_OK
         self.done = False
         self.announced_ready = False
+
+    @property
+    def stopping(self) -> bool:
+        return self.phase is not Phase.RUNNING
 
     # -- signals: handlers only record, the loop acts ------------------------------
     def install_signals(self) -> None:
@@ -135,13 +131,10 @@ class Supervisor:
         if self.stopping:
             self.handle_quit()
             return
-        self.stopping = True
-        self.phase = "drain"
-        self.deadline = time.monotonic() + self.settings.shutdown_timeout / 1000
+        self.begin_stop(self.settings.shutdown_timeout / 1000)
         sd_notify("STOPPING=1")
         logger.info("stopping: no new claims, %d batches in flight (waiting up to %.1fs)",
-                    len(self.batches), self.settings.shutdown_timeout / 1000)
-        self.send(COLLECTOR, (protocol.DRAIN,))
+                    len(self.router), self.settings.shutdown_timeout / 1000)
 
     handle_int = handle_term
 
@@ -168,14 +161,9 @@ class Supervisor:
         worker.restart_at = None
         logger.info("%s worker started (pid %d)", worker.role, process.pid)
         if worker.role == COLLECTOR:
-            self.send(COLLECTOR, (protocol.ADOPT, list(self.batches)))
-            while self.outbox and self.workers[COLLECTOR].up:
-                self.send(COLLECTOR, self.outbox.popleft())
-            if self.stopping:
-                self.send(COLLECTOR, (protocol.DRAIN,))
+            self.router.collector_started(draining=self.stopping)
         else:
-            for batch_id, batch in self.batches.items():
-                self.dispatch(batch_id, batch)
+            self.router.sender_started()
 
     def _child_main(self, role: str, pipe: Connection, parent_end: Connection) -> None:
         # Runs in the child right after the fork: undo the supervisor's signal
@@ -218,97 +206,59 @@ class Supervisor:
             logger.error("%s worker cannot start: %s (%s); stopping", worker.role,
                          BOOT_ERRORS[code], describe_exit(code))
             self.exit_code = code
-            self.begin_halt()
+            self.begin_stop(0.0)
             return
         if now - worker.started_at >= HEALTHY_AFTER:
             worker.failures = 0
-        delay = min(RESTART_CAP, RESTART_FIRST * 2 ** worker.failures)
+        delay = backoff(worker.failures, RESTART_FIRST, RESTART_CAP, jitter=False)
         worker.failures += 1
         worker.restart_at = now + delay
         logger.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
                        worker.role, pid, describe_exit(code), delay)
         if worker.role == SENDER:
-            for batch_id, batch in list(self.batches.items()):
-                batch.deaths += batch.dispatched
-                batch.dispatched = False
-                if batch.deaths >= POISON_DEATHS:
-                    self.give_up(batch_id, batch)
+            self.router.sender_died()
 
-    def give_up(self, batch_id: str, batch: Batch) -> None:
-        """Hand a batch that keeps killing the sender back to the ledger, delayed."""
-        logger.error("batch %s was in flight at %d sender deaths; handing it back to the"
-                     " queue for a later attempt", batch_id, batch.deaths)
-        error = f"sender worker died {batch.deaths} times with this batch in flight"
-        outcomes = [(tid, "retry", None, error, POISON_RETRY_AFTER) for tid in batch.token_ids]
-        self.on_message(self.workers[SENDER], (protocol.OUTCOMES, batch_id, outcomes))
-
-    def begin_halt(self) -> None:
-        """Stop the other worker quickly after a boot error."""
-        self.stopping = True
-        self.phase = "drain"
-        self.deadline = time.monotonic()
-        self.send(COLLECTOR, (protocol.DRAIN,))
+    def begin_stop(self, grace: float) -> None:
+        """Stop claiming; the sender gets ``grace`` seconds to finish what is in flight."""
+        self.phase = Phase.DRAIN
+        self.deadline = time.monotonic() + grace
+        self.send(COLLECTOR, msg.Drain())
 
     def kill_all(self) -> None:
         for worker in self.workers.values():
-            if worker.process is not None and not worker.exited:
+            if worker.process is not None and worker.process.pid and not worker.exited:
                 try:
                     os.kill(worker.process.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
 
     # -- messages --------------------------------------------------------------
-    def send(self, role: str, message: tuple) -> bool:
+    def send(self, role: str, message: object) -> bool:
+        """Send to a worker; False when it is not there to take it."""
         worker = self.workers[role]
-        if not worker.up:
+        if not worker.up or worker.pipe is None:
             return False
         try:
             worker.pipe.send(message)
             return True
-        except (BrokenPipeError, ConnectionResetError, OSError):
+        except OSError:  # EPIPE, ECONNRESET: the worker is going; reaping tells why
             return False
 
-    def dispatch(self, batch_id: str, batch: Batch) -> None:
-        if not batch.dispatched and not (self.stopping and self.phase != "drain"):
-            batch.dispatched = self.send(SENDER, (protocol.BATCH, batch_id, batch.line, batch.token_ids))
-
-    def on_message(self, worker: Worker, message: tuple) -> None:
+    def on_message(self, worker: Worker, message: object) -> None:
         worker.last_seen = time.monotonic()
-        kind = message[0]
-        if kind == protocol.HEARTBEAT:
-            return
-        if kind == protocol.READY:
+        if isinstance(message, msg.Heartbeat):
+            worker.stats = message.stats
+        elif isinstance(message, msg.Ready):
             logger.debug("%s worker ready", worker.role)
             if not self.announced_ready and worker.role == COLLECTOR:
                 self.announced_ready = True
                 sd_notify("READY=1")
-        elif kind == protocol.BATCH and worker.role == COLLECTOR:
-            _, batch_id, line, token_ids, activation, recovery, claimed_at = message
-            if self.phase == "stop_collector":
-                # Claimed just before the collector saw the drain request: too late to send.
-                self.send(COLLECTOR, (protocol.RELEASE, batch_id, token_ids, claimed_at))
-                return
-            batch = Batch(line, token_ids, activation, recovery, claimed_at, time.monotonic())
-            self.batches[batch_id] = batch
-            self.dispatch(batch_id, batch)
-        elif kind == protocol.OUTCOMES and worker.role == SENDER:
-            _, batch_id, outcomes = message
-            batch = self.batches.pop(batch_id, None)
-            self.log_batch(batch_id, batch, outcomes)
-            record = (protocol.OUTCOMES, batch_id, outcomes, batch.claimed_at if batch else None)
-            if not self.send(COLLECTOR, record):
-                self.outbox.append(record)
+        elif isinstance(message, msg.Claimed) and worker.role == COLLECTOR:
+            self.router.on_claimed(message)
+        elif isinstance(message, msg.BatchOutcomes) and worker.role == SENDER:
+            self.router.on_outcomes(message)
         else:
-            logger.warning("unexpected message %r from the %s worker", kind, worker.role)
-
-    def log_batch(self, batch_id: str, batch: Batch | None, outcomes: list) -> None:
-        counts = collections.Counter(outcome[1] for outcome in outcomes)
-        if batch is None:
-            logger.info("batch %s: %d outcomes for a batch no longer tracked", batch_id, len(outcomes))
-            return
-        logger.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry, %d ms",
-                    batch_id, len(outcomes), batch.activation, batch.recovery, counts["sent"],
-                    counts["failed"], counts["retry"], (time.monotonic() - batch.received_at) * 1000)
+            logger.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
 
     def read(self, worker: Worker) -> None:
         try:
@@ -330,7 +280,8 @@ class Supervisor:
             for worker in self.workers.values():
                 if worker.exited and worker.restart_at is not None and now >= worker.restart_at:
                     self.spawn(worker)
-                elif worker.up and now - worker.last_seen > self.settings.worker_timeout / 1000:
+                elif worker.up and worker.process is not None and worker.process.pid \
+                        and now - worker.last_seen > self.settings.worker_timeout / 1000:
                     logger.error("%s worker (pid %d) silent for %.0fs; killing it", worker.role,
                                  worker.process.pid, now - worker.last_seen)
                     os.kill(worker.process.pid, signal.SIGKILL)
@@ -340,27 +291,24 @@ class Supervisor:
 
     def advance_stop(self, now: float) -> None:
         collector, sender = self.workers[COLLECTOR], self.workers[SENDER]
-        if self.phase == "drain":
-            if self.batches and sender.up and now < self.deadline:
+        if self.phase is Phase.DRAIN:
+            if len(self.router) and sender.up and now < self.deadline:
                 return
-            self.phase = "stop_sender"
-            self.send(SENDER, (protocol.STOP, 0.0 if now >= self.deadline else self.deadline - now))
+            self.phase = Phase.STOP_SENDER
+            self.router.dispatching = False
+            self.send(SENDER, msg.Stop(0.0 if now >= self.deadline else self.deadline - now))
             self.deadline = max(now, self.deadline) + STOP_GRACE
-        if self.phase == "stop_sender":
+        if self.phase is Phase.STOP_SENDER:
             if sender.up and now < self.deadline:
                 return
-            for batch_id, batch in list(self.batches.items()):
-                message = (protocol.RELEASE, batch_id, batch.token_ids, batch.claimed_at)
-                if not self.send(COLLECTOR, message):
-                    self.outbox.append(message)
-            if self.batches:
-                logger.warning("%d batches never finished; their rows go back to the queue",
-                               len(self.batches))
-            self.batches.clear()
-            self.phase = "stop_collector"
-            self.send(COLLECTOR, (protocol.STOP,))
+            unfinished = self.router.release_all()
+            if unfinished:
+                logger.warning("%d batches never finished; their rows go back to the queue", unfinished)
+            self.phase = Phase.STOP_COLLECTOR
+            self.router.accepting = False
+            self.send(COLLECTOR, msg.Stop())
             self.deadline = now + STOP_GRACE
-        if self.phase == "stop_collector":
+        if self.phase is Phase.STOP_COLLECTOR:
             if collector.up and now < self.deadline:
                 return
             self.kill_all()

@@ -1,7 +1,9 @@
 """The two worker processes of ``mailroom-supervisor``, run after the fork.
 
 Everything that holds a database connection, a thread or an SES client is
-created here, inside the child, never in the supervisor before the fork.
+created here, inside the child, never in the supervisor before the fork.  This
+module imports the collector engine (and the sender's, lazily), so the
+supervisor's own process never imports it: the arbiter does, in the child.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import queue
 import signal
 import threading
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 import psycopg
 
@@ -21,9 +23,11 @@ from mailroom import config, ledger
 from mailroom._process import SignalFlag, die_with_parent, one_line, setup_logging
 from mailroom.collector import Collector
 from mailroom.config import Settings
-from mailroom.supervisor import messages as protocol
+from mailroom.supervisor import messages as msg
+from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind
 
 logger = logging.getLogger("mailroom.workers")
+
 
 def _boot(tag: str, settings: Settings) -> SignalFlag:
     setup_logging(tag, settings.log_level)
@@ -46,15 +50,15 @@ class PipeSink:
     The number of batches without outcomes is bounded by ``max_in_flight``.
     """
 
-    final_status = "claimed"
+    final_status = DeliveryStatus.CLAIMED
 
     def __init__(self, pipe: Connection, settings: Settings) -> None:
         self.pipe = pipe
         self.queue = settings.queue_name
         self.max_attempts = settings.send_max_attempts
         self.max_in_flight = settings.max_in_flight
-        self.in_flight: set = set()
-        self.pending: collections.deque = collections.deque()  # messages not yet applied
+        self.in_flight: set[str] = set()
+        self.pending: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
         self.draining = False
         self.stopping = False
         self.counter = 0
@@ -69,8 +73,8 @@ class PipeSink:
         token_ids = [row[5] for row in claim.rows]
         recovery = sum(1 for row in claim.rows if row[0] == 2)
         try:
-            self.pipe.send((protocol.BATCH, batch_id, line, token_ids, len(token_ids) - recovery,
-                            recovery, claim.claimed_at))
+            self.pipe.send(msg.Claimed(batch_id, line, token_ids, len(token_ids) - recovery,
+                                       recovery, claim.claimed_at))
         except OSError:
             # The supervisor is gone; the collector releases the rows and stops.
             self.stopping = True
@@ -85,42 +89,43 @@ class PipeSink:
         try:
             while self.pipe.poll():
                 message = self.pipe.recv()
-                kind = message[0]
-                if kind == protocol.DRAIN:
+                if isinstance(message, msg.Drain):
                     self.draining = True
-                elif kind == protocol.STOP:
+                elif isinstance(message, msg.Stop):
                     self.stopping = True
-                elif kind == protocol.ADOPT:
-                    self.in_flight.update(message[1])
-                else:
+                elif isinstance(message, msg.Adopt):
+                    self.in_flight.update(message.batch_ids)
+                elif isinstance(message, (msg.RecordOutcomes, msg.Release)):
                     self.pending.append(message)
+                else:
+                    logger.warning("unexpected message %s from the supervisor", type(message).__name__)
         except (EOFError, OSError):
             logger.error("supervisor is gone; stopping")
             self.stopping = True
             self.pending.clear()
 
-    def service(self, conn: psycopg.Connection) -> int:
+    def service(self, conn: psycopg.Connection[Any]) -> int:
         """Apply received outcomes and releases to the ledger (kept until applied)."""
         applied = 0
         while self.pending:
-            kind, batch_id, payload, claimed_at = self.pending[0]
-            if kind == protocol.OUTCOMES:
-                ledger.record_outcomes(conn, self.queue, payload, claimed_at=claimed_at,
+            message = self.pending[0]
+            if isinstance(message, msg.RecordOutcomes):
+                ledger.record_outcomes(conn, self.queue, message.outcomes, claimed_at=message.claimed_at,
                                        max_attempts=self.max_attempts)
-            elif kind == protocol.RELEASE:
-                ledger.release(conn, self.queue, payload, claimed_at=claimed_at)
+            else:
+                ledger.release(conn, self.queue, message.token_ids, claimed_at=message.claimed_at)
             self.pending.popleft()
-            self.in_flight.discard(batch_id)
+            self.in_flight.discard(message.batch_id)
             applied += 1
         return applied
 
     def tick(self) -> None:
         now = time.monotonic()
-        if now - self.last_beat >= protocol.HEARTBEAT_INTERVAL:
+        if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
             self.last_beat = now
             try:
-                self.pipe.send((protocol.HEARTBEAT,))
-            except (BrokenPipeError, OSError):
+                self.pipe.send(msg.Heartbeat())
+            except OSError:
                 self.stopping = True
 
 
@@ -129,7 +134,7 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
     stop = _boot("PG", settings)
     sink = PipeSink(pipe, settings)
     collector = Collector(settings, sink, lambda: stop() or sink.stopping,
-                          wakeup_fd=stop.read_fd, on_ready=lambda: pipe.send((protocol.READY,)))
+                          wakeup_fd=stop.read_fd, on_ready=lambda: pipe.send(msg.Ready()))
     try:
         code = collector.run_or_exit_code()
     except OSError:
@@ -151,7 +156,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     """Entry point of the sender worker; returns its exit code."""
     stop = _boot("SES", settings)
     from mailroom.sender import Sender
-    from mailroom.wire import WireError, decode_line
+    from mailroom.sender.driver import Driver, Job, StopRequest
 
     sender = Sender(settings)
     try:
@@ -160,100 +165,71 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
         # Creating the client does not talk to SES: what fails here is configuration.
         logger.error("cannot start the sender: %s", one_line(exc))
         return config.EXIT_CONFIG
-    events: queue.SimpleQueue = queue.SimpleQueue()
+    sink = _PipeOutcomes(pipe)
+    # SIGTERM without a word from the supervisor: a person, or the supervisor's
+    # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
+    on_signal = StopRequest(settings.shutdown_timeout / 1000, defer_retries=True)
+    # With the supervisor gone nobody can record outcomes: finishing the calls in
+    # flight would only add duplicates once the lease expires.
+    orphaned = StopRequest(0.0, abandon=True)
+    parent = os.getppid()
+
+    def poll_stop() -> StopRequest | None:
+        if os.getppid() != parent:
+            logger.error("supervisor is gone; stopping")
+            return orphaned
+        return on_signal if stop() else None
+
+    driver = Driver(sender, sink, window=1, poll_stop=poll_stop)
 
     def read_pipe() -> None:
         # A reader thread keeps the supervisor's sends from ever blocking on us
-        # while the main thread is busy writing outcomes.
+        # while the driver's thread is busy writing outcomes.
         try:
             while True:
-                events.put(pipe.recv())
+                message = pipe.recv()
+                if isinstance(message, msg.SendBatch):
+                    driver.put(Job(message.batch_id, message.line, message.token_ids))
+                elif isinstance(message, msg.Stop):
+                    driver.put(StopRequest(message.timeout, defer_retries=True))
+                else:
+                    logger.warning("unexpected message %s from the supervisor", type(message).__name__)
         except (EOFError, OSError):
-            events.put(None)
+            logger.error("supervisor is gone; stopping")
+            driver.put(StopRequest(0.0, abandon=True))
 
     threading.Thread(target=read_pipe, name="pipe-reader", daemon=True).start()
-    pipe.send((protocol.READY,))
-    parent = os.getppid()
-    in_flight = 0
-    stop_timeout: float | None = None
-    last_beat = 0.0
+    sink.post(msg.Ready())
+    driver.run()
+    return config.EXIT_OK
 
-    def finished(batch_id, token_ids, future) -> None:
-        try:
-            results = future.result()
-            outcomes = [(tid, o.kind, o.message_id, o.error, o.retry_after)
-                        for tid, o in zip(token_ids, results)]
-        except Exception as exc:  # a bug, not an SES answer: let the ledger retry later
-            logger.exception("batch %s failed inside the sender", batch_id)
-            outcomes = [(tid, "retry", None, f"sender error: {exc}", 60.0) for tid in token_ids]
-        events.put((protocol.OUTCOMES, batch_id, outcomes))
 
-    def post(message: tuple) -> bool:
+class _PipeOutcomes:
+    """The sender worker's outcome sink: outcomes and heartbeats to the supervisor."""
+
+    def __init__(self, pipe: Connection) -> None:
+        self.pipe = pipe
+        self.last_beat = 0.0
+
+    def post(self, message: object) -> bool:
         try:
-            pipe.send(message)
+            self.pipe.send(message)
             return True
-        except OSError:     # EPIPE/ECONNRESET: the supervisor is gone
+        except OSError:  # EPIPE/ECONNRESET: the supervisor is gone
             return False
 
-    while True:
-        now = time.monotonic()
-        if now - last_beat >= protocol.HEARTBEAT_INTERVAL:
-            last_beat = now
-            post((protocol.HEARTBEAT,))
-        if os.getppid() != parent:
-            # The supervisor died: nobody can record outcomes, so finishing the
-            # calls in flight would only add duplicates after the lease expires.
-            logger.error("supervisor is gone; stopping")
-            sender.close(0)
-            return config.EXIT_OK
-        if stop() and stop_timeout is None:
-            stop_timeout = settings.shutdown_timeout / 1000
-        if stop_timeout is not None:
-            break
-        try:
-            message = events.get(timeout=protocol.HEARTBEAT_INTERVAL)
-        except queue.Empty:
-            continue
-        if message is None:
-            logger.error("supervisor is gone; stopping")
-            sender.close(0)
-            return config.EXIT_OK
-        kind = message[0]
-        if kind == protocol.BATCH:
-            _, batch_id, line, token_ids = message
-            try:
-                rows = decode_line(line)
-            except WireError as exc:
-                events.put((protocol.OUTCOMES, batch_id,
-                            [(tid, "failed", None, f"malformed batch: {exc}", None) for tid in token_ids]))
-                continue
-            in_flight += 1
-            future = sender.submit(rows)
-            future.add_done_callback(lambda f, b=batch_id, t=token_ids: finished(b, t, f))
-        elif kind == protocol.OUTCOMES:
-            in_flight -= 1
-            post(message)
-        elif kind == protocol.STOP:
-            stop_timeout = message[1]
+    def done(self, job: Any, rows: list[Any], outcomes: list[Outcome]) -> None:
+        self.post(msg.BatchOutcomes(str(job.key), list(zip(job.token_ids or [], outcomes))))
 
-    # Stopping: unfinished calls resolve to "retry" inside close(); report all.
-    # Retries still waiting for their backoff go back to the ledger now rather
-    # than holding up the stop; the ledger queues them with their retry time.
-    # With the supervisor gone (its death is what sent SIGTERM) nobody would
-    # record the outcomes: stop at once.
-    if os.getppid() != parent:
-        logger.error("supervisor is gone; stopping")
-        stop_timeout = 0
-    sender.close(stop_timeout, defer_retries=True)
-    deadline = time.monotonic() + 5
-    while in_flight:
-        try:
-            message = events.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if message is None:
-            break
-        if message[0] == protocol.OUTCOMES:
-            in_flight -= 1
-            post(message)
-    return config.EXIT_OK
+    def malformed(self, job: Any, error: Exception) -> None:
+        outcome = Outcome(OutcomeKind.FAILED, error=f"malformed batch: {error}")
+        self.post(msg.BatchOutcomes(str(job.key), [(tid, outcome) for tid in job.token_ids or []]))
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
+            self.last_beat = now
+            self.post(msg.Heartbeat())
+
+    def stopping(self, stop: Any) -> None:
+        logger.info("stopping: finishing the batches in flight (at most %g s)", stop.timeout)

@@ -5,8 +5,8 @@ This module picks the implementation once, at import, like psycopg does:
 - ``MAILROOM_IMPL=c``: the compiled extension ``mailroom.wire._wire``; ImportError if it is
   not built.
 - ``MAILROOM_IMPL=python``: the pure-Python twin ``mailroom.wire._py``.
-- unset or empty: the compiled one if it imports, else the pure-Python one, with one
-  line on stderr saying so.
+- unset or empty: the compiled one if it imports, else the pure-Python one;
+  :data:`FALLBACK` then says why (the console scripts log it once).
 
 Both produce the same bytes and raise the same errors; :data:`IMPL` says which one is
 in use (``"c"`` or ``"python"``).  The rest of the project imports only this module.
@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import os
-import sys
 from typing import TYPE_CHECKING
 
 from mailroom.wire._base import (
@@ -31,7 +30,7 @@ from mailroom.wire._base import (
     RECOVERY,
     SECRET_LENGTH,
     TOKEN_LENGTH,
-    Row,
+    WireFields,
     SignerProtocol,
     WireError,
     WireImplementation,
@@ -44,7 +43,7 @@ __all__ = [
     "RECOVERY",
     "SECRET_LENGTH",
     "TOKEN_LENGTH",
-    "Row",
+    "WireFields",
     "Signer",
     "SignerProtocol",
     "WireError",
@@ -75,18 +74,19 @@ def _load() -> tuple[str, WireImplementation]:
         raise ImportError(f"{ENV_VAR} must be 'c', 'python' or empty (automatic), got {choice!r}")
     try:
         from mailroom.wire import _wire
-    except ImportError:
+    except ImportError as exc:
         from mailroom.wire import _py as _wire_py
 
-        # Printed here, at the single import of this module: once per process.
-        print(
-            "mailroom: compiled extension not available, using the pure-Python wire format (slower)",
-            file=sys.stderr,
-        )
+        # Not printed: a library (mailroom.tokens in a web app) must stay quiet.
+        # The console scripts log FALLBACK once, after their logging is set up.
+        global FALLBACK
+        FALLBACK = f"compiled extension not available ({exc}), using the pure-Python wire format (slower)"
         return "python", _wire_py
     return "c", _wire
 
 
+#: Why the pure-Python twin is in use although nobody asked for it, else None.
+FALLBACK: str | None = None
 IMPL, _impl = _load()
 
 if TYPE_CHECKING:  # type checkers see the pure-Python twin: same signatures
@@ -94,5 +94,5 @@ if TYPE_CHECKING:  # type checkers see the pure-Python twin: same signatures
 else:
     #: Signs token secrets and encodes batch lines (see ``SignerProtocol``).
     Signer = _impl.Signer
-    #: ``decode_line(line: bytes) -> list[Row]``; raises WireError on a malformed line.
+    #: ``decode_line(line: bytes) -> list[WireFields]``; raises WireError on a malformed line.
     decode_line = _impl.decode_line

@@ -23,8 +23,9 @@ FIELD_NAMES = ("action", "email", "login", "secret", "code")
 #: The base64url alphabet (RFC 4648 section 5).
 BASE64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
-#: A decoded row: (action, email, login, token, code).
-Row = tuple[int, str, str, str, str]
+#: The five fields of a decoded batch row: (action, email, login, signed token, code).
+#: (The package's ``Row``, a claimed ledger row, is :data:`mailroom.vocabulary.Row`.)
+WireFields = tuple[int, str, str, str, str]
 
 # Problem kinds reported by the decoders.  The compiled decoder passes these numbers
 # to wire_error() so that the wording lives in one place.
@@ -224,6 +225,6 @@ class WireImplementation(Protocol):
 
     Signer: type[SignerProtocol]
 
-    def decode_line(self, line: bytes) -> list[Row]:
+    def decode_line(self, line: bytes) -> list[WireFields]:
         """Parse and validate one batch line into its rows."""
         ...

@@ -23,7 +23,7 @@ from mailroom.wire._base import (
     E_UTF8,
     SECRET_LENGTH,
     TOKEN_LENGTH,
-    Row,
+    WireFields,
     bad_row_item,
     check_token,
     wire_error,
@@ -160,7 +160,7 @@ def _check_row(index: int | None, action: object, email: object, login: object, 
                 raise bad_row_item(index, item, value) from None
 
 
-def decode_line(line: bytes) -> list[Row]:
+def decode_line(line: bytes) -> list[WireFields]:
     """Parse one batch line into ``(action, email, login, token, code)`` tuples.
 
     Accepts the line with or without its trailing ``\\n`` (or ``\\r\\n``); an empty
@@ -227,7 +227,7 @@ def _split_fields(text: str) -> list[str] | None:
     return fields
 
 
-def _decode_exact(data: bytes) -> list[Row]:
+def _decode_exact(data: bytes) -> list[WireFields]:
     """Field-by-field scanner: RFC 4180 quoting, then UTF-8, then the field's rules.
 
     Problems are reported in line order, the first one wins; a row cut short by the

@@ -1,0 +1,175 @@
+"""The router: the supervisor's table of batches in flight, and where each message goes.
+
+Batches go collector -> router -> sender; outcomes go sender -> router ->
+collector, which records them.  The router keeps every batch from its claim to
+its outcomes, so a batch whose sender died is handed to the restarted sender at
+once (no wait for the database lease), and outcomes that find no collector wait
+in an outbox for the next one.  It knows batches, not processes: the arbiter
+tells it when a worker started or died, and gives it a ``send`` function.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mailroom.supervisor import messages as msg
+from mailroom.vocabulary import Outcome, OutcomeKind, TokenOutcomes
+
+logger = logging.getLogger("mailroom.supervisor")
+
+COLLECTOR = "collector"
+SENDER = "sender"
+
+#: A batch in flight at this many sender deaths is suspected of killing the sender:
+#: it goes back to the ledger as a delayed retry (whose attempts are bounded)
+#: instead of being handed to every restarted sender forever.
+POISON_DEATHS = 3
+POISON_RETRY_AFTER = 60.0
+
+#: ``send(role, message) -> bool``: False when the worker is not there to take it.
+Send = Callable[[str, Any], bool]
+#: ``event(name, data)``: what the router saw, for whoever watches (control socket).
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclasses.dataclass
+class Batch:
+    """A batch between its claim and its outcomes: what a restarted sender needs."""
+
+    batch_id: str
+    line: bytes
+    token_ids: list[int]
+    activation: int
+    recovery: int
+    claimed_at: Any  # opaque here: echoed back to the collector
+    received_at: float
+    dispatched: bool = False
+    deaths: int = 0  # sender deaths while this batch was in flight
+
+
+def _no_event(name: str, data: dict[str, Any]) -> None:
+    return None
+
+
+class Router:
+    """Routes batches and outcomes between the workers; see the module docstring."""
+
+    def __init__(self, send: Send, on_event: EventHook = _no_event) -> None:
+        self.send = send
+        self.on_event = on_event
+        self.batches: dict[str, Batch] = {}
+        self.outbox: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
+        #: False once the collector is being stopped: a late claim is released.
+        self.accepting = True
+        #: False once the sender is being stopped: nothing new goes to it.
+        self.dispatching = True
+        #: True while an operator holds sending (batches stay claimed, none dispatched).
+        self.holding = False
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    # -- from the collector ------------------------------------------------------
+    def on_claimed(self, claimed: msg.Claimed) -> None:
+        """A committed claim: track it and hand it to the sender."""
+        if not self.accepting:
+            # Claimed just before the collector saw the drain request: too late to send.
+            self.to_collector(msg.Release(claimed.batch_id, claimed.token_ids, claimed.claimed_at))
+            return
+        batch = Batch(claimed.batch_id, claimed.line, claimed.token_ids, claimed.activation,
+                      claimed.recovery, claimed.claimed_at, time.monotonic())
+        self.batches[batch.batch_id] = batch
+        self.on_event("batch.claimed", {"batch": batch.batch_id, "rows": len(batch.token_ids),
+                                        "activation": batch.activation, "recovery": batch.recovery})
+        self.dispatch(batch)
+
+    # -- from the sender -----------------------------------------------------------
+    def on_outcomes(self, done: msg.BatchOutcomes) -> None:
+        """A batch's outcomes: forget the batch, have the collector record them."""
+        batch = self.batches.pop(done.batch_id, None)
+        self.log_batch(done.batch_id, batch, done.outcomes)
+        claimed_at = batch.claimed_at if batch else None
+        self.to_collector(msg.RecordOutcomes(done.batch_id, done.outcomes, claimed_at))
+
+    # -- worker lifecycle, told by the arbiter ---------------------------------------
+    def collector_started(self, draining: bool) -> None:
+        """A new collector: it adopts the batches in flight and records the outbox."""
+        self.send(COLLECTOR, msg.Adopt(list(self.batches)))
+        while self.outbox:
+            if not self.send(COLLECTOR, self.outbox[0]):
+                break
+            self.outbox.popleft()
+        if draining:
+            self.send(COLLECTOR, msg.Drain())
+
+    def sender_started(self) -> None:
+        """A new sender: hand it every batch in flight."""
+        for batch in self.batches.values():
+            self.dispatch(batch)
+
+    def sender_died(self) -> None:
+        """Nothing dispatched reached an end; a batch at too many deaths is given up."""
+        for batch in list(self.batches.values()):
+            batch.deaths += batch.dispatched
+            batch.dispatched = False
+            if batch.deaths >= POISON_DEATHS:
+                self.give_up(batch)
+
+    # -- routing ---------------------------------------------------------------------
+    def dispatch(self, batch: Batch) -> None:
+        """Send ``batch`` to the sender unless it already has it (or sending is held)."""
+        if batch.dispatched or self.holding or not self.dispatching:
+            return
+        batch.dispatched = self.send(SENDER, msg.SendBatch(batch.batch_id, batch.line, batch.token_ids))
+        if batch.dispatched:
+            self.on_event("batch.dispatched", {"batch": batch.batch_id})
+
+    def dispatch_all(self) -> None:
+        """Dispatch whatever is not with the sender (after sending was held)."""
+        for batch in self.batches.values():
+            self.dispatch(batch)
+
+    def to_collector(self, message: msg.RecordOutcomes | msg.Release) -> None:
+        """Send to the collector, or keep it for the next one."""
+        if not self.send(COLLECTOR, message):
+            self.outbox.append(message)
+
+    def give_up(self, batch: Batch) -> None:
+        """Hand a batch that keeps killing the sender back to the ledger, delayed."""
+        logger.error("batch %s was in flight at %d sender deaths; handing it back to the"
+                     " queue for a later attempt", batch.batch_id, batch.deaths)
+        error = f"sender worker died {batch.deaths} times with this batch in flight"
+        outcome = Outcome(OutcomeKind.RETRY, error=error, retry_after=POISON_RETRY_AFTER)
+        self.on_outcomes(msg.BatchOutcomes(batch.batch_id, [(tid, outcome) for tid in batch.token_ids]))
+
+    def release_all(self) -> int:
+        """Shutdown: every batch still in flight goes back to the queue; how many."""
+        count = len(self.batches)
+        for batch in self.batches.values():
+            self.to_collector(msg.Release(batch.batch_id, batch.token_ids, batch.claimed_at))
+        self.batches.clear()
+        return count
+
+    def log_batch(self, batch_id: str, batch: Batch | None, outcomes: TokenOutcomes) -> None:
+        """One summary line per batch (and its event)."""
+        counts = collections.Counter(outcome.kind for _, outcome in outcomes)
+        first_error = next((o.error for _, o in outcomes if o.kind != OutcomeKind.SENT and o.error), None)
+        if batch is None:
+            logger.info("batch %s: %d outcomes for a batch no longer tracked", batch_id, len(outcomes))
+            return
+        ms = (time.monotonic() - batch.received_at) * 1000
+        logger.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry, %d ms",
+                    batch_id, len(outcomes), batch.activation, batch.recovery,
+                    counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
+                    counts[OutcomeKind.FAILED], counts[OutcomeKind.RETRY], ms)
+        self.on_event("batch.done", {
+            "batch": batch_id, "rows": len(outcomes), "activation": batch.activation,
+            "recovery": batch.recovery, "sent": counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
+            "failed": counts[OutcomeKind.FAILED], "retry": counts[OutcomeKind.RETRY],
+            "skipped": counts[OutcomeKind.SKIPPED], "ms": round(ms, 1), "error": first_error,
+        })
