@@ -75,17 +75,42 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("args", nargs=argparse.REMAINDER)
     status = sub.add_parser("status", help="delivery ledger counts for the queue")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("ctl", help="talk to a running supervisor (mailroom ctl --help)", add_help=False)
+    from mailroom.ledger import commands
+
+    for name, text in (("deliveries", "every delivery of an address"),
+                       ("retry", "put failed deliveries back in the queue"),
+                       ("skip", "mark queued deliveries skipped")):
+        commands.add_arguments(name, sub.add_parser(name, help=text))
+    monitor = sub.add_parser("monitor", help="the Textual monitor (live batches and the ledger)")
+    from mailroom.monitor import add_arguments
+
+    add_arguments(monitor)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``mailroom``: ``migrate up|down|status|force`` and ``status``."""
+    """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``monitor``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:  # its own parser; needs no database
+        from mailroom.control import ctl
+
+        sys.exit(ctl.main(argv[1:], os.environ))
     args = _parser().parse_args(argv)
+    if args.command == "monitor":
+        # Needs neither database nor secret: either the socket or the ledger will do.
+        from mailroom.monitor import run
+
+        sys.exit(run(args))
     settings = _settings((config.DATABASE,), "PG")
     if args.command == "migrate":
         from mailroom.ledger import migrate
 
         sys.exit(migrate.main(list(args.args), settings.database_url))
+    if args.command in ("deliveries", "retry", "skip"):
+        from mailroom.ledger import commands
+
+        sys.exit(commands.main(args.command, args, settings))
     from mailroom.ledger import report
 
     sys.exit(report.main(settings, as_json=args.json))

@@ -63,6 +63,9 @@ class Settings:
     worker_timeout: int = 30_000
     log_level: str = "INFO"
     impl: str = ""
+    control_socket: str | None = None   # None: the default path; "off": no socket
+    control_group: str | None = None
+    metrics_addr: str | None = None     # "host:port"; None: no metrics listener
 
 
 def _text(raw: str) -> str:
@@ -137,6 +140,54 @@ def _log_level(raw: str) -> str:
     return level
 
 
+def _control_socket(raw: str) -> str:
+    text = raw.strip()
+    if text.lower() == "off":
+        return "off"
+    if not text:
+        raise ValueError("must be a socket path or off")
+    if len(text.encode()) > 107 or "\x00" in text:
+        raise ValueError("a Unix socket path is at most 107 bytes")
+    return text
+
+
+def _group(raw: str) -> str:
+    import grp
+
+    name = raw.strip()
+    if not name:
+        raise ValueError("must not be empty")
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        if not name.isdigit():
+            raise ValueError(f"no such group {name!r}") from None
+    return name
+
+
+def split_host_port(raw: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as ``(host, port)``; ``ValueError`` if malformed."""
+    text = raw.strip()
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets ([::1]:9464), got {raw!r}")
+    if not sep or not host or not port_text.isdigit() or not port_text.isascii():
+        raise ValueError(f"expected host:port, got {raw!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1 to 65535, got {port}")
+    return host, port
+
+
+def _host_port(raw: str) -> str | None:
+    if raw.strip().lower() in ("", "off"):
+        return None
+    split_host_port(raw)
+    return raw.strip()
+
+
 # field name -> (environment variable, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "database_url": ("MAILROOM_DATABASE_URL", _text),
@@ -161,6 +212,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _positive_int),
     "worker_timeout": ("MAILROOM_WORKER_TIMEOUT", _positive_int),
     "log_level": ("MAILROOM_LOG_LEVEL", _log_level),
+    "control_socket": ("MAILROOM_CONTROL_SOCKET", _control_socket),
+    "control_group": ("MAILROOM_CONTROL_GROUP", _group),
+    "metrics_addr": ("MAILROOM_METRICS_ADDR", _host_port),
     # Read by mailroom.wire at import; validated here so a typo is one clear line.
     "impl": ("MAILROOM_IMPL", _impl),
 }

@@ -47,6 +47,17 @@ BAD = [
     ({"MAILROOM_SES_CONCURRENCY": "many"}, "MAILROOM_SES_CONCURRENCY", "whole number"),
     ({"MAILROOM_CHANNEL_NAME": ""}, "MAILROOM_CHANNEL_NAME", "1 to 63"),
     ({"MAILROOM_DATABASE_URL": " "}, "MAILROOM_DATABASE_URL", "empty"),
+    ({"MAILROOM_CONTROL_SOCKET": " "}, "MAILROOM_CONTROL_SOCKET", "path or off"),
+    ({"MAILROOM_CONTROL_SOCKET": "/x/" + "s" * 120}, "MAILROOM_CONTROL_SOCKET", "107 bytes"),
+    ({"MAILROOM_CONTROL_GROUP": "no-such-group-here"}, "MAILROOM_CONTROL_GROUP", "no such group"),
+    ({"MAILROOM_CONTROL_GROUP": ""}, "MAILROOM_CONTROL_GROUP", "empty"),
+    ({"MAILROOM_METRICS_ADDR": "9464"}, "MAILROOM_METRICS_ADDR", "host:port"),
+    ({"MAILROOM_METRICS_ADDR": "127.0.0.1:"}, "MAILROOM_METRICS_ADDR", "host:port"),
+    ({"MAILROOM_METRICS_ADDR": ":9464"}, "MAILROOM_METRICS_ADDR", "host:port"),
+    ({"MAILROOM_METRICS_ADDR": "127.0.0.1:0"}, "MAILROOM_METRICS_ADDR", "1 to 65535"),
+    ({"MAILROOM_METRICS_ADDR": "127.0.0.1:65536"}, "MAILROOM_METRICS_ADDR", "1 to 65535"),
+    ({"MAILROOM_METRICS_ADDR": "localhost:http"}, "MAILROOM_METRICS_ADDR", "host:port"),
+    ({"MAILROOM_METRICS_ADDR": "::1:9464"}, "MAILROOM_METRICS_ADDR", "brackets"),
 ]
 
 
@@ -58,6 +69,19 @@ def test_bad_values_are_refused(override, variable, fragment):
     assert message.startswith(variable + ":") and fragment in message
     assert "\n" not in message
     assert SECRET_KEY_HEX not in message and "zz" * 32 not in message
+
+
+def test_control_plane_settings():
+    s = config.load(GOOD)
+    assert (s.control_socket, s.control_group, s.metrics_addr) == (None, None, None)
+    s = config.load(dict(GOOD, MAILROOM_CONTROL_SOCKET="/run/m/c.sock", MAILROOM_CONTROL_GROUP="nogroup",
+                         MAILROOM_METRICS_ADDR="127.0.0.1:9464"))
+    assert (s.control_socket, s.control_group, s.metrics_addr) == ("/run/m/c.sock", "nogroup", "127.0.0.1:9464")
+    s = config.load(dict(GOOD, MAILROOM_CONTROL_SOCKET="OFF", MAILROOM_CONTROL_GROUP="65534",
+                         MAILROOM_METRICS_ADDR="off"))
+    assert (s.control_socket, s.control_group, s.metrics_addr) == ("off", "65534", None)
+    assert config.split_host_port("[::1]:9464") == ("::1", 9464)
+    assert config.split_host_port("0.0.0.0:1") == ("0.0.0.0", 1)
 
 
 def test_required_values():

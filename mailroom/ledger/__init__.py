@@ -5,6 +5,9 @@
 - :mod:`~mailroom.ledger.sql`: the statements those operations run.
 - :mod:`~mailroom.ledger.migrate`: ``mailroom migrate``, golang-migrate compatible.
 - :mod:`~mailroom.ledger.report`: ``mailroom status``.
+- :mod:`~mailroom.ledger.admin`: operators' lookups and changes (deliveries of an
+  address, counts, failure groups, retry, skip); :mod:`~mailroom.ledger.commands`
+  puts them on the command line (``mailroom deliveries|retry|skip``).
 """
 
 from mailroom.ledger.operations import (

@@ -1,0 +1,321 @@
+"""Prometheus metrics of the supervisor (OPERATIONS.md 3) and their listener.
+
+:class:`Metrics` owns a private ``CollectorRegistry`` (no multiprocess mode: only
+the supervisor counts, from what it routes and what the workers' heartbeats say)
+with every metric of the list, known label combinations at 0. :class:`MetricsServer`
+serves ``GET /metrics`` from the supervisor's loop, like the control socket: no
+thread, non-blocking sockets, one request per connection, slow clients dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+
+from mailroom import __version__, config
+from mailroom.control import protocol
+
+logger = logging.getLogger("mailroom.control")
+
+ACTIONS = ("activation", "password_recovery")
+OUTCOMES = ("sent", "failed", "retried", "skipped")
+BATCH_RESULTS = ("done", "partial", "failed", "released")
+SES_RESULTS = ("ok", "throttled", "error")
+WORKERS = ("collector", "sender")
+PAUSABLE = ("claims", "sending")
+
+_SES_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# What a user waiting for the email feels: from a fraction of a second to hours.
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+_ROWS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class Metrics:
+    """Every metric of OPERATIONS.md 3, and the calls the supervisor makes to move them."""
+
+    def __init__(self, impl: str = "") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.deliveries = Counter("mailroom_deliveries_total", "Deliveries by action and outcome",
+                                  ("action", "outcome"), registry=r)
+        self.batches = Counter("mailroom_batches_total", "Batches finished, by result", ("result",), registry=r)
+        self.ses_requests = Counter("mailroom_ses_requests_total", "SES calls by result", ("result",), registry=r)
+        self.worker_restarts = Counter("mailroom_worker_restarts_total", "Worker restarts", ("worker",), registry=r)
+        self.commands = Counter("mailroom_control_commands_total", "Control socket requests answered",
+                                ("cmd", "result"), registry=r)
+        self.ses_duration = Histogram("mailroom_ses_request_duration_seconds", "SES call duration",
+                                      buckets=_SES_BUCKETS, registry=r)
+        self.batch_duration = Histogram("mailroom_batch_duration_seconds", "Claim to last outcome of a batch",
+                                        buckets=_BATCH_BUCKETS, registry=r)
+        self.latency = Histogram("mailroom_delivery_latency_seconds", "Token created to SES accepted",
+                                 ("action",), buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("mailroom_batch_rows", "Rows per batch", buckets=_ROWS_BUCKETS, registry=r)
+        self.in_flight = Gauge("mailroom_in_flight_batches", "Batches between claim and outcomes", registry=r)
+        self.queue_depth = Gauge("mailroom_queue_depth", "Queued rows of this queue", registry=r)
+        self.oldest_queued = Gauge("mailroom_oldest_queued_timestamp_seconds",
+                                   "Creation time of the oldest queued row (0: none)", registry=r)
+        self.rate_limit = Gauge("mailroom_send_rate_limit", "Sender's current limit, emails/s", registry=r)
+        self.ses_max_rate = Gauge("mailroom_ses_max_send_rate", "SES MaxSendRate", registry=r)
+        self.ses_sent_24h = Gauge("mailroom_ses_sent_last_24h", "SES SentLast24Hours", registry=r)
+        self.ses_max_24h = Gauge("mailroom_ses_max_24h_send", "SES Max24HourSend", registry=r)
+        self.paused = Gauge("mailroom_paused", "1 while paused", ("what",), registry=r)
+        self.worker_up = Gauge("mailroom_worker_up", "1 while the worker runs", ("worker",), registry=r)
+        self.build_info = Gauge("mailroom_build_info", "Version and wire implementation",
+                                ("version", "impl"), registry=r)
+        # Known label combinations exist from the start, at 0: a rate() over a
+        # series that appears with its first increment misses that increment.
+        for action in ACTIONS:
+            self.latency.labels(action)
+            for outcome in OUTCOMES:
+                self.deliveries.labels(action, outcome)
+        for result in BATCH_RESULTS:
+            self.batches.labels(result)
+        for result in SES_RESULTS:
+            self.ses_requests.labels(result)
+        for worker in WORKERS:
+            self.worker_restarts.labels(worker)
+            self.worker_up.labels(worker)
+        for what in PAUSABLE:
+            self.paused.labels(what)
+        for cmd in protocol.COMMANDS:
+            self.commands.labels(cmd, "ok")
+        self.build_info.labels(__version__, impl or "unknown").set(1)
+
+    def batch_done(self, rows: int, sent: int, failed: int, retried: int, skipped: int, seconds: float,
+                   activation: int, recovery: int, *,
+                   by_action: Mapping[tuple[str, str], int] | None = None, released: bool = False) -> None:
+        """A batch got its outcomes (or was ``released`` unsent at shutdown).
+
+        Per-action delivery counts: pass ``by_action`` ``{(action, outcome): n}``
+        for a batch with both actions; a batch of one action (``activation`` or
+        ``recovery`` is 0) is attributed without it.
+        """
+        self.batch_rows.observe(rows)
+        self.batch_duration.observe(max(0.0, seconds))
+        if released:
+            result = "released"
+        elif sent + skipped >= rows:
+            result = "done"
+        elif sent == 0:
+            result = "failed"
+        else:
+            result = "partial"
+        self.batches.labels(result).inc()
+        counts = {"sent": sent, "failed": failed, "retried": retried, "skipped": skipped}
+        if by_action is not None:
+            for (action, outcome), n in by_action.items():
+                if n:
+                    self.deliveries.labels(action, outcome).inc(n)
+            return
+        if recovery and activation:
+            logger.warning("metrics: mixed batch without by_action; attributed to activation")
+        action = "password_recovery" if recovery and not activation else "activation"
+        for outcome, n in counts.items():
+            if n:
+                self.deliveries.labels(action, outcome).inc(n)
+
+    def ses_request(self, result: str, seconds: float) -> None:
+        """One SES call finished: ``ok``, ``throttled`` or ``error``."""
+        self.ses_requests.labels(result if result in SES_RESULTS else "error").inc()
+        self.ses_duration.observe(max(0.0, seconds))
+
+    def delivery_latency(self, action: str, seconds: float) -> None:
+        """One email accepted by SES, ``seconds`` after its token was created."""
+        self.latency.labels(action).observe(max(0.0, seconds))
+
+    def worker_restarted(self, worker: str) -> None:
+        """A worker is being restarted after it exited."""
+        self.worker_restarts.labels(worker).inc()
+
+    def command(self, cmd: str, result: str) -> None:
+        """A control request was answered (``ok`` or its error code): ControlServer's on_command."""
+        self.commands.labels(cmd, result).inc()
+
+    def set_gauges(self, *, in_flight: int | None = None, queue_depth: int | None = None,
+                   oldest_queued_ts: float | None = None, send_rate_limit: float | None = None,
+                   ses_max_send_rate: float | None = None, ses_sent_last_24h: float | None = None,
+                   ses_max_24h_send: float | None = None, paused: Mapping[str, bool] | None = None,
+                   worker_up: Mapping[str, bool] | None = None) -> None:
+        """Set the gauges given (``None`` leaves one as it is). ``oldest_queued_ts`` is a
+        Unix time, 0 when nothing is queued."""
+        pairs: Iterable[tuple[Gauge, float | None]] = (
+            (self.in_flight, in_flight), (self.queue_depth, queue_depth),
+            (self.oldest_queued, oldest_queued_ts), (self.rate_limit, send_rate_limit),
+            (self.ses_max_rate, ses_max_send_rate), (self.ses_sent_24h, ses_sent_last_24h),
+            (self.ses_max_24h, ses_max_24h_send))
+        for gauge, value in pairs:
+            if value is not None:
+                gauge.set(value)
+        for what, flag in (paused or {}).items():
+            self.paused.labels(what).set(1 if flag else 0)
+        for worker, flag in (worker_up or {}).items():
+            self.worker_up.labels(worker).set(1 if flag else 0)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+# -- the listener -------------------------------------------------------------------
+
+#: A request's head may not be longer (bytes) and must arrive within this time.
+MAX_REQUEST = 8192
+REQUEST_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
+
+
+class _Conn:
+    __slots__ = ("sock", "inbuf", "outbuf", "started")
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.started = now
+
+
+def _response(status: str, body: bytes, content_type: str, head_only: bool = False) -> bytes:
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    return head if head_only else head + body
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``addr`` (``host:port``), served from the caller's loop with
+    the same ``readers()/writers()/service()`` calls as :class:`ControlServer`."""
+
+    def __init__(self, addr: str, render: Callable[[], bytes]) -> None:
+        self.host, self.port = config.split_host_port(addr)
+        self.render = render
+        self._listener: socket.socket | None = None
+        self._conns: dict[socket.socket, _Conn] = {}
+
+    def start(self) -> None:
+        """Listen; ``OSError`` (address in use, permission) propagates."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self.port = sock.getsockname()[1]  # port 0 picks a free one (tests)
+        logger.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    def close(self) -> None:
+        """Stop listening and drop every connection."""
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    detach = close  # nothing on disk: in a forked child, closing is all there is
+
+    def readers(self) -> list[socket.socket]:
+        """The listener and connections whose request is not complete yet."""
+        found = [c.sock for c in self._conns.values() if not c.outbuf]
+        if self._listener is not None:
+            found.append(self._listener)
+        return found
+
+    def writers(self) -> list[socket.socket]:
+        """Connections with a response to send."""
+        return [c.sock for c in self._conns.values() if c.outbuf]
+
+    def service(self, readable: Iterable[Any] = (), writable: Iterable[Any] = ()) -> None:
+        """Accept, read, answer, flush; drop connections older than REQUEST_TIMEOUT."""
+        readable = set(readable)
+        now = time.monotonic()
+        if self._listener is not None and self._listener in readable:
+            self._accept(now)
+        del writable  # pending output is tried every call, as in ControlServer.service
+        for conn in [c for c in self._conns.values() if c.outbuf]:
+            self._flush(conn)
+        for sock in [s for s in readable if s in self._conns]:
+            self._read(self._conns[sock])
+        for conn in list(self._conns.values()):
+            if now - conn.started > REQUEST_TIMEOUT:
+                self._drop(conn)
+
+    def _accept(self, now: float) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("metrics: accept failed: %s", exc.strerror)
+                return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self._conns[sock] = _Conn(sock, now)
+
+    def _drop(self, conn: _Conn) -> None:
+        self._conns.pop(conn.sock, None)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if not data:
+            self._drop(conn)
+            return
+        conn.inbuf += data
+        if b"\r\n\r\n" not in conn.inbuf and b"\n\n" not in conn.inbuf:
+            if len(conn.inbuf) > MAX_REQUEST:
+                conn.outbuf += _response("431 Request Header Fields Too Large", b"too large\n", "text/plain")
+                self._flush(conn)
+            return
+        self._answer(conn)
+
+    def _answer(self, conn: _Conn) -> None:
+        parts = bytes(conn.inbuf.split(b"\n", 1)[0]).decode("latin-1").split()
+        method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            reply = _response("405 Method Not Allowed", b"GET only\n", "text/plain")
+        elif path != "/metrics":
+            reply = _response("404 Not Found", b"try /metrics\n", "text/plain", method == "HEAD")
+        else:
+            try:
+                reply = _response("200 OK", self.render(), CONTENT_TYPE_LATEST, method == "HEAD")
+            except Exception:
+                logger.exception("metrics: rendering failed")
+                reply = _response("500 Internal Server Error", b"error\n", "text/plain")
+        conn.outbuf += reply
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        while conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(conn)
+                return
+            del conn.outbuf[:sent]
+        self._drop(conn)  # one request per connection

@@ -1,0 +1,110 @@
+"""``mailroom deliveries|retry|skip``: the ledger commands of :mod:`mailroom.ledger.admin`
+on the command line. Each prints what it found or changed."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+from typing import Any, TextIO
+
+import psycopg
+
+from mailroom import config
+from mailroom._process import one_line
+from mailroom.config import Settings
+from mailroom.ledger import admin, operations
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``2024-04-20T13:37``, ``2024-04-20 13:37:00+02:00`` (no zone = UTC) or a duration
+    back from now: ``90s``, ``15m``, ``2h``, ``1d``, ``1h30m``. ``ValueError`` otherwise."""
+    raw = text.strip()
+    if re.fullmatch(r"(\d+(?:\.\d+)?[smhdw])+", raw):
+        seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(raw))
+        return (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(seconds=seconds)
+    try:
+        moment = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"expected an ISO time (2024-04-20T13:37) or a duration (2h, 30m), got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``mailroom <name>``."""
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    if name == "deliveries":
+        parser.add_argument("email")
+        parser.add_argument("--limit", type=int, default=100)
+        return
+    parser.add_argument("--since", help="created at or after: ISO time, or a duration back (2h)")
+    parser.add_argument("--error", help="the last error contains TEXT")
+    parser.add_argument("--email", help="this address only")
+    parser.add_argument("--token", type=int, action="append", dest="tokens", help="this token (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="count, change nothing")
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()}
+
+
+def _show_deliveries(rows: list[dict[str, Any]], email: str, out: TextIO) -> None:
+    if not rows:
+        print(f"no deliveries for {email}", file=out)
+        return
+    for r in rows:
+        when = r["sent_at"] or r["claimed_at"] or r["created_at"]
+        line = (f"{r['token']:>10}  {r['action']:<17} {r['status']:<8} attempts {r['attempts']}"
+                f"  created {r['created_at']:%Y-%m-%d %H:%M:%S}  last {when:%Y-%m-%d %H:%M:%S}")
+        if r["message_id"]:
+            line += f"  message {r['message_id']}"
+        if r["last_error"]:
+            line += f"  error: {one_line(r['last_error'])}"
+        print(line, file=out)
+
+
+def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
+    """Run ``mailroom deliveries|retry|skip``; returns the exit code."""
+    since = None
+    try:
+        if getattr(args, "since", None):
+            since = parse_since(args.since)
+    except ValueError as exc:
+        print(f"mailroom: --since: {exc}", file=sys.stderr)
+        return config.EXIT_CONFIG
+    queue = settings.queue_name
+    try:
+        with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
+            operations.check_schema(conn)
+            if name == "deliveries":
+                rows = admin.deliveries(conn, queue, args.email, args.limit)
+                if args.json:
+                    print(json.dumps([_jsonable(r) for r in rows]), file=out)
+                else:
+                    _show_deliveries(rows, args.email, out)
+                return config.EXIT_OK
+            filters = dict(since=since, error=args.error, email=args.email, tokens=args.tokens,
+                           dry_run=args.dry_run)
+            if name == "retry":
+                n = admin.retry(conn, queue, channel=settings.channel_name, **filters)
+            else:
+                n = admin.skip(conn, queue, **filters)
+            conn.commit()
+    except operations.SchemaError as exc:
+        print(f"mailroom: {exc}", file=sys.stderr)
+        return config.EXIT_SCHEMA
+    except psycopg.OperationalError as exc:
+        print(f"mailroom: database: {one_line(exc)}", file=sys.stderr)
+        return config.EXIT_FAILURE
+    verb = {"retry": ("would queue again", "queued again"), "skip": ("would skip", "skipped")}[name]
+    if args.json:
+        print(json.dumps({"command": name, "dry_run": args.dry_run, "rows": n}), file=out)
+    else:
+        what = "failed" if name == "retry" else "queued"
+        print(f"{verb[0] if args.dry_run else verb[1]} {n} {what} deliveries of queue {queue}", file=out)
+    return config.EXIT_OK

@@ -1,0 +1,90 @@
+"""``mailroom monitor``: the Textual monitor of a supervisor (live) and its ledger.
+
+:func:`main` parses the command line; :class:`~mailroom.monitor.app.MonitorApp`
+is the application (importable for tests and for ``mailroom demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+
+__all__ = ["main", "socket_path"]
+
+DEFAULT_WEB_PORT = 8566
+
+
+def socket_path(environ: Mapping[str, str], queue: str) -> str | None:
+    """The control socket to watch (OPERATIONS.md 2); None when it is ``off``."""
+    try:
+        from mailroom.control.sockfile import default_socket_path
+    except ImportError:
+        default_socket_path = None
+    if default_socket_path is not None:
+        return default_socket_path(environ, queue)
+    # The same rule, for a tree without the control plane.
+    explicit = environ.get("MAILROOM_CONTROL_SOCKET")
+    if explicit:
+        return None if explicit == "off" else explicit
+    if environ.get("RUNTIME_DIRECTORY"):
+        return os.path.join(environ["RUNTIME_DIRECTORY"].split(":")[0], "control.sock")
+    if environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(environ["XDG_RUNTIME_DIR"], "mailroom", f"{queue}.sock")
+    return f"/tmp/mailroom-{os.getuid()}/{queue}.sock"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``mailroom monitor`` options."""
+    p = argparse.ArgumentParser(prog="mailroom monitor", description="watch and steer mailroom")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the monitor's options to ``p`` (shared with ``mailroom monitor`` in cli.py)."""
+    p.add_argument("--socket", help="control socket (default: as the supervisor computes it)")
+    p.add_argument("--operate", action="store_true",
+                   help="enable the state-changing keys (P, D, L, R, X)")
+    p.add_argument("--web", action="store_true",
+                   help="serve the monitor in a browser on 127.0.0.1 (textual-serve)")
+    p.add_argument("--port", type=int, default=DEFAULT_WEB_PORT, help="port for --web")
+
+
+def run(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+    """Run the monitor (or its web server) with parsed ``args``; returns the exit code."""
+    queue = environ.get("MAILROOM_QUEUE_NAME") or "mailroom"
+    path = args.socket or socket_path(environ, queue)
+    database_url = environ.get("MAILROOM_DATABASE_URL") or None
+    if args.web:
+        return _serve(args, path)
+    from mailroom.monitor.app import MonitorApp
+
+    MonitorApp(path, database_url, queue=queue, operate=args.operate).run()
+    return 0
+
+
+def _serve(args: argparse.Namespace, path: str | None) -> int:
+    try:
+        from textual_serve.server import Server
+    except ImportError:
+        print("mailroom monitor: --web needs textual-serve: pip install 'mailroom[web]'",
+              file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "mailroom.monitor"]
+    if path:
+        command += ["--socket", path]
+    if args.operate:
+        command.append("--operate")
+    # 127.0.0.1 only: the page is a terminal with the operator's rights; reach it
+    # from elsewhere through an ssh tunnel, never an open port.
+    Server(shlex.join(command), host="127.0.0.1", port=args.port,
+           title="mailroom monitor").serve()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mailroom.monitor [--socket PATH] [--operate] [--web] [--port N]``."""
+    return run(parser().parse_args(argv))

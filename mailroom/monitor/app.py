@@ -1,0 +1,243 @@
+"""The Textual application: header, five panes, the coalescing flush, the key map."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import ContentSwitcher, DataTable, Footer
+
+from mailroom.monitor.actions import OPERATOR_ACTIONS, OperatorActions
+from mailroom.monitor.dialogs import BatchDetail, HelpScreen
+from mailroom.monitor.feed import ClientFactory, ControlFeed, default_client_factory
+from mailroom.monitor.ledger_source import LedgerSource
+from mailroom.monitor.model import MonitorState
+from mailroom.monitor.panes.events import EventsPane
+from mailroom.monitor.panes.failures import FailuresPane
+from mailroom.monitor.panes.ledger import LedgerPane
+from mailroom.monitor.panes.live import LivePane
+from mailroom.monitor.panes.processes import ProcessesPane
+from mailroom.monitor.widgets import Banner, HeaderBar
+
+log = logging.getLogger("mailroom.monitor")
+
+__all__ = ["MonitorApp", "PANES"]
+
+#: Pane ids in key order (`1`-`5`) with their titles.
+PANES = (("live", "Live"), ("ledger", "Ledger"), ("failures", "Failures"),
+         ("processes", "Processes"), ("events", "Events"))
+#: At most this many screen refreshes a second (OPERATIONS.md 4).
+FLUSH_INTERVAL_S = 0.25
+#: Ledger screens re-query this often while shown.
+LEDGER_REFRESH_S = 5.0
+
+
+class MonitorApp(OperatorActions, App[None]):
+    """``mailroom monitor``.
+
+    Args:
+        socket_path: the supervisor's control socket, or None for the ledger screens only.
+        database_url: the ledger (``MAILROOM_DATABASE_URL``), or None for the live screens only.
+        queue: the queue (``jobs.job_type``) whose ledger is shown.
+        operate: enable the state-changing keys (still refused to a viewer).
+        client_factory: builds the async control client for a path (tests pass their own).
+    """
+
+    TITLE = "mailroom monitor"
+    CSS = """
+    ContentSwitcher { height: 1fr; }
+    """
+    BINDINGS = [
+        *(Binding(str(i), f"show('{pane}')", title, key_display=str(i))
+          for i, (pane, title) in enumerate(PANES, 1)),
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("f", "freeze", "Freeze"),
+        Binding("slash", "search", "Search", key_display="/"),
+        Binding("escape", "back", show=False),
+        Binding("j", "cursor('down')", show=False),
+        Binding("k", "cursor('up')", show=False),
+        # Each state-changing key twice: the real action (shown, disabled unless
+        # allowed) and, behind it, a hidden refusal that only runs when the first
+        # is disabled, so a refused key says why instead of doing nothing.
+        *(b for key, action, title in OPERATOR_ACTIONS for b in (
+            Binding(key, action, title),
+            Binding(key, f"refuse('{action}')", show=False))),
+    ]
+
+    def __init__(self, socket_path: str | None, database_url: str | None, *, queue: str = "mailroom",
+                 operate: bool = False, client_factory: ClientFactory | None = None) -> None:
+        super().__init__()
+        self.queue = queue
+        self.operate = operate
+        self.state = MonitorState()
+        self.feed = (ControlFeed(socket_path, client_factory or default_client_factory)
+                     if socket_path else None)
+        self.ledger = LedgerSource(database_url, queue) if database_url else None
+        self.frozen = False
+        self.current = "live"
+        #: Flushes that changed something (tests wait on it).
+        self.flushes = 0
+        self._last_conn: tuple[Any, ...] = ()
+
+    # ------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield HeaderBar(id="header")
+        yield Banner(id="banner")
+        with ContentSwitcher(initial="live"):
+            yield LivePane(id="live")
+            yield LedgerPane(id="ledger")
+            yield FailuresPane(id="failures")
+            yield ProcessesPane(id="processes")
+            yield EventsPane(id="events")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.feed is not None:
+            self.run_worker(self.feed.run(), name="control-feed", group="feed", exclusive=True)
+        elif self.ledger is not None:
+            # No supervisor to watch: open on the ledger.
+            self.current = "ledger"
+            self.query_one(ContentSwitcher).current = "ledger"
+        self.set_interval(FLUSH_INTERVAL_S, self._flush)
+        self.set_interval(LEDGER_REFRESH_S, self._reload_ledger)
+        self._render(force=True)
+        self._reload_ledger()
+        self.query_one(f"#{self.current}").query(DataTable).first().focus()
+
+    def on_unmount(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+
+    @property
+    def role_label(self) -> str:
+        """What the header shows as the role."""
+        role = self.feed.role if self.feed else None
+        if role:
+            return role.upper()
+        return "NOT CONNECTED" if self.feed else "LEDGER ONLY"
+
+    # ------------------------------------------------------------ the feed
+
+    def _flush(self) -> None:
+        """Apply what the feed buffered, then repaint once (at most 4 times a second)."""
+        feed = self.feed
+        changed = False
+        if feed is not None:
+            pending = feed.pending
+            while pending:
+                kind, payload = pending.popleft()
+                changed = True
+                try:
+                    if kind == "snapshot":
+                        self.state.apply_snapshot(payload)
+                    else:
+                        self.state.apply_event(payload)
+                except Exception:  # the model is tolerant; this is the last net
+                    self.state.ignored += 1
+                    log.exception("monitor: could not apply a %s", kind)
+            if self.state.gap and feed.connected:
+                self.state.gap = False
+                self.run_worker(feed.resync(), group="resync", exclusive=True)
+            conn = (feed.connected, feed.error, feed.role)
+            if conn != self._last_conn:
+                self._last_conn, changed = conn, True
+        if changed:
+            self._render()
+
+    def _render(self, force: bool = False) -> None:
+        header = self.query_one(HeaderBar)
+        with self.batch_update():
+            header.render_from(self)
+            self._banner()
+            if not self.frozen or force:
+                self._render_pane(self.current)
+                self.flushes += 1
+
+    def _banner(self) -> None:
+        banner = self.query_one(Banner)
+        feed = self.feed
+        if feed is not None and not feed.connected:
+            reason = feed.error or "connecting"
+            banner.show(f" DISCONNECTED from {feed.path}: {reason} (retrying)")
+        elif self.state.tick.ses_paused or self.state.run_state == "ses_paused":
+            banner.show(" SES PAUSED SENDING (account-level pause or quota): nothing is sent",
+                        warning=True)
+        else:
+            banner.show(None)
+
+    def _render_pane(self, pane: str) -> None:
+        widget = self.query_one(f"#{pane}")
+        render = getattr(widget, "render_from", None)
+        if render is not None:
+            render(self.state)
+
+    def _reload_ledger(self) -> None:
+        if self.frozen:
+            return
+        widget = self.query_one(f"#{self.current}")
+        load = getattr(widget, "load", None)
+        if load is not None:
+            load()
+
+    # ------------------------------------------------------------ keys
+
+    def action_show(self, pane: str) -> None:
+        """Switch to one of the five panes."""
+        if pane not in dict(PANES):
+            return
+        self.current = pane
+        self.query_one(ContentSwitcher).current = pane
+        self._render(force=True)
+        self._reload_ledger()
+        first = self.query_one(f"#{pane}").query(DataTable).first(None) if pane != "events" else None
+        if first is not None:
+            first.focus()
+
+    def action_help(self) -> None:
+        """Show the key map."""
+        self.push_screen(HelpScreen())
+
+    def action_freeze(self) -> None:
+        """Stop (or resume) repainting; the state keeps up underneath."""
+        self.frozen = not self.frozen
+        self.notify("frozen: press f to resume" if self.frozen else "live again")
+        self._render(force=True)
+
+    def action_search(self) -> None:
+        """`/`: the address lookup of the Ledger pane."""
+        if self.current != "ledger":
+            self.action_show("ledger")
+        self.query_one(LedgerPane).open_search()
+
+    def action_back(self) -> None:
+        """Esc on the main screen: close the search box."""
+        self.query_one(LedgerPane).close_search()
+
+    def action_cursor(self, direction: str) -> None:
+        """`j`/`k`: move the cursor of the focused table."""
+        table = self.focused
+        if isinstance(table, DataTable):
+            (table.action_cursor_down if direction == "down" else table.action_cursor_up)()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a batch of the Live table opens its detail."""
+        if event.data_table.id == "batches" and event.row_key.value is not None:
+            self.push_screen(BatchDetail(str(event.row_key.value)))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette: screens, freeze, help, and the operator actions."""
+        yield from super().get_system_commands(screen)
+        for pane, title in PANES:
+            yield SystemCommand(f"Show {title}", f"switch to the {title} screen",
+                                lambda pane=pane: self.action_show(pane))
+        yield SystemCommand("Look up an address", "the Ledger search", self.action_search)
+        yield SystemCommand("Freeze / unfreeze", "stop repainting", self.action_freeze)
+        for key, action, title in OPERATOR_ACTIONS:
+            yield SystemCommand(f"{title} ({key})", "needs --operate and an operator role",
+                                lambda action=action: self.call_later(self.run_action, action))

@@ -1,0 +1,136 @@
+"""The live feed: one async task that reads the control socket and buffers what it reads.
+
+The feed never touches widgets.  It appends ``("snapshot", dict)`` and
+``("event", dict)`` items to :attr:`ControlFeed.pending`; the app drains that
+buffer at most four times a second (see ``MonitorApp._flush``).  When the
+connection fails or closes it reconnects with jittered, capped exponential
+backoff, so a restarted supervisor is picked up again on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("mailroom.monitor")
+
+__all__ = ["ClientFactory", "ControlFeed", "backoff_delay", "default_client_factory"]
+
+ClientFactory = Callable[[str], Any]
+
+#: Reconnect delays: BASE doubling up to CAP seconds, each drawn in [delay/2, delay].
+BACKOFF_BASE_S = 0.25
+BACKOFF_CAP_S = 10.0
+#: Items kept in the buffer between two flushes; beyond it the oldest are dropped
+#: and a resync is asked for (the events screen is the only loser).
+MAX_PENDING = 20000
+
+
+def backoff_delay(attempt: int, base: float = BACKOFF_BASE_S, cap: float = BACKOFF_CAP_S,
+                  rng: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before reconnect number ``attempt`` (0-based): jittered, capped."""
+    delay = min(cap, base * (2 ** min(attempt, 16)))
+    # "Equal jitter": never less than half the delay, so a fleet of monitors
+    # does not hammer a restarting supervisor in lockstep.
+    return delay / 2 + rng() * delay / 2
+
+
+def default_client_factory(path: str) -> Any:
+    """An ``AsyncControlClient`` for ``path`` (imported lazily: the control plane is optional)."""
+    from mailroom.control.client import AsyncControlClient
+
+    return AsyncControlClient(path)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class ControlFeed:
+    """Connection state plus the buffer of what the socket delivered."""
+
+    def __init__(self, path: str, factory: ClientFactory = default_client_factory) -> None:
+        self.path = path
+        self.factory = factory
+        self.pending: deque[tuple[str, Any]] = deque()
+        self.connected = False
+        self.hello: dict[str, Any] = {}
+        self.error: str | None = None
+        self.attempts = 0
+        self.connections = 0
+        self.dropped = 0
+        self._client: Any = None
+
+    @property
+    def role(self) -> str | None:
+        """``operator`` or ``viewer`` from the hello reply; None when not connected."""
+        role = self.hello.get("role") if self.connected else None
+        return role if isinstance(role, str) else None
+
+    def _push(self, kind: str, payload: Any) -> None:
+        if len(self.pending) >= MAX_PENDING:
+            self.pending.popleft()
+            self.dropped += 1
+        self.pending.append((kind, payload))
+
+    async def run(self) -> None:
+        """Connect, subscribe, read events; on any failure reconnect after a backoff. Forever."""
+        while True:
+            try:
+                client = self.factory(self.path)
+            except Exception as exc:  # the client module is missing or broken
+                self.error = _one_line(exc)
+                log.warning("control client unavailable: %s", self.error)
+                return
+            try:
+                hello = await client.connect()
+                self.hello = hello if isinstance(hello, dict) else {}
+                snapshot = await client.subscribe(None)
+                self._client = client
+                self.connected, self.error, self.attempts = True, None, 0
+                self.connections += 1
+                self._push("snapshot", snapshot)
+                async for message in client.events():
+                    self._push("event", message)
+                self.error = "connection closed by the supervisor"
+            except asyncio.CancelledError:
+                await self._close(client)
+                raise
+            except Exception as exc:  # every failure of the peer means: reconnect
+                self.error = _one_line(exc)
+            self.connected, self._client = False, None
+            await self._close(client)
+            delay = backoff_delay(self.attempts)
+            self.attempts += 1
+            log.info("control socket %s: %s; retrying in %.1f s", self.path, self.error, delay)
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _close(client: Any) -> None:
+        try:
+            await client.close()
+        except Exception:  # closing a broken connection may fail too; nothing to do
+            pass
+
+    async def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Send one command on the live connection; raises ConnectionError when there is none.
+
+        ``ControlRefused`` from the client propagates (the caller shows its message).
+        """
+        client = self._client
+        if client is None or not self.connected:
+            raise ConnectionError("not connected to the supervisor")
+        result = await client.request(cmd, **args)
+        return result if isinstance(result, dict) else {}
+
+    async def resync(self) -> None:
+        """After a gap in ``seq``: fetch a fresh snapshot with ``status``."""
+        try:
+            self._push("snapshot", await self.request("status"))
+        except Exception as exc:
+            log.info("resync failed: %s", _one_line(exc))

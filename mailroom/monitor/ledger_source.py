@@ -1,0 +1,117 @@
+"""The monitor's window on the ledger: ``mailroom.ledger`` functions on one connection.
+
+Every call here blocks (sync psycopg) and must run in a thread worker, never on
+the UI's event loop.  One connection, opened lazily and re-opened after a
+failure; a ``statement_timeout`` bounds every query so that a huge ledger or a
+lock cannot freeze a screen.  Failures come out as :class:`LedgerUnavailable`
+with a one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger("mailroom.monitor")
+
+__all__ = ["LedgerSource", "LedgerUnavailable"]
+
+T = TypeVar("T")
+
+#: Longest a monitor query may run (ms); the admin functions are index-bound and limited.
+STATEMENT_TIMEOUT_MS = 5000
+CONNECT_TIMEOUT_S = 3
+
+
+class LedgerUnavailable(Exception):
+    """The ledger could not be read or written; ``str()`` is one line for the screen."""
+
+
+class LedgerSource:
+    """Thread-safe access to the ledger of one queue."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        self.url = url
+        self.queue = queue
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def _connection(self) -> Any:
+        import psycopg
+
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                application_name="mailroom-monitor",
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            )
+        return self._conn
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(conn, *args, **kwargs)`` in one transaction; one connection at a time."""
+        import psycopg
+
+        with self._lock:
+            try:
+                conn = self._connection()
+                with conn.transaction():
+                    return fn(conn, *args, **kwargs)
+            except psycopg.Error as exc:
+                # The connection may be dead (server restarted, network): drop it
+                # so the next call reconnects.
+                self.close_locked()
+                message = str(exc).strip().splitlines()
+                raise LedgerUnavailable(
+                    f"{type(exc).__name__}: {message[0] if message else 'database error'}"
+                ) from exc
+
+    def close_locked(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        """Close the connection (at exit)."""
+        with self._lock:
+            self.close_locked()
+
+    # -- the operations the screens use
+
+    @staticmethod
+    def _admin() -> Any:
+        try:
+            from mailroom.ledger import admin
+        except ImportError as exc:
+            raise LedgerUnavailable("mailroom.ledger.admin is not installed") from exc
+        return admin
+
+    def counts(self) -> dict[str, Any]:
+        """Counts by status x action, oldest queued age, expired leases."""
+        return self.call(self._admin().counts, self.queue)
+
+    def deliveries(self, email: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Every delivery of ``email`` (newest first, at most ``limit``)."""
+        return self.call(self._admin().deliveries, self.queue, email, limit=limit)
+
+    def failure_groups(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Failed rows grouped by error."""
+        return self.call(self._admin().failure_groups, self.queue, limit=limit)
+
+    def consumers(self) -> list[dict[str, Any]]:
+        """Every consumer of the queue on any host (the fleet)."""
+        from mailroom.ledger import fleet
+
+        return self.call(fleet.consumers, self.queue)
+
+    def retry(self, dry_run: bool, **selection: Any) -> int:
+        """Requeue failed rows of ``selection`` (or count them with ``dry_run``)."""
+        return self.call(self._admin().retry, self.queue, dry_run=dry_run, **selection)
+
+    def skip(self, dry_run: bool, **selection: Any) -> int:
+        """Skip queued rows of ``selection`` (or count them with ``dry_run``)."""
+        return self.call(self._admin().skip, self.queue, dry_run=dry_run, **selection)

@@ -1,0 +1,363 @@
+"""The monitor's own typed state, and the one adapter from the control socket's JSON to it.
+
+Everything the supervisor sends (the ``subscribe``/``status`` snapshot and the
+events of OPERATIONS.md section 2) enters the monitor through :class:`MonitorState`:
+:meth:`MonitorState.apply_event` and :meth:`MonitorState.apply_snapshot`.  Field
+names inside ``data`` are read here and nowhere else, so a renamed field is a
+one-line change in this module.
+
+Nothing here raises on what it receives: a missing field keeps its default, a
+value of the wrong type is ignored (``"12"`` is accepted as 12, ``"x"`` is not),
+unknown events are logged in the event list and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "BATCH_STATES", "MAX_BATCHES", "RUN_STATES", "Batch", "Destination", "EventLine",
+    "MonitorState", "Tick", "Worker", "as_bool", "as_epoch", "as_float", "as_int", "as_str", "destinations",
+]
+
+#: The live table keeps this many batches (the newest).
+MAX_BATCHES = 500
+#: Seconds of tick history behind the sparklines (5 minutes at one tick a second).
+HISTORY_S = 300
+#: Lines kept on the events screen.
+MAX_EVENT_LINES = 1000
+
+BATCH_STATES = ("claimed", "sending", "done", "partial", "failed")
+RUN_STATES = ("running", "paused", "draining", "ses_paused", "stopping")
+
+
+from mailroom.monitor.coerce import as_bool, as_epoch, as_float, as_int, as_str
+from mailroom.monitor.coerce import as_dict as _dict
+
+# ------------------------------------------------------------- the types
+
+
+@dataclass
+class Batch:
+    """One batch of the live table, keyed by its id."""
+
+    id: str
+    state: str = "claimed"
+    rows: int = 0
+    activation: int = 0
+    recovery: int = 0
+    sent: int = 0
+    failed: int = 0
+    retry: int = 0
+    skipped: int = 0
+    ms: float | None = None
+    error: str | None = None
+    first_seen: float = field(default_factory=time.monotonic)
+
+    def update(self, data: Mapping[str, Any]) -> None:
+        """Take every known, well-typed field of a batch event's ``data``."""
+        state = as_str(data.get("state"))
+        if state:
+            self.state = state[:20]
+        for name in ("rows", "activation", "recovery", "sent", "failed", "retry", "skipped"):
+            value = as_int(data.get(name))
+            if value is not None and value >= 0:
+                setattr(self, name, value)
+        ms = as_float(data.get("ms"))
+        if ms is not None:
+            self.ms = ms
+        if "error" in data:
+            self.error = as_str(data.get("error"), limit=300)
+
+
+@dataclass
+class Tick:
+    """The latest ``tick``: rates, in flight, queue, SES quota."""
+
+    sent_per_s: float = 0.0
+    failed_per_s: float = 0.0
+    in_flight: int | None = None
+    queue_depth: int | None = None
+    oldest_queued_s: float | None = None
+    rate_limit: float | None = None
+    max_send_rate: float | None = None
+    max_24h_send: float | None = None
+    sent_last_24h: float | None = None
+    ses_paused: bool = False
+
+    def update(self, data: Mapping[str, Any]) -> None:
+        """Take the known fields of a tick (or of a snapshot's same-named fields)."""
+        for name in ("sent_per_s", "failed_per_s"):
+            value = as_float(data.get(name))
+            if value is not None and value >= 0:
+                setattr(self, name, value)
+        for name in ("in_flight", "queue_depth"):
+            value = as_int(data.get(name))
+            if value is not None:
+                setattr(self, name, value)
+        for name in ("oldest_queued_s", "rate_limit"):
+            if name in data:
+                setattr(self, name, as_float(data.get(name)))
+        ses = _dict(data.get("ses"))
+        for name in ("max_send_rate", "max_24h_send", "sent_last_24h"):
+            if name in ses:
+                setattr(self, name, as_float(ses.get(name)))
+        paused = as_bool(ses.get("paused"))
+        if paused is not None:
+            self.ses_paused = paused
+
+
+@dataclass
+class Worker:
+    """One process of the supervisor's tree."""
+
+    name: str
+    pid: int | None = None
+    state: str = "?"
+    #: Epoch seconds (the socket may send a number or an ISO-8601 string).
+    started: float | None = None
+    restarts: int = 0
+    last_heartbeat: float | None = None
+    rss: int | None = None
+
+    def update(self, data: Mapping[str, Any]) -> None:
+        """Take the known fields of a worker event or snapshot entry."""
+        pid = as_int(data.get("pid"))
+        if pid is not None:
+            self.pid = pid
+        state = as_str(data.get("state"), limit=30)
+        if state:
+            self.state = state
+        restarts = as_int(data.get("restarts"))
+        if restarts is not None:
+            self.restarts = restarts
+        for name in ("started", "last_heartbeat"):
+            if name in data:
+                setattr(self, name, as_epoch(data.get(name)))
+        rss = as_int(data.get("rss"))
+        if rss is not None:
+            self.rss = rss
+
+
+@dataclass
+class EventLine:
+    """One line of the events screen."""
+
+    seq: int | None
+    ts: str
+    event: str
+    text: str
+
+
+# ------------------------------------------------------------- the state
+
+
+class MonitorState:
+    """Everything the live screens show, built from the snapshot and events."""
+
+    def __init__(self) -> None:
+        self.batches: OrderedDict[str, Batch] = OrderedDict()
+        self.tick = Tick()
+        self.workers: dict[str, Worker] = {}
+        self.run_state: str = "unknown"
+        self.paused_claims = False
+        self.paused_sending = False
+        self.queue: str | None = None
+        self.version: str | None = None
+        self.sent_history: deque[float] = deque(maxlen=HISTORY_S)
+        self.failed_history: deque[float] = deque(maxlen=HISTORY_S)
+        # (monotonic time, failed count) of finished batches: "failed, last 15 min".
+        self._failures: deque[tuple[float, int]] = deque()
+        self.events: deque[EventLine] = deque(maxlen=MAX_EVENT_LINES)
+        self.last_seq: int | None = None
+        self.gap = False
+        self.ignored = 0
+        #: Events ever appended to ``events`` (the events screen writes the new ones).
+        self.event_count = 0
+        self.version_counter = 0
+
+    # -- derived numbers for the big-number panel
+
+    @property
+    def sent_per_min(self) -> float:
+        """Sent per minute: the mean of the last 60 ticks' sent/s, times 60."""
+        recent = list(self.sent_history)[-60:]
+        return 60.0 * sum(recent) / len(recent) if recent else 0.0
+
+    def failed_last_15min(self, now: float | None = None) -> int:
+        """Failed deliveries in batches finished in the last 15 minutes."""
+        now = time.monotonic() if now is None else now
+        while self._failures and self._failures[0][0] < now - 900:
+            self._failures.popleft()
+        return sum(n for _, n in self._failures)
+
+    # -- input
+
+    def apply_event(self, message: Any) -> bool:
+        """Apply one event object; False when it was not a usable event (ignored)."""
+        self.version_counter += 1
+        if not isinstance(message, Mapping):
+            self.ignored += 1
+            return False
+        name = as_str(message.get("event"), limit=40)
+        if not name:
+            self.ignored += 1
+            return False
+        seq = as_int(message.get("seq"))
+        if seq is not None:
+            if self.last_seq is not None and seq != self.last_seq + 1:
+                # A gap means lost events: the caller asks for a new snapshot.
+                self.gap = True
+            self.last_seq = seq
+        data = _dict(message.get("data"))
+        ts = as_str(message.get("ts"), limit=40) or dt.datetime.now().isoformat(timespec="seconds")
+        self.events.append(EventLine(seq, ts, name, _summary(data)))
+        self.event_count += 1
+        handler = _HANDLERS.get(name)
+        if handler is None:
+            return True  # unknown event types are only listed
+        handler(self, data)
+        return True
+
+    def apply_snapshot(self, snapshot: Any) -> None:
+        """Replace what a snapshot (``subscribe`` result or ``status``) covers."""
+        self.version_counter += 1
+        snap = _dict(snapshot)
+        self.queue = as_str(snap.get("queue"), self.queue, limit=60)
+        self.version = as_str(snap.get("version"), self.version, limit=40)
+        self._take_state(snap)
+        self.tick.update(snap)
+        self.tick.update(_dict(snap.get("tick")))
+        workers = snap.get("workers")
+        if isinstance(workers, Mapping):
+            workers = [dict(_dict(v), worker=k) for k, v in workers.items()]
+        if isinstance(workers, list):
+            for entry in workers:
+                self._take_worker(_dict(entry))
+        batches = snap.get("batches") or snap.get("in_flight_batches")
+        if isinstance(batches, list):
+            for entry in batches:
+                self._take_batch(_dict(entry))
+        self.gap = False
+        self.last_seq = as_int(snap.get("seq"), None)
+
+    # -- handlers
+
+    def _take_batch(self, data: Mapping[str, Any], state: str | None = None) -> Batch | None:
+        batch_id = as_str(data.get("batch") if "batch" in data else data.get("id"), limit=60)
+        if not batch_id:
+            return None
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            batch = self.batches[batch_id] = Batch(batch_id)
+            while len(self.batches) > MAX_BATCHES:
+                self.batches.popitem(last=False)
+        if state is not None:
+            batch.state = state
+        batch.update(data)
+        return batch
+
+    def _take_worker(self, data: Mapping[str, Any]) -> Worker | None:
+        name = as_str(data.get("worker") or data.get("name"), limit=30)
+        if not name:
+            return None
+        worker = self.workers.setdefault(name, Worker(name))
+        worker.update(data)
+        return worker
+
+    def _take_state(self, data: Mapping[str, Any]) -> None:
+        state = as_str(data.get("state"), limit=30)
+        if state:
+            self.run_state = state
+        paused = _dict(data.get("paused"))
+        for key, attr in (("claims", "paused_claims"), ("sending", "paused_sending")):
+            value = as_bool(paused.get(key))
+            if value is not None:
+                setattr(self, attr, value)
+
+    def _on_claimed(self, data: Mapping[str, Any]) -> None:
+        self._take_batch(data, "claimed")
+
+    def _on_dispatched(self, data: Mapping[str, Any]) -> None:
+        self._take_batch(data, "sending")
+
+    def _on_done(self, data: Mapping[str, Any]) -> None:
+        batch = self._take_batch(data, None)
+        if batch is None:
+            return
+        if not as_str(data.get("state")):
+            # No state given: derive it from the counts.
+            batch.state = ("failed" if batch.failed and not batch.sent
+                           else "partial" if batch.failed or batch.retry else "done")
+        if batch.failed:
+            self._failures.append((time.monotonic(), batch.failed))
+
+    def _on_worker(self, data: Mapping[str, Any], state: str) -> None:
+        worker = self._take_worker(data)
+        if worker is not None and not as_str(data.get("state")):
+            worker.state = state
+
+    def _on_tick(self, data: Mapping[str, Any]) -> None:
+        self.tick.update(data)
+        self.sent_history.append(self.tick.sent_per_s)
+        self.failed_history.append(self.tick.failed_per_s)
+
+
+def _summary(data: Mapping[str, Any]) -> str:
+    """A short one-line rendering of an event's data for the events screen."""
+    try:
+        text = json.dumps(data, separators=(",", ":"), default=str, sort_keys=True)
+    except (TypeError, ValueError):
+        text = "?"
+    return as_str(text, "", limit=200) or ""
+
+
+_HANDLERS = {
+    "batch.claimed": MonitorState._on_claimed,
+    "batch.dispatched": MonitorState._on_dispatched,
+    "batch.done": MonitorState._on_done,
+    "worker.started": lambda s, d: s._on_worker(d, "running"),
+    "worker.exited": lambda s, d: s._on_worker(d, "exited"),
+    "state.changed": MonitorState._take_state,
+    "tick": MonitorState._on_tick,
+}
+
+
+@dataclass
+class Destination:
+    """One destination of a batch (the ``batch {id}`` command's result)."""
+
+    address: str
+    action: str
+    status: str
+    message_id: str
+    attempts: int | None
+    error: str
+
+
+def destinations(result: Any) -> list[Destination]:
+    """The destinations of a ``batch`` reply, whatever of it is usable."""
+    res = _dict(result)
+    entries = res.get("destinations")
+    if not isinstance(entries, list):
+        entries = _dict(res.get("batch")).get("destinations")
+    out: list[Destination] = []
+    for entry in entries if isinstance(entries, list) else []:
+        d = _dict(entry)
+        if not d:
+            continue
+        out.append(Destination(
+            address=as_str(d.get("address") or d.get("email"), "", limit=254) or "",
+            action=as_str(d.get("action"), "", limit=30) or "",
+            status=as_str(d.get("status"), "", limit=30) or "",
+            message_id=as_str(d.get("message_id") or d.get("MessageId"), "", limit=120) or "",
+            attempts=as_int(d.get("attempts")),
+            error=as_str(d.get("error"), "", limit=300) or "",
+        ))
+    return out

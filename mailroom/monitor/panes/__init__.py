@@ -1,0 +1,1 @@
+"""The monitor's five screens, one module each (shown in a ContentSwitcher)."""

@@ -1,0 +1,187 @@
+"""The monitor's ledger side against a real PostgreSQL: fleet functions, the
+address search, failure groups with retry, a database that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+from monitor_fakes import ensure_admin
+from test_monitor import until
+
+from mailroom.ledger import fleet
+from mailroom.monitor.app import MonitorApp
+from mailroom.monitor.dialogs import Confirm
+
+pytestmark = pytest.mark.timeout(90)
+
+
+# ------------------------------------------------------------------ fleet
+
+
+def test_fleet_register_heartbeat_stale_unregister(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        a = fleet.register(conn, "mailroom", "vm-a", 100)
+        b = fleet.register(conn, "mailroom", "vm-b", 200)
+        assert fleet.heartbeat(conn, a, batches=3, rows=27)
+        rows = {r["host"]: r for r in fleet.consumers(conn, "mailroom")}
+        assert set(rows) == {"vm-a", "vm-b"}
+        assert (rows["vm-a"]["pid"], rows["vm-a"]["batches"], rows["vm-a"]["rows"]) == (100, 3, 27)
+        assert not rows["vm-a"]["stale"] and rows["vm-a"]["seen_s_ago"] < 5
+
+        # b stops refreshing: stale after the timeout (backdated rather than waited for).
+        conn.execute("UPDATE consumers SET last_seen_at = now() - interval '1 minute' WHERE id = %s",
+                     (b,))
+        rows = fleet.consumers(conn, "mailroom", stale_after_s=30)
+        assert [(r["host"], r["stale"]) for r in rows] == [("vm-a", False), ("vm-b", True)]
+
+        # A restarted process with b's host and pid replaces the dead one's row.
+        b2 = fleet.register(conn, "mailroom", "vm-b", 200)
+        assert b2 != b and not fleet.heartbeat(conn, b, 0, 0)
+        assert len(fleet.consumers(conn, "mailroom")) == 2
+
+        fleet.unregister(conn, a)
+        fleet.unregister(conn, b2)
+        assert fleet.consumers(conn, "mailroom") == []
+
+
+# ------------------------------------------------------------------ screens
+
+
+def _accounts(url: str, emails: list[str]) -> None:
+    """Insert accounts (the trigger makes activation tokens and queued deliveries)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for email in emails:
+            conn.execute("INSERT INTO accounts (email, login) VALUES (%s, %s)",
+                         (email, email.split("@")[0]))
+
+
+def _fail(url: str, email: str, error: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE deliveries SET status = 'failed', attempts = 5, last_error = %s WHERE token IN"
+            " (SELECT t.id FROM tokens t JOIN accounts a ON a.id = t.account WHERE a.email = %s)",
+            (error, email))
+
+
+def ledger_scenario(url: str, test: Any, operate: bool = False) -> None:
+    ensure_admin()
+
+    async def main() -> None:
+        app = MonitorApp(None, url, operate=operate)
+        async with app.run_test(size=(140, 40)) as pilot:
+            await test(app, pilot)
+    asyncio.run(main())
+
+
+def test_slash_shows_every_delivery_of_an_address(db: str) -> None:
+    _accounts(db, ["jane@example.com", "bob@example.com"])
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("INSERT INTO tokens (action, account) SELECT 'password_recovery', id"
+                     " FROM accounts WHERE email = 'jane@example.com'")
+        conn.execute("UPDATE deliveries SET status = 'sent', message_id = 'ses-0001', sent_at = now()"
+                     " WHERE token = (SELECT min(t.id) FROM tokens t JOIN accounts a"
+                     " ON a.id = t.account WHERE a.email = 'jane@example.com')")
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        assert app.current == "ledger"  # no supervisor: opens on the ledger
+        counts = app.query_one("#counts")
+        await until(pilot, lambda: counts.row_count == 6, "counts")
+        await pilot.press("slash")
+        await pilot.press(*"jane@example.com", "enter")
+        table = app.query_one("#deliveries")
+        await until(pilot, lambda: table.row_count == 2, "jane's deliveries")
+        rows = [[str(c) for c in table.get_row_at(i)] for i in range(2)]
+        assert {r[1] for r in rows} == {"activation", "password_recovery"}
+        assert any(r[2] == "sent" and r[8] == "ses-0001" for r in rows)
+        assert "2 deliveries, 1 sent" in str(app.query_one("#search-info").render())
+    ledger_scenario(db, test)
+
+
+def test_failure_group_retry_with_dry_run_count(db: str) -> None:
+    _accounts(db, ["a@x.test", "b@x.test", "c@x.test"])
+    _fail(db, "a@x.test", "MessageRejected: Email address is not verified")
+    _fail(db, "b@x.test", "MessageRejected: Email address is not verified")
+    _fail(db, "c@x.test", "Throttling")
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        await pilot.press("3")
+        table = app.query_one("#failure-groups")
+        await until(pilot, lambda: table.row_count == 2, "two groups")
+        assert str(table.get_row_at(0)[1]) == "2"
+        await pilot.press("R")
+        await until(pilot, lambda: isinstance(app.screen, Confirm), "confirmation")
+        assert "Dry run: 2 failed rows requeued" in app.screen.question
+        await pilot.press("y")
+        await until(pilot, lambda: table.row_count == 1, "group gone after the retry")
+        with psycopg.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM deliveries WHERE status = 'failed'"
+                                ).fetchone()[0] == 1
+    ledger_scenario(db, test, operate=True)
+
+
+def test_processes_screen_lists_the_fleet(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        fleet.register(conn, "mailroom", "vm-a", 4242)
+        stale = fleet.register(conn, "mailroom", "vm-b", 77)
+        conn.execute("UPDATE consumers SET last_seen_at = now() - interval '5 minutes' WHERE id = %s",
+                     (stale,))
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        await pilot.press("4")
+        table = app.query_one("#fleet")
+        await until(pilot, lambda: table.row_count == 2, "fleet rows")
+        cells = [[str(c) for c in table.get_row_at(i)] for i in range(2)]
+        assert cells[0][:2] == ["vm-a", "4242"] and cells[0][-1] == "live"
+        assert cells[1][:2] == ["vm-b", "77"] and cells[1][-1] == "stale"
+    ledger_scenario(db, test)
+
+
+def test_a_database_that_goes_away_is_a_message_not_a_crash(db: str) -> None:
+    from pgutil import drop_database
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        counts = app.query_one("#counts")
+        await until(pilot, lambda: counts.row_count == 6, "counts")
+        drop_database(db)  # terminates the monitor's session too
+        app.query_one("#ledger").load()
+        info = app.query_one("#ledger-info")
+        await until(pilot, lambda: "ledger unavailable" in str(info.render()), "error shown")
+        await pilot.press("slash", *"x@y.z", "enter", "3", "4")
+        await until(pilot, lambda: "unavailable" in str(app.query_one("#fleet-info").render()),
+                    "fleet error shown")
+        assert app.is_running
+    ledger_scenario(db, test)
+
+
+def test_no_database_and_no_socket_still_runs() -> None:
+    async def main() -> None:
+        app = MonitorApp(None, None)
+        async with app.run_test() as pilot:
+            await pilot.press("2", "3", "4", "5", "1", "R")
+            assert "MAILROOM_DATABASE_URL" in str(app.query_one("#fleet-info").render())
+            assert app.is_running
+    asyncio.run(main())
+
+
+def test_a_slow_ledger_query_does_not_freeze_the_screen(db: str) -> None:
+    """Ledger queries run in thread workers: the UI answers keys while one is stuck."""
+    import threading
+
+    release = threading.Event()
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        def stuck() -> dict[str, Any]:
+            release.wait(30)
+            return {}
+        app.ledger.counts = stuck  # type: ignore[method-assign]
+        app.query_one("#ledger").load()
+        await pilot.press("3", "4", "5", "1", "2")
+        assert app.current == "ledger"
+        release.set()
+    try:
+        ledger_scenario(db, test)
+    finally:
+        release.set()

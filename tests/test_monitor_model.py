@@ -1,0 +1,60 @@
+"""The monitor's adapter (model.py) and backoff, without a UI: whatever arrives, no exception."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailroom.monitor.feed import BACKOFF_CAP_S, backoff_delay
+from mailroom.monitor.model import MAX_BATCHES, MonitorState, as_epoch, as_int, destinations
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20)
+EVENTS = st.sampled_from(["batch.claimed", "batch.dispatched", "batch.done", "worker.started",
+                          "worker.exited", "state.changed", "tick", "audit", "x"])
+FIELDS = st.sampled_from(["batch", "rows", "sent", "failed", "ms", "error", "state", "worker", "pid",
+                          "paused", "ses", "sent_per_s", "queue_depth", "started", "rss"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(
+    json_values,
+    st.fixed_dictionaries({"event": EVENTS, "seq": json_values,
+                           "data": st.dictionaries(FIELDS, json_values, max_size=6)}),
+), max_size=20), json_values)
+def test_any_event_or_snapshot_is_absorbed(messages: list, snapshot: object) -> None:
+    state = MonitorState()
+    state.apply_snapshot(snapshot)
+    for message in messages:
+        state.apply_event(message)
+    state.failed_last_15min()
+    assert state.sent_per_min >= 0
+    destinations(snapshot)
+
+
+def test_batches_are_capped_and_done_state_is_derived() -> None:
+    state = MonitorState()
+    for n in range(MAX_BATCHES + 20):
+        state.apply_event({"event": "batch.claimed", "seq": n + 1, "data": {"batch": f"b{n}"}})
+    assert len(state.batches) == MAX_BATCHES and next(iter(state.batches)) == "b20"
+    state.apply_event({"event": "batch.done", "seq": 1000,
+                       "data": {"batch": "b30", "sent": 0, "failed": 3}})
+    assert state.batches["b30"].state == "failed" and state.failed_last_15min() == 3
+    assert state.gap  # 520 -> 1000
+
+
+def test_coercions() -> None:
+    assert as_int("12") == 12 and as_int(True) is None and as_int(float("nan")) is None
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    assert as_epoch(when.isoformat()) == when.timestamp() == as_epoch(when.timestamp())
+    assert as_epoch("yesterday") is None and as_epoch([1]) is None
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    assert backoff_delay(0, rng=lambda: 0.0) == 0.125 and backoff_delay(0, rng=lambda: 1.0) == 0.25
+    assert backoff_delay(50, rng=lambda: 1.0) == BACKOFF_CAP_S
+    assert backoff_delay(50, rng=lambda: 0.0) == BACKOFF_CAP_S / 2
