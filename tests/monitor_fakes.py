@@ -95,7 +95,7 @@ class FakeControlServer:
         """Push one well-formed event line to every subscriber."""
         for writer, seq in list(self._subscribers):
             msg = {"v": 1, "event": name, "seq": next(seq),
-                   "ts": dt.datetime.now(dt.timezone.utc).isoformat(), "data": data}
+                   "ts": dt.datetime.now(dt.UTC).isoformat(), "data": data}
             await self._write(writer, json.dumps(msg).encode() + b"\n")
 
     async def raw(self, data: bytes) -> None:
@@ -251,7 +251,8 @@ def _standin_admin() -> types.ModuleType:
             where += " AND d.last_error = %s"
             params.append(error)
         if email is not None:
-            where += " AND d.token IN (SELECT t.id FROM tokens t JOIN accounts a ON a.id = t.account WHERE a.email = %s)"
+            where += (" AND d.token IN (SELECT t.id FROM tokens t JOIN accounts a ON a.id = t.account"
+                      " WHERE a.email = %s)")
             params.append(email)
         if dry_run:
             return conn.execute(f"SELECT count(*) FROM deliveries d WHERE {where}", params).fetchone()[0]

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import pytest
 from control_util import Handler, LoopThread, Raw, make_server
 
-from mailroom.control import protocol, server as server_mod
+from mailroom.control import protocol
+from mailroom.control import server as server_mod
 from mailroom.control.server import ControlServer, SocketInUse, default_socket_path
 from mailroom.control.sockfile import ControlSocketError
 

@@ -16,6 +16,7 @@ import pytest
 from mailroom import ledger
 from mailroom.ledger import admin
 from mailroom.ledger.commands import parse_since
+from mailroom.vocabulary import Outcome, OutcomeKind
 
 Q = "mailroom"
 NOT_VERIFIED = "MessageRejected: Email address is not verified. The following identities failed: {}"
@@ -43,7 +44,7 @@ def settle(conn: psycopg.Connection, outcomes: dict[int, tuple[str, str | None]]
     claimed = {row[5] for row in claim.rows}
     assert set(outcomes) <= claimed
     ledger.record_outcomes(conn, Q, [
-        (t, kind, f"msg-{t}" if kind == "sent" else None, error, 0.0)
+        (t, Outcome(OutcomeKind(kind), f"msg-{t}" if kind == "sent" else None, error, 0.0))
         for t, (kind, error) in outcomes.items()], claimed_at=claim.claimed_at, max_attempts=5)
 
 
@@ -171,15 +172,15 @@ def test_counts_and_failure_groups(conn, settled):
     assert groups[0]["sample"] in ("u2@example.test", "u3@example.test")
     assert groups[0]["first_seen"] <= groups[0]["last_seen"]
     assert admin.failure_groups(conn, Q, limit=1)[0]["count"] == 2
-    future = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     assert admin.failure_groups(conn, Q, since=future) == []
 
 
 def test_parse_since():
-    now = dt.datetime(2024, 4, 20, 12, 0, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2024, 4, 20, 12, 0, tzinfo=dt.UTC)
     assert parse_since("2h", now) == now - dt.timedelta(hours=2)
     assert parse_since("1h30m", now) == now - dt.timedelta(minutes=90)
-    assert parse_since("2024-04-20T10:00", now) == dt.datetime(2024, 4, 20, 10, tzinfo=dt.timezone.utc)
+    assert parse_since("2024-04-20T10:00", now) == dt.datetime(2024, 4, 20, 10, tzinfo=dt.UTC)
     assert parse_since("2024-04-20T10:00+02:00", now).utcoffset() == dt.timedelta(hours=2)
     for bad in ("yesterday", "2x", ""):
         with pytest.raises(ValueError):

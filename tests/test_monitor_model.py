@@ -49,7 +49,7 @@ def test_batches_are_capped_and_done_state_is_derived() -> None:
 
 def test_coercions() -> None:
     assert as_int("12") == 12 and as_int(True) is None and as_int(float("nan")) is None
-    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     assert as_epoch(when.isoformat()) == when.timestamp() == as_epoch(when.timestamp())
     assert as_epoch("yesterday") is None and as_epoch([1]) is None
 

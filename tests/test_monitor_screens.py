@@ -36,7 +36,8 @@ SNAPSHOT = {
         {"worker": "collector", "pid": 4101, "state": "running", "restarts": 0, "rss": 36700160,
          "started": time.time() - 7190, "last_heartbeat": time.time() - 1},
         {"worker": "sender", "pid": 4102, "state": "running", "restarts": 1, "rss": 57671680,
-         "started": (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=50)).isoformat(), "last_heartbeat": time.time() - 2},
+         "started": (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=50)).isoformat(),
+         "last_heartbeat": time.time() - 2},
     ],
 }
 TICK = {"sent_per_s": 11.0, "failed_per_s": 0.2, "in_flight": 2, "queue_depth": 1480,

@@ -25,8 +25,7 @@ from typing import Any
 
 from mailroom.control import protocol
 from mailroom.control.protocol import OPERATOR, VIEWER, ControlError
-from mailroom.control.sockfile import (ControlSocketError, SocketInUse, bind_unix,
-                                       default_socket_path, unlink_if_ours)
+from mailroom.control.sockfile import ControlSocketError, SocketInUse, bind_unix, default_socket_path, unlink_if_ours
 
 __all__ = ["ControlServer", "ControlSocketError", "Peer", "Request", "SocketInUse",
            "default_socket_path"]
@@ -223,7 +222,7 @@ class ControlServer:
         except (TypeError, ValueError):
             logger.exception("control: event %s has data that is not JSON; not sent", event)
             return
-        ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        ts = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         for client in targets:
             client.seq += 1
             self._send(client, protocol.encode_event(event, client.seq, ts, data_json))

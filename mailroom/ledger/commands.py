@@ -27,12 +27,12 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     raw = text.strip()
     if re.fullmatch(r"(\d+(?:\.\d+)?[smhdw])+", raw):
         seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(raw))
-        return (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(seconds=seconds)
+        return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=seconds)
     try:
         moment = dt.datetime.fromisoformat(raw)
     except ValueError:
         raise ValueError(f"expected an ISO time (2024-04-20T13:37) or a duration (2h, 30m), got {text!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:

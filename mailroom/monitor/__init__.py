@@ -19,21 +19,9 @@ DEFAULT_WEB_PORT = 8566
 
 def socket_path(environ: Mapping[str, str], queue: str) -> str | None:
     """The control socket to watch (OPERATIONS.md 2); None when it is ``off``."""
-    try:
-        from mailroom.control.sockfile import default_socket_path
-    except ImportError:
-        default_socket_path = None
-    if default_socket_path is not None:
-        return default_socket_path(environ, queue)
-    # The same rule, for a tree without the control plane.
-    explicit = environ.get("MAILROOM_CONTROL_SOCKET")
-    if explicit:
-        return None if explicit == "off" else explicit
-    if environ.get("RUNTIME_DIRECTORY"):
-        return os.path.join(environ["RUNTIME_DIRECTORY"].split(":")[0], "control.sock")
-    if environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(environ["XDG_RUNTIME_DIR"], "mailroom", f"{queue}.sock")
-    return f"/tmp/mailroom-{os.getuid()}/{queue}.sock"
+    from mailroom.control.sockfile import default_socket_path
+
+    return default_socket_path(environ, queue)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -104,7 +104,7 @@ class MonitorApp(OperatorActions, App[None]):
             # No supervisor to watch: open on the ledger.
             self.current = "ledger"
             self.query_one(ContentSwitcher).current = "ledger"
-        self.set_interval(FLUSH_INTERVAL_S, self._flush)
+        self.set_interval(FLUSH_INTERVAL_S, self._apply_buffered)
         self.set_interval(LEDGER_REFRESH_S, self._reload_ledger)
         self._render(force=True)
         self._reload_ledger()
@@ -124,7 +124,7 @@ class MonitorApp(OperatorActions, App[None]):
 
     # ------------------------------------------------------------ the feed
 
-    def _flush(self) -> None:
+    def _apply_buffered(self) -> None:
         """Apply what the feed buffered, then repaint once (at most 4 times a second)."""
         feed = self.feed
         changed = False

@@ -81,7 +81,7 @@ def as_epoch(value: Any) -> float | None:
         except ValueError:
             return number
         if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
+            when = when.replace(tzinfo=dt.UTC)
         return when.timestamp()
     return None
 

@@ -2,7 +2,7 @@
 
 The feed never touches widgets.  It appends ``("snapshot", dict)`` and
 ``("event", dict)`` items to :attr:`ControlFeed.pending`; the app drains that
-buffer at most four times a second (see ``MonitorApp._flush``).  When the
+buffer at most four times a second (see ``MonitorApp._apply_buffered``).  When the
 connection fails or closes it reconnects with jittered, capped exponential
 backoff, so a restarted supervisor is picked up again on its own.
 """

@@ -21,6 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailroom.monitor.coerce import as_bool, as_epoch, as_float, as_int, as_str
+from mailroom.monitor.coerce import as_dict as _dict
+
 __all__ = [
     "BATCH_STATES", "MAX_BATCHES", "RUN_STATES", "Batch", "Destination", "EventLine",
     "MonitorState", "Tick", "Worker", "as_bool", "as_epoch", "as_float", "as_int", "as_str", "destinations",
@@ -36,9 +39,6 @@ MAX_EVENT_LINES = 1000
 BATCH_STATES = ("claimed", "sending", "done", "partial", "failed")
 RUN_STATES = ("running", "paused", "draining", "ses_paused", "stopping")
 
-
-from mailroom.monitor.coerce import as_bool, as_epoch, as_float, as_int, as_str
-from mailroom.monitor.coerce import as_dict as _dict
 
 # ------------------------------------------------------------- the types
 
