@@ -48,3 +48,31 @@ def test_installed_package_uses_the_compiled_extension(wheel, tmp_path):
     impl, location, migrations = proc.stdout.split()
     assert impl == "c" and location.startswith(str(site)) and int(migrations) >= 2
     assert proc.stderr == ""            # no "extension not available" notice
+
+
+def test_install_without_a_compiler_uses_the_pure_python_twin(tmp_path):
+    """No working C compiler (CC=/bin/false): the wheel still builds, says so once, and the
+    package runs on its pure-Python twin; MAILROOM_IMPL=c then refuses to start."""
+    out = tmp_path / "wheel"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out), str(ROOT)],
+                           env={**env, "CC": "/bin/false"}, timeout=600, capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert (build.stdout + build.stderr).count("compiled extension (mailroom.wire._wire) could not be built") == 1
+    (found,) = out.glob("mailroom-*.whl")
+    names = zipfile.ZipFile(found).namelist()
+    assert not any(n.endswith(".so") for n in names), names
+    site = tmp_path / "site"
+    zipfile.ZipFile(found).extractall(site)
+    env["PYTHONPATH"] = str(site)
+    code = "import mailroom.wire as w; print(w.IMPL)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "python\n"), proc.stderr
+    assert proc.stderr.count("compiled extension not available") == 1
+    start = "import sys; sys.argv = ['mailroom-supervisor']; from mailroom.cli import supervisor_main; supervisor_main()"
+    refused = subprocess.run([sys.executable, "-c", start], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60, env={**env, "MAILROOM_IMPL": "c", "MAILROOM_DATABASE_URL": "postgresql://x",
+                                              "MAILROOM_SECRET_KEY": "ab" * 32})
+    assert refused.returncode == 2, refused.stderr
+    assert "MAILROOM_IMPL=c" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
