@@ -18,7 +18,8 @@ import psycopg
 import pytest
 from pgutil import SECRET_KEY_HEX, admin_url, create_database, drop_database
 
-from mailroom import migrate, tokens, wire
+from mailroom import tokens, wire
+from mailroom.ledger import migrate
 
 pytestmark = pytest.mark.timeout(240)
 

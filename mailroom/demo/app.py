@@ -145,7 +145,7 @@ class Demo:
         self.server = EmbeddedPostgres(data, durable=self.args.data is not None)
         self.database_url = self.server.start()
         print(f"demo: PostgreSQL {self.database_url} (data {data})", flush=True)
-        from mailroom import migrate  # after the lead's move: from mailroom.ledger import migrate
+        from mailroom.ledger import migrate
 
         migrate.up(self.database_url)
         ses_thread.join()
