@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _can_compile() -> bool:
     """A C compiler and the Python and OpenSSL headers: what the extension needs."""
-    import shutil
     import sysconfig
 
     include = pathlib.Path(sysconfig.get_paths()["include"])
@@ -66,8 +66,13 @@ def test_install_without_a_compiler_uses_the_pure_python_twin(tmp_path):
     """No working C compiler (CC=/bin/false): the wheel still builds, says so once, and the
     package runs on its pure-Python twin; MAILROOM_IMPL=c then refuses to start."""
     out = tmp_path / "wheel"
+    # A copy of the sources: pip builds in the tree, where a build/ or a .so left by an earlier
+    # build with a compiler would end up in this wheel.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "*.so", "_wire.c", "__pycache__", ".venv", "venv"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out), str(ROOT)],
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out), str(source)],
                            env={**env, "CC": "/bin/false"}, timeout=600, capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert (build.stdout + build.stderr).count("compiled extension (mailroom.wire._wire) could not be built") == 1
