@@ -283,10 +283,26 @@ def _step(what: str):
         _log.error("stopping %s: %s", what, exc)
 
 
+def _watch_for_q(halt: threading.Event) -> None:
+    """Headless on a terminal: ``q`` then Enter stops the demo like Ctrl-C."""
+    def read() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in sys.stdin:
+                if line.strip().lower() in ("q", "quit"):
+                    halt.set()
+                    return
+
+    if sys.stdin is not None and sys.stdin.isatty():
+        threading.Thread(target=read, name="demo-keys", daemon=True).start()
+        print("demo: q then Enter, or Ctrl-C, stops it", flush=True)
+
+
 def _headless(demo: Demo, halt: threading.Event, seconds: float | None) -> None:
     import psycopg
 
     from mailroom.demo import report
+
+    _watch_for_q(halt)
 
     deadline = None if seconds is None else time.monotonic() + seconds
     with psycopg.connect(demo.database_url, autocommit=True) as conn:
