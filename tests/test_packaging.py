@@ -87,7 +87,8 @@ def test_install_without_a_compiler_uses_the_pure_python_twin(tmp_path):
                           text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (0, "python\n"), proc.stderr
     assert proc.stderr.count("compiled extension not available") == 1
-    start = "import sys; sys.argv = ['mailroom-supervisor']; from mailroom.cli import supervisor_main; supervisor_main()"
+    start = ("import sys; sys.argv = ['mailroom-supervisor'];"
+             " from mailroom.cli import supervisor_main; supervisor_main()")
     refused = subprocess.run([sys.executable, "-c", start], cwd=tmp_path, capture_output=True, text=True,
                              timeout=60, env={**env, "MAILROOM_IMPL": "c", "MAILROOM_DATABASE_URL": "postgresql://x",
                                               "MAILROOM_SECRET_KEY": "ab" * 32})

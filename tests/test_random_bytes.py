@@ -135,16 +135,16 @@ def test_stand_in_tokens_are_random_and_verify(db_without_pgcrypto: str) -> None
     # flake, yet a fixed nibble or a biased byte anywhere fails it.
     everything = collections.Counter(b"".join(secrets))        # 320,000 bytes, 1,250 expected each
     assert len(everything) == 256
-    assert 1000 <= min(everything.values()) and max(everything.values()) <= 1500, everything
+    assert min(everything.values()) >= 1000 and max(everything.values()) <= 1500, everything
     expected = 32 * count / 256
     chi2 = sum((n - expected) ** 2 / expected for n in everything.values())
     assert chi2 < 500, chi2                                     # 255 degrees of freedom: mean 255, sd 22.6
     for position in range(32):
         nibbles = collections.Counter(s[position] >> 4 for s in secrets)   # 625 expected each
-        assert len(nibbles) == 16 and 425 <= min(nibbles.values()) and max(nibbles.values()) <= 825, (
+        assert len(nibbles) == 16 and min(nibbles.values()) >= 425 and max(nibbles.values()) <= 825, (
             position, nibbles)
         low = collections.Counter(s[position] & 0x0F for s in secrets)
-        assert len(low) == 16 and 425 <= min(low.values()) and max(low.values()) <= 825, (position, low)
+        assert len(low) == 16 and min(low.values()) >= 425 and max(low.values()) <= 825, (position, low)
 
     codes = [code for _, code in rows]
     assert all(len(c) == 5 and c.isdigit() for c in codes)
@@ -152,7 +152,7 @@ def test_stand_in_tokens_are_random_and_verify(db_without_pgcrypto: str) -> None
     assert len(first_digits) == 10 and 750 <= min(first_digits.values()) <= max(first_digits.values()) <= 1250
 
     signer = wire.Signer(wire.parse_key(SECRET_KEY_HEX))
-    for secret, code in zip(secrets, codes):
+    for secret, code in zip(secrets, codes, strict=True):
         assert tokens.verify(SECRET_KEY_HEX, signer.sign(wire.ACTIVATION, secret, code), "activation") == secret
         recovery = signer.sign(wire.RECOVERY, secret, code)
         assert tokens.verify(SECRET_KEY_HEX, recovery, "password_recovery", code) == secret

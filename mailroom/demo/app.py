@@ -26,6 +26,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mailroom.demo import report
 
 __all__ = ["main", "monitor_available", "run_monitor"]
 
@@ -204,7 +208,7 @@ class Demo:
             return f"traffic generator failed: {self.traffic.error}"
         return None
 
-    def stop(self) -> tuple[int | None, object]:
+    def stop(self) -> tuple[int | None, report.Summary | None]:
         """Stop in order; return (supervisor exit code, summary or None). Never raises."""
         summary = None
         code = None
@@ -317,7 +321,7 @@ def _headless(demo: Demo, halt: threading.Event, seconds: float | None) -> None:
             print(f"{time.strftime('%H:%M:%S')}  {report.counts(conn, demo.after).line()}", flush=True)
 
 
-def _print_summary(summary, elapsed: float, started_wall: float) -> None:
+def _print_summary(summary: report.Summary, elapsed: float, started_wall: float) -> None:
     c = summary.counts
     print(f"\nmailroom demo ran {elapsed:.1f} s", flush=True)
     print(f"  tokens created  {c.created}")

@@ -197,14 +197,24 @@ class EmbeddedPostgres:
             self.init()
         if self.running_pid() is not None:
             return self.url
-        try:
-            self.pg_ctl("-w", "-t", str(_START_TIMEOUT_S), "-l", str(self.log_file),
-                        "-o", f"-p {port or _free_port()}", "start", timeout=_START_TIMEOUT_S + 10)
-        except EmbeddedPostgresError as exc:
-            raise EmbeddedPostgresError(f"{exc}; server log: {self.log_file}") from exc
+        # A free port can be taken by someone else before the server binds it: then another.
+        for attempt in range(1 if port else 3):
+            try:
+                self.pg_ctl("-w", "-t", str(_START_TIMEOUT_S), "-l", str(self.log_file),
+                            "-o", f"-p {port or _free_port()}", "start", timeout=_START_TIMEOUT_S + 10)
+                break
+            except EmbeddedPostgresError as exc:
+                if attempt == (0 if port else 2) or "Address already in use" not in self._log_tail():
+                    raise EmbeddedPostgresError(f"{exc}; server log: {self.log_file}") from exc
         if self.running_pid() is None:
             raise EmbeddedPostgresError(f"the server did not stay up; server log: {self.log_file}")
         return self.url
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server if it runs (``pg_ctl stop -m mode``), waiting until it is gone."""
