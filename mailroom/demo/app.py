@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from mailroom.demo import report
+    from mailroom.demo.embedded import EmbeddedPostgres
+    from mailroom.demo.local_ses import LocalSes
+    from mailroom.demo.traffic import Traffic
 
 __all__ = ["main", "monitor_available", "run_monitor"]
 
@@ -47,23 +52,33 @@ _SUPERVISOR_ENV = {
 
 
 # ---- MONITOR HOOK -------------------------------------------------------------------------
-# The single place where the demo starts the monitor (mailroom.monitor, built separately).
-# When it lands, adapt run_monitor's body to its entry point; nothing else here changes.
+# The single place where the demo starts the monitor (mailroom.monitor).
 
 def monitor_available() -> bool:
-    """Whether the monitor (``mailroom.monitor``) is installed and importable."""
+    """Whether the monitor (``mailroom.monitor`` and Textual) can be imported."""
     try:
-        return importlib.util.find_spec("mailroom.monitor") is not None
+        return (importlib.util.find_spec("mailroom.monitor") is not None
+                and importlib.util.find_spec("textual") is not None)
     except ImportError:
         return False
 
 
-def run_monitor(control_socket: str, database_url: str) -> None:
-    """Run the monitor in the foreground on the supervisor's ``control_socket`` and the
-    ledger at ``database_url``; return when the user quits it (``q``)."""
-    from mailroom import monitor  # type: ignore[attr-defined]
+def run_monitor(control_socket: str, database_url: str, *, stop: threading.Event | None = None) -> None:
+    """Run the monitor in the foreground on the supervisor's ``control_socket`` and the ledger
+    at ``database_url``; return when the user quits it (``q``) or ``stop`` is set (Ctrl-C
+    outside the app, SIGTERM, ``--seconds``)."""
+    from mailroom.monitor.app import MonitorApp
 
-    monitor.run(control_socket=control_socket, database_url=database_url)
+    # Operator keys on: the demo's supervisor is the user's own, and this is the place to try them.
+    app = MonitorApp(control_socket, database_url, queue="mailroom", operate=True)
+    if stop is not None:
+        def quit_when_stopped() -> None:
+            stop.wait()
+            with contextlib.suppress(Exception):   # the app may have exited already
+                app.call_from_thread(app.exit)
+
+        threading.Thread(target=quit_when_stopped, name="demo-monitor-stop", daemon=True).start()
+    app.run()
 
 # ---- end of MONITOR HOOK ------------------------------------------------------------------
 
@@ -117,10 +132,10 @@ class Demo:
         self.workdir.chmod(0o711)        # the server user (under root) must reach pg/
         self.control_socket = str(self.workdir / "control.sock")
         self.supervisor_log = self.workdir / "supervisor.log"
-        self.server = None
-        self.ses = None
+        self.server: EmbeddedPostgres | None = None
+        self.ses: LocalSes | None = None
         self.supervisor: subprocess.Popen[bytes] | None = None
-        self.traffic = None
+        self.traffic: Traffic | None = None
         self.database_url = ""
         self.after = 0                   # tokens above this id are this run's
         self.log_tail: list[str] = []    # the supervisor's last log lines, kept for a failure
@@ -132,12 +147,12 @@ class Demo:
         from mailroom.demo.local_ses import LocalSes
 
         # moto's import and set-up take about as long as initdb: do them side by side.
-        self.ses = LocalSes()
+        ses = self.ses = LocalSes()
         ses_error: list[BaseException] = []
 
         def start_ses() -> None:
             try:
-                self.ses.start()
+                ses.start()
             except BaseException as exc:
                 ses_error.append(exc)
 
@@ -146,8 +161,8 @@ class Demo:
         data = self.args.data.resolve() if self.args.data else self.workdir / "pg"
         if self.args.data:
             data.parent.mkdir(parents=True, exist_ok=True)
-        self.server = EmbeddedPostgres(data, durable=self.args.data is not None)
-        self.database_url = self.server.start()
+        server = self.server = EmbeddedPostgres(data, durable=self.args.data is not None)
+        self.database_url = server.start()
         print(f"demo: PostgreSQL {self.database_url} (data {data})", flush=True)
         from mailroom.ledger import migrate
 
@@ -155,7 +170,7 @@ class Demo:
         ses_thread.join()
         if ses_error:
             raise ses_error[0]
-        print(f"demo: local SES {self.ses.url}", flush=True)
+        print(f"demo: local SES {ses.url}", flush=True)
         if self.halt.is_set():
             return
         import psycopg
@@ -167,12 +182,14 @@ class Demo:
         self._start_supervisor()
         from mailroom.demo.traffic import Traffic
 
-        self.traffic = Traffic(self.database_url, self.args.rate)
-        self.traffic.start()
+        traffic = self.traffic = Traffic(self.database_url, self.args.rate)
+        traffic.start()
         print(f"demo: traffic {self.args.rate:g}/s; directory {self.workdir}", flush=True)
 
     def _start_supervisor(self) -> None:
         from mailroom.demo.local_ses import AWS_ENV, SOURCE
+
+        assert self.ses is not None
 
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MAILROOM_", "AWS_")) or k in ("MAILROOM_IMPL", "MAILROOM_LOG_LEVEL")}
@@ -279,7 +296,7 @@ def _reap_children(timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def _step(what: str):
+def _step(what: str) -> Iterator[None]:
     # One failing step of the shutdown must not leave the later ones undone.
     try:
         yield
@@ -370,7 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.start()
         if not halt.is_set():
             if use_monitor:
-                run_monitor(demo.control_socket, demo.database_url)
+                if args.seconds is not None:
+                    timer = threading.Timer(args.seconds, halt.set)
+                    timer.daemon = True
+                    timer.start()
+                run_monitor(demo.control_socket, demo.database_url, stop=halt)
             else:
                 _headless(demo, halt, args.seconds)
         failure = demo.problem()

@@ -70,7 +70,7 @@ def bin_dir() -> Path:
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def _ensure_server_user() -> pwd.struct_passwd:

@@ -1,8 +1,7 @@
 """A local SES endpoint for the demo: moto's server mode on 127.0.0.1, spoken to over real HTTP.
 
 The sender reaches it through ``MAILROOM_SES_ENDPOINT_URL`` exactly as it would reach AWS.
-moto keeps what it accepted in memory, in this process (the server is a thread here), which
-is how the demo counts the emails the endpoint took.
+moto keeps what it accepted in memory, in this process (the server is a thread here).
 """
 
 from __future__ import annotations
@@ -62,11 +61,8 @@ class LocalSes:
         return session.client("ses", endpoint_url=self.url)
 
     def accepted(self) -> int:
-        """Destinations the endpoint accepted so far (read from moto's in-process backend)."""
-        from moto.core import DEFAULT_ACCOUNT_ID
-        from moto.ses.models import ses_backends
-
-        return int(ses_backends[DEFAULT_ACCOUNT_ID][_REGION].sent_message_count)
+        """Emails the endpoint accepted in the last 24 hours (its GetSendQuota, over HTTP)."""
+        return int(self._client().get_send_quota()["SentLast24Hours"])
 
     def stop(self) -> None:
         """Stop the server thread (idempotent)."""

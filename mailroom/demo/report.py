@@ -9,6 +9,7 @@ to the ledger's ``sent_at`` (recorded once SES accepted the email).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -62,19 +63,25 @@ class Summary:
     first_sent_epoch: float | None  # wall-clock time of the first email SES accepted
 
 
-def first_token_id(conn: psycopg.Connection) -> int:
+def _row(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None  # aggregates without GROUP BY always give one row
+    return tuple(row)
+
+
+def first_token_id(conn: psycopg.Connection[Any]) -> int:
     """The highest token id now: the run counts tokens above it."""
-    return int(conn.execute("SELECT coalesce(max(id), 0) FROM tokens").fetchone()[0])
+    return int(_row(conn, "SELECT coalesce(max(id), 0) FROM tokens")[0])
 
 
-def counts(conn: psycopg.Connection, after: int) -> Counts:
+def counts(conn: psycopg.Connection[Any], after: int) -> Counts:
     """Counts of the tokens with an id above ``after``."""
-    return Counts(*conn.execute(_COUNTS, {"queue": _QUEUE, "after": after}).fetchone())
+    return Counts(*(int(n) for n in _row(conn, _COUNTS, {"queue": _QUEUE, "after": after})))
 
 
-def summary(conn: psycopg.Connection, after: int) -> Summary:
+def summary(conn: psycopg.Connection[Any], after: int) -> Summary:
     """Counts plus delivery latency percentiles of the tokens with an id above ``after``."""
-    p50, p99, first = conn.execute(_LATENCY, {"queue": _QUEUE, "after": after}).fetchone()
+    p50, p99, first = _row(conn, _LATENCY, {"queue": _QUEUE, "after": after})
     return Summary(
         counts(conn, after),
         None if p50 is None else float(p50) * 1000,
