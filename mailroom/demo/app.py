@@ -380,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, lambda *_: halt.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     use_monitor = not args.no_monitor and sys.stdout.isatty() and monitor_available()
     if not args.no_monitor and not use_monitor:
-        print("demo: the monitor is not available: running headless", flush=True)
+        why = "not installed" if not monitor_available() else "stdout is not a terminal"
+        print(f"demo: no monitor ({why}): one status line a second", flush=True)
     demo = Demo(args, halt)
     failure = None
     try:
