@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="delivery ledger counts for the queue")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("ctl", help="talk to a running supervisor (mailroom ctl --help)", add_help=False)
+    sub.add_parser("demo", help="everything on this machine (mailroom demo --help)", add_help=False)
     from mailroom.ledger import commands
 
     for name, text in (("deliveries", "every delivery of an address"),
@@ -90,12 +91,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``monitor``."""
+    """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``monitor``,
+    ``demo``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:  # its own parser; needs no database
         from mailroom.control import ctl
 
         sys.exit(ctl.main(argv[1:], os.environ))
+    if argv[:1] == ["demo"]:  # its own parser; brings its own database (the demo extra)
+        from mailroom.demo.app import main as demo_main
+
+        sys.exit(demo_main(argv[1:]))
     args = _parser().parse_args(argv)
     if args.command == "monitor":
         # Needs neither database nor secret: either the socket or the ledger will do.

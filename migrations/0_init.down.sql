@@ -24,4 +24,15 @@ DROP TYPE IF EXISTS job_type;
 DROP TYPE IF EXISTS token_action;
 DROP TYPE IF EXISTS account_status;
 
-DROP EXTENSION IF EXISTS pgcrypto;
+-- Whichever gen_random_bytes() the up migration provided: pgcrypto, or the
+-- stand-in built from core functions where pgcrypto was not available (a plain
+-- DROP FUNCTION would fail where the function belongs to the extension).
+DO $do$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgcrypto') THEN
+        DROP EXTENSION pgcrypto;
+    ELSE
+        DROP FUNCTION IF EXISTS gen_random_bytes(integer);
+    END IF;
+END;
+$do$;

@@ -6,8 +6,42 @@
 -- (golang-migrate runs it as one multi-statement Exec, which is one implicit
 -- transaction too), so there is no BEGIN/COMMIT here.
 
--- gen_random_bytes() for token secrets and codes.
-CREATE EXTENSION IF NOT EXISTS pgcrypto;
+-- gen_random_bytes() for token secrets and codes: pgcrypto's where the server
+-- has it (as the original required, so its databases read as this version),
+-- else a function of the same signature built from core functions (servers
+-- shipped without contrib, such as the embedded one of `mailroom demo`).
+--
+-- The stand-in takes its bytes from gen_random_uuid() (PostgreSQL 13+), which
+-- reads the server's strong random source like pgcrypto does.  A version-4 UUID
+-- has 122 random bits: byte 6 holds the version nibble and byte 8 the variant
+-- bits, so those two bytes are left out and each UUID gives its 14 fully random
+-- bytes, concatenated as they come (no hashing needed: every byte is uniform).
+-- It refuses the lengths pgcrypto refuses (1..1024 only).
+DO $do$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgcrypto') THEN
+        CREATE EXTENSION IF NOT EXISTS pgcrypto;
+    ELSE
+        CREATE FUNCTION gen_random_bytes(integer) RETURNS bytea
+        LANGUAGE plpgsql VOLATILE STRICT PARALLEL SAFE AS $fn$
+        DECLARE
+            out bytea := ''::bytea;
+            u   bytea;
+        BEGIN
+            IF $1 < 1 OR $1 > 1024 THEN
+                RAISE EXCEPTION 'Length not in range' USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            WHILE length(out) < $1 LOOP
+                u := uuid_send(gen_random_uuid());
+                out := out || substring(u FROM 1 FOR 6) || substring(u FROM 8 FOR 1)
+                           || substring(u FROM 10 FOR 7);
+            END LOOP;
+            RETURN substring(out FROM 1 FOR $1);
+        END;
+        $fn$;
+    END IF;
+END;
+$do$;
 
 CREATE TYPE account_status AS ENUM ('provisioned', 'active', 'suspended');
 CREATE TYPE token_action AS ENUM ('activation', 'password_recovery');
@@ -32,8 +66,8 @@ CREATE TABLE tokens (
     id          BIGSERIAL PRIMARY KEY,
     action      token_action NOT NULL,
     secret      BYTEA UNIQUE NOT NULL DEFAULT gen_random_bytes(32),
-    -- A number 0..99999, zero-padded to 5 digits.  It is drawn from pgcrypto's
-    -- CSPRNG rather than random(): the code is part of what a password
+    -- A number 0..99999, zero-padded to 5 digits.  It is drawn from the
+    -- server's CSPRNG (gen_random_bytes) rather than random(): the code is part of what a password
     -- recovery link proves, so it must not be predictable from the PRNG state
     -- (2^32 mod 100000 makes the modulo bias negligible).
     code        VARCHAR(5) DEFAULT lpad(

