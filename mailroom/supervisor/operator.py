@@ -167,7 +167,7 @@ class Operator:
                              "up": worker.up, "state": "running" if worker.up else "down",
                              "uptime_s": round(now - worker.started_at, 1) if worker.up else None,
                              "restarts": worker.restarts, "last_heartbeat_s": round(now - worker.last_seen, 1),
-                             "rss_bytes": worker.stats.get("rss"), "rss": worker.stats.get("rss")}
+                             "rss": worker.stats.get("rss")}
         collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
         rows = sum(len(b.token_ids) for b in self.sup.router.batches.values())
         return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
@@ -176,7 +176,7 @@ class Operator:
                 "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit")},
                 "queue": {"name": self.settings.queue_name, "depth": collector.get("queue_depth"),
                           "oldest_queued_s": collector.get("oldest_queued_s")},
-                **self._tick_data()}
+                "tick": self._tick_data()}
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.status(), "batches": self._batches(None, RECENT_BATCHES)}
