@@ -256,3 +256,20 @@ def test_a_viewer_cannot_change_state(operated, db, stub):
         ctl.request("batch", id="nope")
     assert sup.stop() == 0
     shutil.rmtree(where, ignore_errors=True)
+
+
+def test_the_supervisor_joins_the_fleet_and_leaves_it_at_a_clean_exit(operated, db, stub):
+    import psycopg
+
+    from mailroom.ledger import fleet
+
+    sup, ctl = operated()
+
+    def members() -> list[dict]:
+        with psycopg.connect(db, autocommit=True) as conn:
+            return fleet.consumers(conn, "mailroom")
+
+    wait_for(lambda: [m["pid"] for m in members()] == [sup.proc.pid], what="this supervisor in the fleet")
+    assert members()[0]["host"] == socket.gethostname() and not members()[0]["stale"]
+    assert sup.stop() == 0
+    assert members() == []

@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 #: The schema version (``schema_migrations``) this module's SQL needs.
-REQUIRED_VERSION = 1
+REQUIRED_VERSION = 2  # 2: the consumers table (the fleet)
 
 #: Every ``delivery_status``, in lifecycle order.
 STATUSES = tuple(status.value for status in DeliveryStatus)

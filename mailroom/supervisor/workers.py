@@ -12,6 +12,7 @@ import collections
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from mailroom import config, ledger
 from mailroom._process import SignalFlag, die_with_parent, one_line, rss_bytes, setup_logging
 from mailroom.collector import Collector
 from mailroom.config import Settings
+from mailroom.ledger import fleet
 from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind
 
@@ -31,6 +33,8 @@ logger = logging.getLogger("mailroom.workers")
 
 #: Seconds between two reads of the queue's depth for the heartbeat.
 STATS_EVERY = 1.0
+#: Seconds between two refreshes of this consumer's row in the fleet table.
+FLEET_EVERY = 5.0
 
 
 def _boot(tag: str, settings: Settings) -> SignalFlag:
@@ -70,6 +74,9 @@ class PipeSink:
         self.last_beat = 0.0
         self.stats: dict[str, Any] = {}
         self.stats_at = -STATS_EVERY
+        self.rows = 0
+        self.consumer_id: int | None = None
+        self.fleet_at = -FLEET_EVERY
 
     def ready(self) -> bool:
         # Read the pipe first: a pause sent while the collector was connecting
@@ -92,6 +99,7 @@ class PipeSink:
             self.stopping = True
             raise
         self.in_flight.add(batch_id)
+        self.rows += len(token_ids)
 
     def fileno(self) -> int | None:
         return self.pipe.fileno()
@@ -126,6 +134,9 @@ class PipeSink:
             self.stats_at = now
             self.stats = ledger.queue_stats(conn, self.queue)
             self.stats["rss"] = rss_bytes()
+        if now - self.fleet_at >= FLEET_EVERY:
+            self.fleet_at = now
+            self.refresh_fleet(conn)
         applied = 0
         while self.pending:
             message = self.pending[0]
@@ -138,6 +149,23 @@ class PipeSink:
             self.in_flight.discard(message.batch_id)
             applied += 1
         return applied
+
+    def refresh_fleet(self, conn: psycopg.Connection[Any]) -> None:
+        """Keep this supervisor's row in the fleet table (one per supervisor: the pid
+        is the supervisor's, so a restarted collector takes the same row over)."""
+        if self.consumer_id is None or not fleet.heartbeat(conn, self.consumer_id, self.counter, self.rows):
+            self.consumer_id = fleet.register(conn, self.queue, socket.gethostname(), os.getppid())
+            fleet.heartbeat(conn, self.consumer_id, self.counter, self.rows)
+
+    def leave_fleet(self, database_url: str) -> None:
+        """At a clean exit: remove this consumer's row (its connection is closed by now)."""
+        if self.consumer_id is None:
+            return
+        try:
+            with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+                fleet.unregister(conn, self.consumer_id)
+        except psycopg.Error as exc:  # shown stale after a while instead
+            logger.warning("could not remove this consumer from the fleet table: %s", one_line(exc))
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -164,6 +192,8 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
         code = None
     if code is not None:
         return code
+    if sink.stopping:  # told to stop by the supervisor: a clean exit
+        sink.leave_fleet(settings.database_url)
     if sink.pending and not stop():
         logger.warning("%d outcome messages not recorded (database unavailable at stop);"
                        " their rows are queued again when the claim lease expires", len(sink.pending))
