@@ -9,8 +9,9 @@
   in advance, made by bare threads through a client configured like the sender's.
 - :func:`db_round_trip`: the median ``SELECT 1``, the yardstick for latencies.
 
-Plus the test-only variants that show a target catches a regression
-(:data:`SLOW_CLAIM`), and a sink that throws batches away (:class:`NullSink`).
+Plus the test-only variant that shows a target catches a regression
+(:data:`SLOW_CLAIM`), a sink that throws batches away (:class:`NullSink`) and one
+that acknowledges them at once (:class:`AckSink`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import psycopg
 from mailroom import ledger
 from mailroom.collector import Collector
 from mailroom.config import Settings
+from mailroom.vocabulary import Outcome, OutcomeKind
 
 #: ``MAILROOM_BENCH_SLOW_CLAIM=1``: the drain benchmarks' collector makes one extra
 #: round trip (``SELECT pg_sleep(0.001)``) before each claim, the kind of regression
@@ -98,6 +100,25 @@ class NullSink:
 
     def tick(self) -> None:
         return None
+
+
+class AckSink(NullSink):
+    """A sink that acknowledges every batch at once as sent: the collector's whole
+    share of the pipeline's work (claim, sign, encode, hand over, write the outcomes
+    back to the ledger, as the supervised worker does), and nothing of the sender's.
+
+    Set :attr:`conn` to the collector's connection after it connects.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.queue = settings.queue_name
+        self.max_attempts = settings.send_max_attempts
+        self.conn: psycopg.Connection | None = None
+
+    def deliver(self, claim: ledger.Claim, line: bytes) -> None:
+        sent = Outcome(OutcomeKind.SENT, message_id="0100018f-0000-0000-0000-000000000000-000000")
+        ledger.record_outcomes(self.conn, self.queue, [(row[5], sent) for row in claim.rows],
+                               claimed_at=claim.claimed_at, max_attempts=self.max_attempts)
 
 
 class SlowClaimCollector(Collector):
