@@ -48,11 +48,12 @@ ROUNDS = 10
 #: the same rows answers it like for like, where draining all of it would take ~100 s
 #: per side on a 2-core machine for the same batches over again.  The full 1M drain,
 #: with its dead rows piling up ahead of the queue, runs at limit 1000, in seconds.
-#: Timeouts: ~4x what a case takes here, including building the 1M backlog (~1 min)
+#: Timeouts: 900 s, over 4x what a case took here with two busy loops beside it
+#: (limit 10 at 1.2 k rows/s: ~3 min), including building the 1M backlog (~1 min)
 #: when it is the first 1M case to run.
 DRAIN_CASES = [
-    pytest.param("100k", 1000, 100_000, id="100k-limit1000"),
-    pytest.param("100k", 10, 100_000, id="100k-limit10"),
+    pytest.param("100k", 1000, 100_000, id="100k-limit1000", marks=pytest.mark.timeout(900)),
+    pytest.param("100k", 10, 100_000, id="100k-limit10", marks=pytest.mark.timeout(900)),
     pytest.param("1M", 1000, 1_000_000, id="1M-limit1000", marks=pytest.mark.timeout(900)),
     pytest.param("1M", 10, 100_000, id="1M-limit10", marks=pytest.mark.timeout(900)),
 ]
