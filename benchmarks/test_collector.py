@@ -29,10 +29,10 @@ import time
 
 import psycopg
 import pytest
+from collector_util import CollectorProcess, backend_pids, wait_for
 from conftest import Rounds, record, record_rate, timed
 from floors import SLOW_CLAIM, ClaimFloor, collector_class
 from pgutil import SECRET_KEY_HEX, create_database, drop_database
-from collector_util import CollectorProcess, backend_pids, wait_for
 
 from mailroom import config
 from mailroom.collector import StdoutSink

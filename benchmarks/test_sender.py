@@ -21,7 +21,6 @@ import os
 import pytest
 from conftest import Rounds, record, record_rate, timed
 from floors import BareSes
-
 from ses_emulator import AWS_ENV, stub_process
 
 from mailroom import wire
