@@ -79,10 +79,6 @@ class PipeSink:
         self.fleet_at = -FLEET_EVERY
 
     def ready(self) -> bool:
-        # Read the pipe first: a pause sent while the collector was connecting
-        # must stop the drain that follows the connection, not the one after.
-        if not self.stopping and self.pipe.poll():
-            self.receive()
         return (self.claiming and not self.draining and not self.stopping
                 and len(self.in_flight) < self.max_in_flight)
 
@@ -181,8 +177,15 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
     """Entry point of the collector worker; returns its exit code."""
     stop = _boot("PG", settings)
     sink = PipeSink(pipe, settings)
+    def on_ready() -> None:
+        pipe.send(msg.Ready())
+        # What the supervisor said while we were connecting (a pause of claims)
+        # must count for the drain that follows the connection. Only here: read
+        # elsewhere, the pipe would not wake the loop's select for what it holds.
+        sink.receive()
+
     collector = Collector(settings, sink, lambda: stop() or sink.stopping,
-                          wakeup_fd=stop.read_fd, on_ready=lambda: pipe.send(msg.Ready()))
+                          wakeup_fd=stop.read_fd, on_ready=on_ready)
     try:
         code = collector.run_or_exit_code()
     except OSError:
