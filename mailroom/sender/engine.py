@@ -355,7 +355,7 @@ class Sender:
         wait = self.health.wait()
         if wait is None:
             return False
-        self._hold_or_give_back(call, self.health.reason or "SES account sending is paused", False)
+        self._hold_or_give_back(call, self.health.describe(), False)
         return True
 
     def _hold_or_give_back(self, call: _Call, reason: str, probe: bool) -> None:

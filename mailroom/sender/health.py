@@ -64,6 +64,11 @@ class Health:
         """Why SES is not being called now, or None."""
         return self.reason
 
+    def describe(self) -> str:
+        """Why a call is not being made, for the outcome of one handed back."""
+        what = "SES account sending is paused" if self.kind == PAUSED else "SES circuit open"
+        return f"{what} ({self.reason})" if self.reason else what
+
     def wait(self) -> float | None:
         """Seconds until the next probe when blocked, None when SES may be called."""
         with self._lock:

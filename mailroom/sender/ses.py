@@ -259,6 +259,14 @@ def classify_status(entry: dict[str, Any]) -> Verdict:
     return Verdict(FAIL, reason)
 
 
+def _unreadable() -> tuple[type[BaseException], ...]:
+    from botocore.parsers import ResponseParserError
+
+    # Not XML at all (ResponseParserError), or XML without the elements the
+    # operation's shape expects: botocore's parser then fails on a lookup.
+    return (ResponseParserError, KeyError, IndexError, TypeError)
+
+
 def classify_exception(exc: BaseException) -> Verdict:
     """Classify a call that failed as a whole (applies to all its destinations)."""
     from botocore import exceptions as bce
@@ -274,7 +282,7 @@ def classify_exception(exc: BaseException) -> Verdict:
         if code in _ERROR_RETRY or status >= 500 or status == 429:
             return Verdict(RETRY, reason if status < 500 else f"HTTP {status} {reason}")
         return Verdict(FAIL, reason)
-    if isinstance(exc, bce.ResponseParserError):
+    if isinstance(exc, _unreadable()):
         # An answer that is not SES's XML (a proxy's page, a truncated body): the
         # call may well succeed next time.  The body is only in the raw response
         # file, never in a log line or last_error (it can be anything, any length).
@@ -292,9 +300,9 @@ def classify_exception(exc: BaseException) -> Verdict:
 def is_service_error(exc: BaseException) -> bool:
     """True when SES answered, with an error document or an unreadable body
     (there is a raw response to keep)."""
-    from botocore.exceptions import ClientError, ResponseParserError
+    from botocore.exceptions import ClientError
 
-    return isinstance(exc, (ClientError, ResponseParserError))
+    return isinstance(exc, (ClientError, *_unreadable()))
 
 
 # --- raw responses of failed calls --------------------------------------------------------
