@@ -156,6 +156,21 @@ class Sender:
         """The recipients-per-second limit in force (None: unlimited or not started)."""
         return self._bucket.rate if self._bucket else None
 
+    @property
+    def client(self) -> Any:
+        """The SES client (or debug mode's printing client); None before :meth:`start`."""
+        return self._client
+
+    @property
+    def bucket(self) -> pacing.TokenBucket | None:
+        """The rate limit in force; None before :meth:`start`."""
+        return self._bucket
+
+    @property
+    def paused(self) -> bool:
+        """True while SES says the account cannot send (a probe will tell when it can)."""
+        return self.health.kind is not None
+
     def start(self) -> None:
         """Create the SES client and the sending threads, and read the send quota.
 

@@ -32,6 +32,17 @@ class TokenBucket:
         self._capacity = max(rate or 0.0, 1.0)
         self._last = clock()
 
+    def set_rate(self, rate: float | None) -> None:
+        """Change the limit from now on (an operator's ``set_rate``); None: no limit."""
+        with self._lock:
+            now = self._clock()
+            if self.rate is not None:  # settle what the old rate earned so far
+                self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self.rate = rate
+            self._capacity = max(rate or 0.0, 1.0)
+            self._tokens = min(self._tokens, self._capacity)
+
     def reserve(self, n: int) -> float:
         """Take ``n`` tokens now; return how many seconds the caller must wait for them."""
         if self.rate is None:

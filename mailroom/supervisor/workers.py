@@ -14,19 +14,23 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 import psycopg
 
 from mailroom import config, ledger
-from mailroom._process import SignalFlag, die_with_parent, one_line, setup_logging
+from mailroom._process import SignalFlag, die_with_parent, one_line, rss_bytes, setup_logging
 from mailroom.collector import Collector
 from mailroom.config import Settings
 from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind
 
 logger = logging.getLogger("mailroom.workers")
+
+#: Seconds between two reads of the queue's depth for the heartbeat.
+STATS_EVERY = 1.0
 
 
 def _boot(tag: str, settings: Settings) -> SignalFlag:
@@ -71,11 +75,19 @@ class PipeSink:
         self.pending: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
         self.draining = False
         self.stopping = False
+        self.claiming = True  # False while an operator pauses claims
         self.counter = 0
         self.last_beat = 0.0
+        self.stats: dict[str, Any] = {}
+        self.stats_at = -STATS_EVERY
 
     def ready(self) -> bool:
-        return not self.draining and not self.stopping and len(self.in_flight) < self.max_in_flight
+        # Read the pipe first: a pause sent while the collector was connecting
+        # must stop the drain that follows the connection, not the one after.
+        if not self.stopping and self.pipe.poll():
+            self.receive()
+        return (self.claiming and not self.draining and not self.stopping
+                and len(self.in_flight) < self.max_in_flight)
 
     def deliver(self, claim: ledger.Claim, line: bytes) -> None:
         self.counter += 1
@@ -109,6 +121,8 @@ class PipeSink:
                     # The former collector may have stopped renewing long ago
                     # (killed by the watchdog): renew at the next chance.
                     self.renewed_at = float("-inf")
+                elif isinstance(message, msg.SetClaiming):
+                    self.claiming = message.enabled
                 elif isinstance(message, (msg.RecordOutcomes, msg.Release)):
                     self.pending.append(message)
                 else:
@@ -120,7 +134,13 @@ class PipeSink:
 
     def service(self, conn: psycopg.Connection[Any]) -> int:
         """Apply received outcomes and releases to the ledger (kept until applied),
-        confirm them to the supervisor, and renew the leases in flight when due."""
+        confirm them to the supervisor, renew the leases in flight when due, and
+        refresh the queue numbers the heartbeat carries (at most once a second)."""
+        now = time.monotonic()
+        if now - self.stats_at >= STATS_EVERY:
+            self.stats_at = now
+            self.stats = ledger.queue_stats(conn, self.queue)
+            self.stats["rss"] = rss_bytes()
         applied = 0
         while self.pending:
             message = self.pending[0]
@@ -160,7 +180,7 @@ class PipeSink:
         now = time.monotonic()
         if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
             self.last_beat = now
-            self._post(msg.Heartbeat())
+            self._post(msg.Heartbeat(dict(self.stats)))
 
 
 def collector_worker(pipe: Connection, settings: Settings) -> int:
@@ -192,6 +212,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     from mailroom.sender import Sender
     from mailroom.sender.driver import Driver, Job, StopRequest
     from mailroom.sender.engine import WORKER_POLICY
+    from mailroom.sender.quota import QuotaWatch
 
     sender = Sender(settings, policy=WORKER_POLICY)
     try:
@@ -200,7 +221,9 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
         # Creating the client does not talk to SES: what fails here is configuration.
         logger.error("cannot start the sender: %s", one_line(exc))
         return config.EXIT_CONFIG
-    sink = _PipeOutcomes(pipe, lambda: {"ses_paused": sender.health.paused_reason})
+    quota = QuotaWatch(sender)
+    quota.start()
+    sink = _PipeOutcomes(pipe, lambda: {**quota.stats(), "ses_paused": sender.health.paused_reason})
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
     # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
     on_signal = StopRequest(settings.shutdown_timeout / 1000, defer_retries=True)
@@ -227,6 +250,8 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
                     driver.put(Job(message.batch_id, message.line, message.token_ids))
                 elif isinstance(message, msg.Stop):
                     driver.put(StopRequest(message.timeout, defer_retries=True))
+                elif isinstance(message, msg.SetRate):
+                    quota.set_rate(message.per_second)  # thread-safe: the bucket locks
                 else:
                     logger.warning("unexpected message %s from the supervisor", type(message).__name__)
         except (EOFError, OSError):
@@ -242,12 +267,10 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
 class _PipeOutcomes:
     """The sender worker's outcome sink: outcomes and heartbeats to the supervisor."""
 
-    def __init__(self, pipe: Connection, stats: Any = dict) -> None:
+    def __init__(self, pipe: Connection, stats: Callable[[], dict[str, Any]]) -> None:
         self.pipe = pipe
-        self.last_beat = 0.0
-        #: () -> the heartbeat's stats: ``ses_paused`` (None, or why SES is not
-        #: being called: a paused account, an open circuit) for the supervisor.
         self.stats = stats
+        self.last_beat = 0.0
 
     def post(self, message: object) -> bool:
         try:
@@ -267,7 +290,7 @@ class _PipeOutcomes:
         now = time.monotonic()
         if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
             self.last_beat = now
-            self.post(msg.Heartbeat(stats=self.stats()))
+            self.post(msg.Heartbeat({**self.stats(), "rss": rss_bytes()}))
 
     def stopping(self, stop: Any) -> None:
         logger.info("stopping: finishing the batches in flight (at most %g s)", stop.timeout)
