@@ -180,7 +180,8 @@ def test_settings_that_used_to_loop_stop_with_one_line(db, base_env, stub, varia
 @pytest.mark.parametrize("command", [["mailroom-supervisor"], ["mailroom", "migrate", "up"],
                                      ["mailroom", "status"]])
 def test_no_command_prints_the_database_password(base_env, command):
-    env = dict(base_env, MAILROOM_DATABASE_URL="postgresql://app:hunter2secret@127.0.0.1:5432/app db")
+    env = dict(base_env, MAILROOM_DATABASE_URL="postgresql://app:hunter2secret@127.0.0.1:5432/app db",
+               MAILROOM_CONTROL_SOCKET="off")
     done = _run(console_script(command[0]) + command[1:], env)
     assert done.returncode in (1, 2, 3)
     assert "hunter2secret" not in done.stderr + done.stdout

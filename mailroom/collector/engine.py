@@ -136,8 +136,9 @@ class Collector:
         at half of it; :meth:`run` logs that and tries again, heartbeating meanwhile.
         """
         watchdog = self.settings.worker_timeout
-        conn.execute(f"SET lock_timeout = {max(1, watchdog // 3)}")
-        conn.execute(f"SET statement_timeout = {max(1, watchdog // 2)}")
+        # One round trip: connecting is the window a terminated backend hits.
+        conn.execute(f"SET lock_timeout = {max(1, watchdog // 3)};"
+                     f" SET statement_timeout = {max(1, watchdog // 2)}")
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on the wake-up fd; return True if asked to stop."""
