@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from mailroom._process import backoff
 from mailroom.config import Settings
-from mailroom.sender import pacing, ses
+from mailroom.sender import health, pacing, ses
 from mailroom.vocabulary import Action, Outcome, OutcomeKind
 from mailroom.wire import WireFields
 
@@ -51,10 +51,26 @@ class SendPolicy:
     pause_cap: float = 600.0
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
-    #: Paused account: keep the destinations and send them once a probe gets through
-    #: (stdin mode: nobody else would), or hand them back at once as "retry" (worker
-    #: mode: the ledger queues them again, and a long pause does not outlive a lease).
+    #: Open circuit (see :mod:`mailroom.sender.health`): first probe delay, cap.
+    circuit_base: float = 5.0
+    circuit_cap: float = 300.0
+    #: Whole calls failed in a row that open the circuit; None: never open it.
+    circuit_after: int | None = None
+    #: Attempts of a call in this process before its retryable destinations go
+    #: back to the ledger as "retry" without a delay of their own (the ledger
+    #: then waits by its own attempt count); None: retry here up to
+    #: ``send_max_attempts`` and fail (stdin mode: there is no ledger).
+    in_process_attempts: int | None = None
+    #: Paused account (or open circuit): keep the destinations and send them once a
+    #: probe gets through, or hand them back at once as "retry".  The worker holds
+    #: (the collector renews the leases of what is in flight, and a hand-back would
+    #: cost an attempt at every claim); stdin mode holds (nobody else would send them).
     hold_when_paused: bool = False
+
+
+#: The sender worker's policy: short retries here, then the ledger's backoff;
+#: a circuit after 5 whole calls failed in a row; paused or open, calls are held.
+WORKER_POLICY = SendPolicy(in_process_attempts=3, circuit_after=5, hold_when_paused=True)
 
 
 class _Batch:
@@ -128,10 +144,11 @@ class Sender:
         self._started = False
         self._closing = False
         self._defer_retries = False
-        self._paused = False
-        self._pause_level = 0
-        self._probe_at = 0.0
-        self._held: list[_Call] = []
+        self.health = health.Health(
+            lambda at: self._schedule.put(_PROBE, at),
+            pause_base=self.policy.pause_base, pause_cap=self.policy.pause_cap,
+            circuit_base=self.policy.circuit_base, circuit_cap=self.policy.circuit_cap,
+            circuit_after=self.policy.circuit_after)
         self._stopping = threading.Event()  # wakes every wait when close() gives up
 
     @property
@@ -152,7 +169,7 @@ class Sender:
     @property
     def paused(self) -> bool:
         """True while SES says the account cannot send (a probe will tell when it can)."""
-        return self._paused
+        return self.health.kind is not None
 
     def start(self) -> None:
         """Create the SES client and the sending threads, and read the send quota.
@@ -176,7 +193,9 @@ class Sender:
                 read_timeout=self.policy.read_timeout,
                 pool_size=concurrency,
             )
-            self._raw = ses.RawResponseWriter(self.settings.ses_output_path)
+            self._raw = ses.RawResponseWriter(self.settings.ses_output_path,
+                                              self.settings.ses_output_max_files,
+                                              self.settings.ses_output_max_bytes)
             self._raw.attach(self._client)
             rate = self.settings.ses_max_send_rate
             if rate is None:
@@ -249,11 +268,7 @@ class Sender:
                     self._give_back(item, "sender error", 60.0)
 
     def _probe(self) -> None:
-        with self._lock:
-            call = self._held.pop(0) if self._held else None
-            if call is None:
-                # Nothing held (worker mode): the next call is the probe.
-                self._paused = False
+        call = self.health.take_probe()
         if call is not None:
             self._send(call, probe=True)
 
@@ -266,7 +281,7 @@ class Sender:
         if not self._bucket or not self._bucket.acquire(count, self._stopping):
             self._give_back(call, "sender stopping")
             return
-        verdicts = self._attempt(call)
+        verdicts, whole_call = self._attempt(call)
         by_kind: dict[str, list[int]] = {ses.SENT: [], ses.EMITTED: [], ses.RETRY: [], ses.PAUSE: [],
                                          ses.FAIL: []}
         for position, verdict in enumerate(verdicts):
@@ -275,6 +290,14 @@ class Sender:
         if by_kind[ses.PAUSE]:
             reason = verdicts[by_kind[ses.PAUSE][0]].detail or "paused"
             self._on_paused(call.subset(by_kind[ses.PAUSE]), reason, probe)
+        elif whole_call and by_kind[ses.RETRY]:
+            reason = verdicts[0].detail or "retryable"
+            if self.health.call_failed(reason, probe):
+                # The circuit is open: this call waits for the probe, no attempt counted.
+                self._hold_or_give_back(call, reason, probe)
+                return
+            if probe:  # no circuit: a probe that got no answer still ends the pause
+                self._on_not_paused()
         else:
             self._on_not_paused()
         for position in by_kind[ses.SENT]:
@@ -288,8 +311,9 @@ class Sender:
         if by_kind[ses.RETRY]:
             self._retry(call, by_kind[ses.RETRY], verdicts)
 
-    def _attempt(self, call: _Call) -> list[ses.Verdict]:
-        """One SendBulkTemplatedEmail call; one verdict per destination."""
+    def _attempt(self, call: _Call) -> tuple[list[ses.Verdict], bool]:
+        """One SendBulkTemplatedEmail call; one verdict per destination, and
+        whether the call failed as a whole (no answer for any destination)."""
         request = ses.bulk_request(self.settings, call.action, call.destinations)
         count = len(call.destinations)
         try:
@@ -304,17 +328,23 @@ class Sender:
                 verdict.detail,
                 f"; raw response in {path}" if path else "",
             )
-            return [verdict] * count
+            return [verdict] * count, True
         statuses = response.get("Status") or []
         verdicts = [ses.classify_status(entry) for entry in statuses[:count]]
         # Fewer statuses than destinations should not happen; losing an email is
         # worse than sending one twice, so the missing ones are retried.
         missing = ses.Verdict(ses.RETRY, "no status for this destination in the response")
         verdicts += [missing] * (count - len(verdicts))
-        return verdicts
+        return verdicts, False
 
     def _retry(self, call: _Call, positions: list[int], verdicts: list[ses.Verdict]) -> None:
         attempts = call.attempts + 1
+        here = self.policy.in_process_attempts
+        if here is not None and attempts >= here:
+            # Back to the ledger, which counts the attempt and waits by its count.
+            reason = verdicts[positions[0]].detail or "retryable"
+            self._give_back(call.subset(positions), f"{reason} ({attempts} tries in this claim)")
+            return
         if attempts >= self.settings.send_max_attempts:
             for position in positions:
                 error = f"{verdicts[position].detail} (gave up after {attempts} attempts)"
@@ -336,46 +366,30 @@ class Sender:
     # --- paused account ----------------------------------------------------------------
 
     def _hold_if_paused(self, call: _Call) -> bool:
-        with self._lock:
-            if not self._paused:
-                return False
-            wait = max(0.0, self._probe_at - time.monotonic())
-            if self.policy.hold_when_paused and not self._defer_retries:
-                self._held.append(call)
-                return True
-        self._give_back(call, "SES account sending is paused", wait)
+        """Keep or hand back ``call`` while SES is not being called; False to call."""
+        wait = self.health.wait()
+        if wait is None:
+            return False
+        self._hold_or_give_back(call, self.health.describe(), False)
         return True
+
+    def _hold_or_give_back(self, call: _Call, reason: str, probe: bool) -> None:
+        with self._lock:
+            hold = self.policy.hold_when_paused and not self._defer_retries
+            if hold:
+                # A probe's destinations go first when sending resumes.
+                self.health.hold(call, first=probe)
+        if not hold:
+            self._give_back(call, reason, self.health.wait() or 0.0)
 
     def _on_paused(self, call: _Call, reason: str, probe: bool) -> None:
         # The paused destinations keep their attempt count: a pause is not their fault.
         call.attempts -= 1
-        with self._lock:
-            if not self._paused or probe:
-                self._paused = True
-                self._pause_level += 1
-                delay = backoff(self._pause_level - 1, self.policy.pause_base, self.policy.pause_cap)
-                self._probe_at = time.monotonic() + delay
-                self._schedule.put(_PROBE, self._probe_at)
-                log.warning("SES sending is paused (%s); trying again in %.3g s", reason, delay)
-            wait = max(0.0, self._probe_at - time.monotonic())
-            hold = self.policy.hold_when_paused and not self._defer_retries
-            if hold:
-                # A probe's destinations go first when sending resumes.
-                self._held.insert(0 if probe else len(self._held), call)
-        if not hold:
-            self._give_back(call, reason, wait)
+        self.health.paused(reason, probe)
+        self._hold_or_give_back(call, reason, probe)
 
     def _on_not_paused(self) -> None:
-        with self._lock:
-            if not self._pause_level:
-                return
-            was_paused = self._paused
-            self._paused = False
-            self._pause_level = 0
-            held, self._held = self._held, []
-        if was_paused or held:
-            log.warning("SES sending resumed; sending %d held calls", len(held))
-        for call in held:
+        for call in self.health.answered():
             self._schedule.put(call)
 
     # --- outcomes ------------------------------------------------------------------------
@@ -424,9 +438,7 @@ class Sender:
             self._closing = True
             if defer_retries:
                 self._defer_retries = True
-                held, self._held = self._held, []
-            else:
-                held = []
+        held = self.health.take_held() if defer_retries else []
         if defer_retries:
             now = time.monotonic()
             for due, item in self._schedule.take_all():
@@ -437,7 +449,7 @@ class Sender:
                 else:
                     self._give_back(item, "not sent: sender stopping", due - now)
             for call in held:
-                self._give_back(call, "not sent: sender stopping", max(0.0, self._probe_at - now))
+                self._give_back(call, "not sent: sender stopping", self.health.wait() or 0.0)
         with self._lock:
             while self._batches:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -450,5 +462,5 @@ class Sender:
                         len(left))
         self._stopping.set()
         for batch in left:
-            self._finish(batch, Outcome(RETRY, error="not sent: sender stopped"))
+            self._finish(batch, Outcome(RETRY, error="not sent: sender stopped", retry_after=0.0))
         self._schedule.close()

@@ -300,6 +300,8 @@ class Supervisor:
             self.router.on_claimed(message)
         elif isinstance(message, msg.BatchOutcomes) and worker.role == SENDER:
             self.router.on_outcomes(message)
+        elif isinstance(message, msg.Recorded) and worker.role == COLLECTOR:
+            self.router.on_recorded(message)
         else:
             logger.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
 

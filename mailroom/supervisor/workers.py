@@ -54,8 +54,14 @@ class PipeSink:
     """The collector's :class:`~mailroom.collector.BatchSink` in supervised mode.
 
     Batches go to the supervisor as soon as their claim is committed (status
-    ``claimed``); outcomes come back on the same pipe and are written to the ledger.
+    ``claimed``); outcomes come back on the same pipe and are written to the ledger,
+    each confirmed to the supervisor once committed (:class:`~messages.Recorded`).
     The number of batches without outcomes is bounded by ``max_in_flight``.
+
+    A batch in flight keeps its lease: every third of ``MAILROOM_CLAIM_TIMEOUT``
+    one statement renews the leases of all of them (:func:`ledger.renew`), so a
+    slow, rate-limited or paused sender never lets a live batch expire and go
+    out twice.  Only a dead supervisor (nobody left to renew) lets leases expire.
     """
 
     final_status = DeliveryStatus.CLAIMED
@@ -65,7 +71,11 @@ class PipeSink:
         self.queue = settings.queue_name
         self.max_attempts = settings.send_max_attempts
         self.max_in_flight = settings.max_in_flight
-        self.in_flight: set[str] = set()
+        #: batch id -> (token ids, claimed_at): what a lease renewal needs.
+        self.in_flight: dict[str, tuple[list[int], Any]] = {}
+        self.renew_every = settings.claim_timeout / 3000
+        self.renewed_at = time.monotonic()
+        self.retry_backoff_ms = settings.send_retry_backoff
         self.pending: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
         self.draining = False
         self.stopping = False
@@ -94,7 +104,7 @@ class PipeSink:
             # The supervisor is gone; the collector releases the rows and stops.
             self.stopping = True
             raise
-        self.in_flight.add(batch_id)
+        self.in_flight[batch_id] = (token_ids, claim.claimed_at)
         self.rows += len(token_ids)
 
     def fileno(self) -> int | None:
@@ -110,7 +120,11 @@ class PipeSink:
                 elif isinstance(message, msg.Stop):
                     self.stopping = True
                 elif isinstance(message, msg.Adopt):
-                    self.in_flight.update(message.batch_ids)
+                    for batch_id in message.batch_ids:
+                        self.in_flight[batch_id] = message.claims.get(batch_id, ([], None))
+                    # The former collector may have stopped renewing long ago
+                    # (killed by the watchdog): renew at the next chance.
+                    self.renewed_at = float("-inf")
                 elif isinstance(message, msg.SetClaiming):
                     self.claiming = message.enabled
                 elif isinstance(message, (msg.RecordOutcomes, msg.Release)):
@@ -124,7 +138,8 @@ class PipeSink:
 
     def service(self, conn: psycopg.Connection[Any]) -> int:
         """Apply received outcomes and releases to the ledger (kept until applied),
-        and refresh the queue numbers the heartbeat carries (at most once a second)."""
+        confirm them to the supervisor, renew the leases in flight when due, and
+        refresh the queue numbers the heartbeat carries (at most once a second)."""
         now = time.monotonic()
         if now - self.stats_at >= STATS_EVERY:
             self.stats_at = now
@@ -136,14 +151,17 @@ class PipeSink:
         applied = 0
         while self.pending:
             message = self.pending[0]
+            # Autocommit: each statement is committed when it returns.
             if isinstance(message, msg.RecordOutcomes):
                 ledger.record_outcomes(conn, self.queue, message.outcomes, claimed_at=message.claimed_at,
-                                       max_attempts=self.max_attempts)
+                                       max_attempts=self.max_attempts, backoff_ms=self.retry_backoff_ms)
             else:
                 ledger.release(conn, self.queue, message.token_ids, claimed_at=message.claimed_at)
             self.pending.popleft()
-            self.in_flight.discard(message.batch_id)
+            self.in_flight.pop(message.batch_id, None)
             applied += 1
+            self._post(msg.Recorded([message.batch_id]))
+        self.renew(conn)
         return applied
 
     def refresh_fleet(self, conn: psycopg.Connection[Any]) -> None:
@@ -163,14 +181,30 @@ class PipeSink:
         except psycopg.Error as exc:  # shown stale after a while instead
             logger.warning("could not remove this consumer from the fleet table: %s", one_line(exc))
 
+    def renew(self, conn: psycopg.Connection[Any], force: bool = False) -> int:
+        """Renew the leases of the batches in flight if a third of the lease has
+        passed since the last renewal: one statement, however many batches."""
+        now = time.monotonic()
+        if not force and now - self.renewed_at < self.renew_every:
+            return 0
+        self.renewed_at = now
+        if not self.in_flight:
+            return 0
+        renewed = ledger.renew(conn, self.queue, self.in_flight.values())
+        logger.debug("renewed the leases of %d rows in %d batches", renewed, len(self.in_flight))
+        return renewed
+
+    def _post(self, message: object) -> None:
+        try:
+            self.pipe.send(message)
+        except OSError:
+            self.stopping = True
+
     def tick(self) -> None:
         now = time.monotonic()
         if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
             self.last_beat = now
-            try:
-                self.pipe.send(msg.Heartbeat(dict(self.stats)))
-            except OSError:
-                self.stopping = True
+            self._post(msg.Heartbeat(dict(self.stats)))
 
 
 def collector_worker(pipe: Connection, settings: Settings) -> int:
@@ -210,9 +244,10 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     stop = _boot("SES", settings)
     from mailroom.sender import Sender
     from mailroom.sender.driver import Driver, Job, StopRequest
+    from mailroom.sender.engine import WORKER_POLICY
     from mailroom.sender.quota import QuotaWatch
 
-    sender = Sender(settings)
+    sender = Sender(settings, policy=WORKER_POLICY)
     try:
         sender.start()
     except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings, e.g. a bad endpoint URL
@@ -221,7 +256,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
         return config.EXIT_CONFIG
     quota = QuotaWatch(sender)
     quota.start()
-    sink = _PipeOutcomes(pipe, quota.stats)
+    sink = _PipeOutcomes(pipe, lambda: {**quota.stats(), "ses_paused": sender.health.paused_reason})
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
     # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
     on_signal = StopRequest(settings.shutdown_timeout / 1000, defer_retries=True)
