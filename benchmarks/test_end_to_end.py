@@ -121,7 +121,7 @@ def test_end_to_end_rate_and_memory(benchmark):
         with stub_process() as ses_url:
             # No control socket: the default path may be held by another supervisor
             # on the machine, and the benchmark is about the data path.
-            env = supervisor_env(base, url, ses_url, batch_limit=LIMIT, ses_max_send_rate=10**9,
+            env = supervisor_env(base, url, ses_url, batch_limit=LIMIT, ses_max_send_rate=10**6,
                                  log_level="WARNING", control_socket="off")
             sup = SupervisorProcess(env)
             context = multiprocessing.get_context("spawn")     # no fork of a threaded process
