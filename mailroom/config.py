@@ -47,6 +47,7 @@ class Settings:
     healthcheck_interval: int = 270_000
     batch_timeout: int = 5_000
     batch_limit: int = 10
+    batch_mode: str = "adaptive"
     claim_timeout: int = 300_000
     debug: bool = False
     ses_config_set: str = "default"
@@ -133,6 +134,13 @@ def _impl(raw: str) -> str:
     return choice
 
 
+def _batch_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in {"adaptive", "fixed"}:
+        raise ValueError(f"expected adaptive or fixed, got {raw!r}")
+    return mode
+
+
 def _log_level(raw: str) -> str:
     level = raw.strip().upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -197,6 +205,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "healthcheck_interval": ("MAILROOM_HEALTHCHECK_INTERVAL", _positive_int),
     "batch_timeout": ("MAILROOM_BATCH_TIMEOUT", _positive_int),
     "batch_limit": ("MAILROOM_BATCH_LIMIT", _positive_int),
+    "batch_mode": ("MAILROOM_BATCH_MODE", _batch_mode),
     "claim_timeout": ("MAILROOM_CLAIM_TIMEOUT", _positive_int),
     "debug": ("MAILROOM_DEBUG", _boolean),
     "ses_config_set": ("MAILROOM_SES_CONFIG_SET", _text),

@@ -67,6 +67,10 @@ class PipeSink:
     def ready(self) -> bool:
         return not self.draining and not self.stopping and len(self.in_flight) < self.max_in_flight
 
+    def idle(self) -> bool:
+        """No batch of ours (adopted ones included) waits for its outcomes."""
+        return not self.in_flight and self.ready()
+
     def deliver(self, claim: ledger.Claim, line: bytes) -> None:
         self.counter += 1
         batch_id = f"{os.getpid()}-{self.counter}"
