@@ -23,6 +23,16 @@ MINIMUM_RATES: dict[tuple[str, str], float] = {
     ("sender destinations", "50 rows/batch"): 5_000,
 }
 
+#: (group, name) -> (value, unit): measurements other than rates (latencies, shares).
+MEASURES: dict[tuple[str, str], tuple[float, str]] = {}
+
+#: (group, name) -> the most a measurement may be (issue 13: latency with default settings).
+MAXIMUM_MEASURES: dict[tuple[str, str], float] = {
+    ("latency 2/s", "adaptive p99"): 50.0,
+    ("latency 100/s", "adaptive p99"): 50.0,
+    ("20-token transaction", "adaptive max"): 100.0,
+}
+
 #: (group, faster, slower, factor): ``faster`` must reach ``factor`` x ``slower``.
 MINIMUM_RATIOS: list[tuple[str, str, str, float]] = [
     ("sign+encode", "c", "python", 15.0),           # compiled vs its pure-Python twin
@@ -64,6 +74,11 @@ def record(benchmark, group: str, name: str, rows: int) -> None:
     RESULTS[(group, name)] = rate
 
 
+def measure(group: str, name: str, value: float, unit: str) -> None:
+    """Store a measurement for the summary (and its target, if it has one)."""
+    MEASURES[(group, name)] = (value, unit)
+
+
 def verdicts() -> list[tuple[bool, str]]:
     """(met, text) for every target whose measurements are in :data:`RESULTS`."""
     found = []
@@ -71,6 +86,10 @@ def verdicts() -> list[tuple[bool, str]]:
         if (rate := RESULTS.get((group, name))) is not None:
             found.append((rate >= minimum,
                           f"{group}, {name}: {rate:,.0f} rows/s, target >= {minimum:,.0f}"))
+    for (group, name), most in MAXIMUM_MEASURES.items():
+        if (found_value := MEASURES.get((group, name))) is not None:
+            value, unit = found_value
+            found.append((value <= most, f"{group}, {name}: {value:,.1f} {unit}, target <= {most:,.0f} {unit}"))
     for group, faster, slower, factor in MINIMUM_RATIOS:
         top, base = RESULTS.get((group, faster)), RESULTS.get((group, slower))
         if top is not None and base is not None:
@@ -85,12 +104,17 @@ def pytest_sessionfinish(session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if not RESULTS:
+    if MEASURES:
+        terminalreporter.section("measurements")
+        for (group, name), (value, unit) in MEASURES.items():
+            terminalreporter.write_line(f"{group}, {name}: {value:,.1f} {unit}")
+    if not RESULTS and not MEASURES:
         return
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     for (group, name), rate in RESULTS.items():
         groups[group][name] = rate
-    terminalreporter.section("rows per second (from the median time per batch)")
+    if groups:
+        terminalreporter.section("rows per second (from the median time per batch)")
     for group, rates in groups.items():
         parts = [f"{name}: {rate:,.0f} rows/s" for name, rate in sorted(rates.items())]
         if "c" in rates and "python" in rates:
