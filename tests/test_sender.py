@@ -133,7 +133,8 @@ def test_missing_template_is_a_permanent_failure(moto, make_settings, running):
 def test_rate_comes_from_get_send_quota_unless_configured(moto, stub, make_settings, running, caplog):
     assert running(make_settings(moto.url, ses_max_send_rate=None)).rate == 1.0  # moto's quota
     assert running(make_settings(stub.url, ses_max_send_rate=25.0)).rate == 25.0
-    assert [r.action for r in stub.requests] == []  # configured: no GetSendQuota
+    # Configured: GetSendQuota is called only to open the connection ahead of the first email.
+    assert [r.action for r in stub.requests] == ["GetSendQuota"]
     stub.quota_rate = None  # GetSendQuota answers 500
     assert running(make_settings(stub.url, ses_max_send_rate=None)).rate is None
     assert "cannot read the SES send quota" in caplog.text
@@ -259,18 +260,21 @@ def test_rate_limit_holds_within_ten_percent(stub, make_settings, running):
     for future in futures:
         assert {o.kind for o in future.result(30)} == {SENT}
     calls = sorted(stub.bulk, key=lambda r: r.time)
-    elapsed = calls[-1].time - calls[0].time
-    # The first call goes at once; each later one waits for the tokens of the ones before.
-    rate = (sum(len(c.destinations) for c in calls) - len(calls[0].destinations)) / elapsed
+    # The bucket starts full (one second's worth, as after an idle spell): 200
+    # recipients and one more call go at once; each later call waits for the
+    # tokens of the ones before.
+    burst = 200 // 10 + 1
+    elapsed = calls[-1].time - calls[burst - 1].time
+    rate = sum(len(c.destinations) for c in calls[burst:]) / elapsed
     assert 180 <= rate <= 220, f"{rate:.1f} recipients/s over {elapsed:.2f} s"
 
 
 def test_token_bucket_makes_each_caller_pay_for_the_one_before():
     clock = [0.0]
     bucket = pacing.TokenBucket(10.0, clock=lambda: clock[0])
-    assert bucket.reserve(50) == 0.0  # a call larger than the bucket still goes...
-    assert bucket.reserve(10) == 5.0  # ...and the next one waits until it is paid for
-    clock[0] = 5.0
+    assert bucket.reserve(50) == 0.0  # full at start; a call larger than the bucket still goes...
+    assert bucket.reserve(10) == 4.0  # ...and the next one waits until it is paid for
+    clock[0] = 4.0
     assert bucket.reserve(10) == 1.0
     clock[0] = 100.0  # idle: the bucket refills, but only to one second's worth
     assert bucket.reserve(10) == 0.0
@@ -471,3 +475,27 @@ def test_worker_reports_a_batch_in_flight_at_stop_after_a_malformed_one(stub, ma
         stub.gate.set()
         if worker.is_alive():
             worker.kill()
+
+
+def test_an_idle_sender_keeps_its_connection_warm(stub, make_settings, running, monkeypatch):
+    from mailroom.sender import warm
+
+    monkeypatch.setattr(warm, "IDLE_AFTER", 0.3)
+    sender = running(make_settings(stub.url, ses_max_send_rate=50.0))
+
+    def pings() -> int:
+        return sum(1 for r in stub.requests if r.action == "GetSendQuota")
+
+    assert pings() == 1  # at start: the first email finds a connection open
+    time.sleep(1.0)
+    assert pings() >= 3  # idle: a GetSendQuota every 0.3 s
+    # Sending keeps it warm by itself: no pings while calls are being made.
+    before = pings()
+    for n in range(8):
+        assert sender.submit(rows(1, start=n)).result(30)[0].kind == SENT
+        time.sleep(0.1)
+    assert pings() == before
+    sender.close(5)
+    after = pings()
+    time.sleep(0.5)
+    assert pings() == after  # closed: the keep-warm thread is gone

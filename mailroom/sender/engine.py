@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from mailroom._process import backoff
 from mailroom.config import Settings
-from mailroom.sender import pacing, ses
+from mailroom.sender import pacing, ses, warm
 from mailroom.vocabulary import Action, Outcome, OutcomeKind
 from mailroom.wire import WireFields
 
@@ -120,6 +120,7 @@ class Sender:
         self._client: Any = None
         self._bucket: pacing.TokenBucket | None = None
         self._raw: ses.RawResponseWriter | None = None
+        self._warm: warm.KeepWarm | None = None
         self._schedule = pacing.Schedule()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # guards the fields below
@@ -163,9 +164,16 @@ class Sender:
             )
             self._raw = ses.RawResponseWriter(self.settings.ses_output_path)
             self._raw.attach(self._client)
+            # Reading the quota also opens the first connection and has botocore
+            # load its models: the first email does not pay for either.  With the
+            # rate set by hand, the same call is made for the warm-up alone.
+            self._warm = warm.KeepWarm(self._client, self._stopping, warm.IDLE_AFTER)
             rate = self.settings.ses_max_send_rate
             if rate is None:
                 rate = ses.read_send_rate(self._client)
+            else:
+                self._warm.ping()
+            self._warm.start()
             log.info(
                 "sending through SES%s with %d threads, %s",
                 f" at {self.settings.ses_endpoint_url}" if self.settings.ses_endpoint_url else "",
@@ -277,6 +285,8 @@ class Sender:
         """One SendBulkTemplatedEmail call; one verdict per destination."""
         request = ses.bulk_request(self.settings, call.action, call.destinations)
         count = len(call.destinations)
+        if self._warm is not None:
+            self._warm.touch()
         try:
             response = self._client.send_bulk_templated_email(**request)
         except Exception as exc:  # noqa: BLE001 - classified below, bugs included

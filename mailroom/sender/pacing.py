@@ -19,17 +19,19 @@ class TokenBucket:
 
     ``acquire(n)`` reserves ``n`` tokens and sleeps until they are paid for, so a
     call larger than the bucket (50 recipients at a 1/s sandbox rate) still goes,
-    and the calls after it wait.  The bucket starts empty and holds at most one
-    second's worth, so neither a fresh start nor an idle spell allows a burst
-    above ``rate`` plus one call.  ``rate=None`` means no limit.
+    and the calls after it wait.  The bucket holds at most one second's worth,
+    so neither a fresh start nor an idle spell allows a burst above ``rate``
+    plus one call.  It starts full, as after an idle spell: a burst right after
+    a start (the backlog of a restart, a 20-token transaction) is not made to
+    wait for tokens SES would have granted.  ``rate=None`` means no limit.
     """
 
     def __init__(self, rate: float | None, *, clock: Any = time.monotonic) -> None:
         self.rate = rate
         self._clock = clock
         self._lock = threading.Lock()
-        self._tokens = 0.0
         self._capacity = max(rate or 0.0, 1.0)
+        self._tokens = self._capacity
         self._last = clock()
 
     def reserve(self, n: int) -> float:
