@@ -56,10 +56,10 @@ class Settings:
     ses_endpoint_url: str | None = None
     ses_template_activation: str = "activationv1"
     ses_template_recovery: str = "passwordrecoveryv1"
-    ses_concurrency: int = 4
+    ses_concurrency: int | None = None  # None: auto (follows the quota, at most 16)
     ses_max_send_rate: float | None = None
     send_max_attempts: int = 5
-    max_in_flight: int = 4
+    max_in_flight: int | None = None    # None: auto (what the sender asks for)
     shutdown_timeout: int = 30_000
     worker_timeout: int = 30_000
     log_level: str = "INFO"
@@ -132,6 +132,15 @@ def _impl(raw: str) -> str:
     if choice not in {"", "c", "python"}:
         raise ValueError(f"expected c, python or empty (automatic), got {raw!r}")
     return choice
+
+
+def _auto_or_positive_int(raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None
+    try:
+        return _positive_int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{exc} or auto") from None
 
 
 def _batch_mode(raw: str) -> str:
@@ -214,10 +223,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ses_endpoint_url": ("MAILROOM_SES_ENDPOINT_URL", _text),
     "ses_template_activation": ("MAILROOM_SES_TEMPLATE_ACTIVATION", _text),
     "ses_template_recovery": ("MAILROOM_SES_TEMPLATE_RECOVERY", _text),
-    "ses_concurrency": ("MAILROOM_SES_CONCURRENCY", _positive_int),
+    "ses_concurrency": ("MAILROOM_SES_CONCURRENCY", _auto_or_positive_int),
     "ses_max_send_rate": ("MAILROOM_SES_MAX_SEND_RATE", _positive_float),
     "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _positive_int),
-    "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _positive_int),
+    "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _auto_or_positive_int),
     "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _positive_int),
     "worker_timeout": ("MAILROOM_WORKER_TIMEOUT", _positive_int),
     "log_level": ("MAILROOM_LOG_LEVEL", _log_level),

@@ -20,9 +20,11 @@ def test_defaults_are_the_originals():
     assert s.debug is False
     assert (s.ses_config_set, s.ses_source, s.ses_output_path) == ("default", "noreply@localhost", "./output")
     assert (s.ses_template_activation, s.ses_template_recovery) == ("activationv1", "passwordrecoveryv1")
-    assert s.claim_timeout == 300000 and s.send_max_attempts == 5 and s.ses_concurrency == 4
+    assert s.claim_timeout == 300000 and s.send_max_attempts == 5 and s.ses_concurrency is None
     assert s.ses_max_send_rate is None and s.ses_endpoint_url is None
-    assert s.batch_mode == "adaptive"
+    assert s.batch_mode == "adaptive" and s.max_in_flight is None  # None: auto
+    auto = config.load(dict(GOOD, MAILROOM_SES_CONCURRENCY="auto", MAILROOM_MAX_IN_FLIGHT="8"))
+    assert (auto.ses_concurrency, auto.max_in_flight) == (None, 8)
 
 
 def test_values_are_parsed():

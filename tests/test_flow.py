@@ -122,8 +122,29 @@ def test_stdout_adaptive_prints_at_once_and_fixed_waits(db, base_env, started):
 
     fixed = CollectorProcess(collector_env(base_env, db, batch_timeout=2_000, batch_mode="fixed"))
     started.append(fixed)
-    wait_for(lambda: backend_pids(db), what="collector connection")
+    # Its own connection, not the stopped one's backend on its way out.
+    wait_for(lambda: "listening on" in fixed.log(), what="collector connection")
     insert_accounts(db, 1, "later")
     assert fixed.quiet(1.0) == []
     assert len(fixed.take(1, timeout=5.0)) == 1
     assert fixed.stop() == 0
+
+
+def test_a_backlog_goes_out_in_full_calls_exactly_once(db, base_env, stub, started):
+    """Default window and concurrency (auto), batches of 10, SES answering in 60 ms:
+    the sender fills its calls from several batches, every token goes out once."""
+    from ses_emulator import success
+
+    stub.default = success(delay=0.06)
+    stub.quota_rate = 1000.0
+    insert_accounts(db, 600, "backlog")
+    env = supervisor_env(base_env, db, stub.url, batch_limit=10)
+    del env["MAILROOM_SES_MAX_SEND_RATE"]               # the stub's quota: 1000/s
+    sup = SupervisorProcess(env)
+    started.append(sup)
+    wait_for(lambda: ledger(db).get("sent") == 600, timeout=60, interval=0.1, what="600 sent")
+    assert sup.stop() == 0
+    addresses = [a for r in stub.bulk for a in r.addresses]
+    assert len(addresses) == len(set(addresses)) == 600
+    sizes = [len(r.addresses) for r in stub.bulk]
+    assert max(sizes) == 50 and sum(sizes) / len(sizes) >= 30, sizes

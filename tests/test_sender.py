@@ -499,3 +499,55 @@ def test_an_idle_sender_keeps_its_connection_warm(stub, make_settings, running, 
     after = pings()
     time.sleep(0.5)
     assert pings() == after  # closed: the keep-warm thread is gone
+
+
+# --- flow control: full calls and concurrency from the quota (issue 13) -----------------------
+
+
+def test_worker_mode_fills_calls_across_batches(stub, make_settings, running):
+    stub.gate.clear()
+    rejected = {"user23@example.test", "user41@example.test"}
+    stub.default = per_destination(lambda a: "MessageRejected" if a in rejected else None)
+    sender = running(make_settings(stub.url, ses_concurrency=1), policy=SendPolicy(**{**FAST.__dict__,
+                                                                                     "fill_calls": True}))
+    first = sender.submit(rows(10))
+    stub.wait_for(1)                                         # on the wire, held
+    later = [sender.submit(rows(10, start=10 * n)) for n in range(1, 6)]
+    recovery = sender.submit(rows(3, action=2, start=100))
+    stub.gate.set()
+    outcomes = [f.result(30) for f in [first, *later, recovery]]
+    calls = stub.bulk
+    # The five batches queued behind the first make one call of 50; the other action its own.
+    assert sorted(len(r.addresses) for r in calls) == [3, 10, 50]
+    full = next(r for r in calls if len(r.addresses) == 50)
+    assert full.addresses == [f"user{i}@example.test" for i in range(10, 60)]
+    # Each destination's outcome reaches its own batch, in row order.
+    for n, batch in enumerate(outcomes[1:6], start=1):
+        for i, outcome in enumerate(batch):
+            address = f"user{10 * n + i}@example.test"
+            assert outcome.kind == (FAILED if address in rejected else SENT), address
+    assert all(o.kind == SENT for o in outcomes[0] + outcomes[6])
+
+
+def test_stdin_mode_keeps_one_call_per_batch(stub, make_settings, running):
+    stub.gate.clear()
+    sender = running(make_settings(stub.url, ses_concurrency=1))
+    futures = [sender.submit(rows(10, start=10 * n)) for n in range(4)]
+    stub.wait_for(1)
+    stub.gate.set()
+    assert all(o.kind == SENT for f in futures for o in f.result(30))
+    assert [len(r.addresses) for r in stub.bulk] == [10] * 4
+
+
+def test_concurrency_follows_the_quota_and_the_latency():
+    little = pacing.Concurrency(16, 1000.0, 50)
+    little.latency = 0.06            # 60 destinations in flight: 1.2 full calls
+    assert little.target() == 3      # with half again and one call of slack
+    little.rate = 5000.0             # 300 in flight: 6 calls
+    assert little.target() == 10
+    little.rate = 100_000.0
+    assert little.target() == 16     # the bound
+    assert pacing.Concurrency(16, None, 50).target() == 16  # no known limit
+    assert pacing.Concurrency(16, 14.0, 50).target() == 2   # a sandbox account
+    little.observe(0.5)
+    assert 0.06 < little.latency < 0.5

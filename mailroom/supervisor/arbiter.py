@@ -257,6 +257,9 @@ class Supervisor:
             self.router.on_claimed(message)
         elif isinstance(message, msg.BatchOutcomes) and worker.role == SENDER:
             self.router.on_outcomes(message)
+        elif isinstance(message, msg.Window) and worker.role == SENDER:
+            # Repeated with every heartbeat: a collector that missed it gets the next.
+            self.send(COLLECTOR, message)
         else:
             logger.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
 

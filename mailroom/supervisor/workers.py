@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -40,6 +42,12 @@ def _boot(tag: str, settings: Settings) -> SignalFlag:
     return stop
 
 
+#: Batches claimed ahead with ``MAILROOM_MAX_IN_FLIGHT=auto``: at most this many,
+#: and this many until the sender said what it needs.
+AUTO_MAX_IN_FLIGHT = 256
+FIRST_WINDOW = 4
+
+
 # -- collector worker ------------------------------------------------------------
 
 class PipeSink:
@@ -47,7 +55,9 @@ class PipeSink:
 
     Batches go to the supervisor as soon as their claim is committed (status
     ``claimed``); outcomes come back on the same pipe and are written to the ledger.
-    The number of batches without outcomes is bounded by ``max_in_flight``.
+    The number of batches without outcomes is bounded by ``max_in_flight``: what
+    the sender asks for (:class:`~mailroom.supervisor.messages.Window`), within
+    ``MAILROOM_MAX_IN_FLIGHT`` (auto: :data:`AUTO_MAX_IN_FLIGHT`).
     """
 
     final_status = DeliveryStatus.CLAIMED
@@ -56,7 +66,8 @@ class PipeSink:
         self.pipe = pipe
         self.queue = settings.queue_name
         self.max_attempts = settings.send_max_attempts
-        self.max_in_flight = settings.max_in_flight
+        self.bound = settings.max_in_flight or AUTO_MAX_IN_FLIGHT
+        self.max_in_flight = min(self.bound, FIRST_WINDOW)
         self.in_flight: set[str] = set()
         self.pending: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
         self.draining = False
@@ -97,6 +108,8 @@ class PipeSink:
                     self.draining = True
                 elif isinstance(message, msg.Stop):
                     self.stopping = True
+                elif isinstance(message, msg.Window):
+                    self.max_in_flight = max(1, min(self.bound, message.batches))
                 elif isinstance(message, msg.Adopt):
                     self.in_flight.update(message.batch_ids)
                 elif isinstance(message, (msg.RecordOutcomes, msg.Release)):
@@ -159,17 +172,24 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
 def sender_worker(pipe: Connection, settings: Settings) -> int:
     """Entry point of the sender worker; returns its exit code."""
     stop = _boot("SES", settings)
-    from mailroom.sender import Sender
+    from mailroom.sender import Sender, SendPolicy
     from mailroom.sender.driver import Driver, Job, StopRequest
+    from mailroom.sender.ses import MAX_DESTINATIONS
 
-    sender = Sender(settings)
+    sender = Sender(settings, policy=SendPolicy(fill_calls=True))
     try:
         sender.start()
     except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings, e.g. a bad endpoint URL
         # Creating the client does not talk to SES: what fails here is configuration.
         logger.error("cannot start the sender: %s", one_line(exc))
         return config.EXIT_CONFIG
-    sink = _PipeOutcomes(pipe)
+    def window() -> int:
+        # Twice what the calls in flight hold when full: while they are on the
+        # wire, the next ones fill up from the batches waiting behind them.
+        wanted = 2 * sender.concurrency * MAX_DESTINATIONS
+        return max(FIRST_WINDOW, math.ceil(wanted / settings.batch_limit))
+
+    sink = _PipeOutcomes(pipe, window)
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
     # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
     on_signal = StopRequest(settings.shutdown_timeout / 1000, defer_retries=True)
@@ -211,9 +231,11 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
 class _PipeOutcomes:
     """The sender worker's outcome sink: outcomes and heartbeats to the supervisor."""
 
-    def __init__(self, pipe: Connection) -> None:
+    def __init__(self, pipe: Connection, window: Callable[[], int]) -> None:
         self.pipe = pipe
+        self.window = window
         self.last_beat = 0.0
+        self.last_window = 0
 
     def post(self, message: object) -> bool:
         try:
@@ -231,9 +253,12 @@ class _PipeOutcomes:
 
     def tick(self) -> None:
         now = time.monotonic()
-        if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
+        window = self.window()
+        if now - self.last_beat >= msg.HEARTBEAT_INTERVAL or window != self.last_window:
             self.last_beat = now
+            self.last_window = window
             self.post(msg.Heartbeat())
+            self.post(msg.Window(window))
 
     def stopping(self, stop: Any) -> None:
         logger.info("stopping: finishing the batches in flight (at most %g s)", stop.timeout)
