@@ -33,6 +33,12 @@ MAXIMUM_MEASURES: dict[tuple[str, str], float] = {
     ("20-token transaction", "adaptive max"): 100.0,
 }
 
+#: (group, name) -> the least a measurement may be (issue 13: a 1,000/s quota used, full calls).
+MINIMUM_MEASURES: dict[tuple[str, str], float] = {
+    ("backlog quota 1000/s", "share of quota"): 95.0,
+    ("backlog quota 1000/s", "destinations per call"): 45.0,
+}
+
 #: (group, faster, slower, factor): ``faster`` must reach ``factor`` x ``slower``.
 MINIMUM_RATIOS: list[tuple[str, str, str, float]] = [
     ("sign+encode", "c", "python", 15.0),           # compiled vs its pure-Python twin
@@ -90,6 +96,10 @@ def verdicts() -> list[tuple[bool, str]]:
         if (found_value := MEASURES.get((group, name))) is not None:
             value, unit = found_value
             found.append((value <= most, f"{group}, {name}: {value:,.1f} {unit}, target <= {most:,.0f} {unit}"))
+    for (group, name), least in MINIMUM_MEASURES.items():
+        if (found_value := MEASURES.get((group, name))) is not None:
+            value, unit = found_value
+            found.append((value >= least, f"{group}, {name}: {value:,.1f} {unit}, target >= {least:,.0f} {unit}"))
     for group, faster, slower, factor in MINIMUM_RATIOS:
         top, base = RESULTS.get((group, faster)), RESULTS.get((group, slower))
         if top is not None and base is not None:
