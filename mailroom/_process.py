@@ -176,3 +176,12 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signum)
     except (OSError, AttributeError):
         pass
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size, from ``/proc`` (None where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

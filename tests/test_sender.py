@@ -540,14 +540,15 @@ def test_stdin_mode_keeps_one_call_per_batch(stub, make_settings, running):
 
 
 def test_concurrency_follows_the_quota_and_the_latency():
-    little = pacing.Concurrency(16, 1000.0, 50)
+    bucket = pacing.TokenBucket(1000.0)
+    little = pacing.Concurrency(16, bucket, 50)
     little.latency = 0.06            # 60 destinations in flight: 1.2 full calls
     assert little.target() == 3      # with half again and one call of slack
-    little.rate = 5000.0             # 300 in flight: 6 calls
+    bucket.set_rate(5000.0)          # 300 in flight: 6 calls (an operator's set_rate too)
     assert little.target() == 10
-    little.rate = 100_000.0
+    bucket.set_rate(100_000.0)
     assert little.target() == 16     # the bound
-    assert pacing.Concurrency(16, None, 50).target() == 16  # no known limit
-    assert pacing.Concurrency(16, 14.0, 50).target() == 2   # a sandbox account
+    assert pacing.Concurrency(16, pacing.TokenBucket(None), 50).target() == 16  # no known limit
+    assert pacing.Concurrency(16, pacing.TokenBucket(14.0), 50).target() == 2   # a sandbox account
     little.observe(0.5)
     assert 0.06 < little.latency < 0.5

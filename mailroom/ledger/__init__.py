@@ -22,6 +22,7 @@ from mailroom.ledger.operations import (
     configure_session,
     mark_emitted,
     next_due_in,
+    queue_stats,
     record_outcomes,
     release,
     requeue_expired,
@@ -30,6 +31,6 @@ from mailroom.ledger.operations import (
 
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
-    "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
+    "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in", "queue_stats",
     "record_outcomes", "release", "requeue_expired", "status",
 ]

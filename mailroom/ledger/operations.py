@@ -283,6 +283,22 @@ def next_due_in(conn: psycopg.Connection[Any], queue: str, lease_ms: int) -> flo
     return None if row is None or row[0] is None else max(0.0, row[0])
 
 
+#: ``queue_stats`` counts queued rows up to this many (a cheap bound, not a census).
+QUEUE_DEPTH_CAP = 100_000
+
+
+def queue_stats(conn: psycopg.Connection[Any], queue: str) -> dict[str, Any]:
+    """``{"queue_depth", "oldest_queued_s"}``: cheap enough for a heartbeat.
+
+    The depth counts queued rows up to :data:`QUEUE_DEPTH_CAP`, through the queued
+    index.  The oldest queued row is the lowest token of either priority (ids only
+    grow), found by two index probes; its age is that of its delivery.
+    """
+    row = conn.execute(ledger_sql.QUEUE_STATS, {"queue": queue, "cap": QUEUE_DEPTH_CAP}).fetchone()
+    depth, age = (row if row is not None else (0, None))
+    return {"queue_depth": int(depth or 0), "oldest_queued_s": None if age is None else max(0.0, float(age))}
+
+
 def status(conn: psycopg.Connection[Any], queue: str) -> dict[str, Any]:
     """Counts of ``queue``'s rows per status (all six keys, zeros included),
     plus ``oldest_queued_s`` (age of the oldest queued row, ``None`` if none)

@@ -463,3 +463,20 @@ changed AS (
 {_REQUEUE},
 {_CLOSE}
 """
+
+
+#: Heartbeat numbers: queued rows (counted up to %(cap)s) and the age of the
+#: oldest, from the first queued token of each priority (two index probes).
+QUEUE_STATS = """
+SELECT (SELECT count(*) FROM (SELECT 1 FROM delivery_queue
+                               WHERE job_type = %(queue)s AND claimed_at IS NULL
+                               LIMIT %(cap)s) AS q),
+       (SELECT EXTRACT(EPOCH FROM statement_timestamp() - min(d.created_at))::float8
+          FROM deliveries AS d
+         WHERE d.job_type = %(queue)s
+           AND d.token = ANY (ARRAY(
+               SELECT (SELECT q.token FROM delivery_queue AS q
+                        WHERE q.job_type = %(queue)s AND q.claimed_at IS NULL AND q.priority = p.priority
+                        ORDER BY q.priority, q.token LIMIT 1)
+                 FROM (VALUES (0::smallint), (1::smallint)) AS p (priority))))
+"""

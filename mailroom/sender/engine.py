@@ -157,6 +157,21 @@ class Sender:
         """The recipients-per-second limit in force (None: unlimited or not started)."""
         return self._bucket.rate if self._bucket else None
 
+    @property
+    def client(self) -> Any:
+        """The SES client (or debug mode's printing client); None before :meth:`start`."""
+        return self._client
+
+    @property
+    def bucket(self) -> pacing.TokenBucket | None:
+        """The rate limit in force; None before :meth:`start`."""
+        return self._bucket
+
+    @property
+    def paused(self) -> bool:
+        """True while SES says the account cannot send (a probe will tell when it can)."""
+        return self._paused
+
     def start(self) -> None:
         """Create the SES client and the sending threads, and read the send quota.
 
@@ -192,7 +207,7 @@ class Sender:
                 self._warm.ping()
             self._warm.start()
         self._bucket = pacing.TokenBucket(rate)
-        self._concurrency = pacing.Concurrency(concurrency, rate, ses.MAX_DESTINATIONS)
+        self._concurrency = pacing.Concurrency(concurrency, self._bucket, ses.MAX_DESTINATIONS)
         if not self.settings.debug:
             log.info(
                 "sending through SES%s with %d calls in flight (at most %d), %s",

@@ -37,6 +37,17 @@ class TokenBucket:
         self._tokens = self._capacity
         self._last = clock()
 
+    def set_rate(self, rate: float | None) -> None:
+        """Change the limit from now on (an operator's ``set_rate``); None: no limit."""
+        with self._lock:
+            now = self._clock()
+            if self.rate is not None:  # settle what the old rate earned so far
+                self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self.rate = rate
+            self._capacity = max(rate or 0.0, 1.0)
+            self._tokens = min(self._tokens, self._capacity)
+
     def reserve(self, n: int) -> float:
         """Take ``n`` tokens now; return how many seconds the caller must wait for them."""
         if self.rate is None:
@@ -135,9 +146,9 @@ class Concurrency:
     SLACK = 1.5
     FIRST_GUESS = 0.1  # seconds per call until one was measured
 
-    def __init__(self, bound: int, rate: float | None, per_call: int) -> None:
+    def __init__(self, bound: int, bucket: TokenBucket, per_call: int) -> None:
         self.bound = bound
-        self.rate = rate
+        self.bucket = bucket  # its rate, an operator's set_rate included
         self.per_call = per_call
         self.latency = self.FIRST_GUESS
         self._active = 0
@@ -145,9 +156,10 @@ class Concurrency:
         self._cond = threading.Condition()
 
     def target(self) -> int:
-        if self.rate is None:
+        rate = self.bucket.rate
+        if rate is None:
             return self.bound
-        needed = self.rate * self.latency / self.per_call
+        needed = rate * self.latency / self.per_call
         return max(1, min(self.bound, math.ceil(needed * self.SLACK) + 1))
 
     def observe(self, seconds: float) -> None:

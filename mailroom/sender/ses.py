@@ -102,6 +102,20 @@ def _encode_form_once(request: Any, **_: Any) -> None:
         request.data = urllib.parse.urlencode(list(request.data.items())).encode("ascii")
 
 
+def read_send_quota(client: Any) -> dict[str, float] | None:
+    """The account's send quota (``max_send_rate``, ``max_24h_send``,
+    ``sent_last_24h``), or None when it cannot be read (logged at DEBUG: the
+    caller decides how loud a failure is)."""
+    try:
+        quota = client.get_send_quota()
+    except Exception as exc:  # noqa: BLE001 - any failure has the same answer
+        log.debug("cannot read the SES send quota: %s", one_line(exc, named=True))
+        return None
+    return {"max_send_rate": float(quota.get("MaxSendRate") or 0),
+            "max_24h_send": float(quota.get("Max24HourSend") or 0),
+            "sent_last_24h": float(quota.get("SentLast24Hours") or 0)}
+
+
 def read_send_rate(client: Any) -> float | None:
     """Return the account's ``MaxSendRate`` (recipients/s), or None for no limit.
 

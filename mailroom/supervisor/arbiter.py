@@ -31,7 +31,9 @@ from typing import Any
 from mailroom import config
 from mailroom._process import SignalFlag, backoff
 from mailroom.config import Settings
+from mailroom.control.sockfile import ControlSocketError
 from mailroom.supervisor import messages as msg
+from mailroom.supervisor.operator import Operator
 from mailroom.supervisor.router import COLLECTOR, SENDER, Router
 
 logger = logging.getLogger("mailroom.supervisor")
@@ -48,7 +50,7 @@ BOOT_ERRORS = {
     config.EXIT_CONFIG: "invalid configuration",
     config.EXIT_SCHEMA: "database schema missing or outdated (run `mailroom migrate up`)",
 }
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT, signal.SIGHUP)
 
 
 @dataclasses.dataclass
@@ -64,6 +66,8 @@ class Worker:
     restart_at: float | None = 0.0   # None: do not (re)start
     exited: bool = True
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # from its last heartbeat
+    restarts: int = 0
+    restart_requested: bool = False  # stopped on purpose: start again at once
 
     @property
     def up(self) -> bool:
@@ -111,7 +115,9 @@ class Supervisor:
         self.settings = settings
         self.ctx = multiprocessing.get_context("fork")
         self.workers = {COLLECTOR: Worker(COLLECTOR), SENDER: Worker(SENDER)}
-        self.router = Router(self.send)
+        self.operator = Operator(self)
+        self.router = Router(self.send, on_event=self.operator.on_router_event,
+                             on_finished=self.operator.on_batch_finished)
         self.signals = SignalFlag()
         self.phase = Phase.RUNNING
         self.deadline = 0.0
@@ -148,6 +154,27 @@ class Supervisor:
     def handle_chld(self) -> None:
         self.reap()
 
+    def handle_hup(self) -> None:
+        """SIGHUP: restart both workers gracefully (new credentials, a fresh SES quota)."""
+        if self.stopping:
+            return
+        logger.info("SIGHUP: restarting both workers")
+        for role in (SENDER, COLLECTOR):
+            self.request_restart(role)
+
+    def request_restart(self, role: str) -> None:
+        """Stop a worker the graceful way; it is started again as soon as it exits."""
+        worker = self.workers[role]
+        if not worker.up or worker.restart_requested:
+            return
+        worker.restart_requested = True
+        if role == SENDER:
+            # Nothing new for the old sender: what it has it finishes and reports.
+            self.router.dispatching = False
+            self.send(SENDER, msg.Stop(self.settings.shutdown_timeout / 1000))
+        else:
+            self.send(COLLECTOR, msg.Stop())
+
     # -- worker lifecycle ------------------------------------------------------
     def spawn(self, worker: Worker) -> None:
         parent_end, child_end = self.ctx.Pipe(duplex=True)
@@ -160,9 +187,12 @@ class Supervisor:
         worker.started_at = worker.last_seen = now
         worker.restart_at = None
         logger.info("%s worker started (pid %d)", worker.role, process.pid)
+        self.operator.on_worker("worker.started", worker.role, process.pid or 0, restarts=worker.restarts)
         if worker.role == COLLECTOR:
             self.router.collector_started(draining=self.stopping)
+            self.operator.on_collector_started()
         else:
+            self.router.dispatching = not self.stopping
             self.router.sender_started()
 
     def _child_main(self, role: str, pipe: Connection, parent_end: Connection) -> None:
@@ -174,6 +204,7 @@ class Supervisor:
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         parent_end.close()
+        self.operator.detach()
         for worker in self.workers.values():
             if worker.pipe is not None:
                 worker.pipe.close()
@@ -198,9 +229,19 @@ class Supervisor:
             worker.pipe.close()
             worker.pipe = None
         now = time.monotonic()
-        pid = worker.process.pid if worker.process else 0
+        pid = (worker.process.pid or 0) if worker.process else 0
         if self.stopping:
             logger.info("%s worker (pid %d) stopped: %s", worker.role, pid, describe_exit(code))
+            self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=False)
+            return
+        if worker.restart_requested:
+            worker.restart_requested = False
+            worker.restarts += 1
+            worker.restart_at = now
+            logger.info("%s worker (pid %d) stopped to be restarted: %s", worker.role, pid, describe_exit(code))
+            self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True)
+            if worker.role == SENDER:
+                self.router.sender_died(asked=True)
             return
         if code in BOOT_ERRORS:
             logger.error("%s worker cannot start: %s (%s); stopping", worker.role,
@@ -212,7 +253,9 @@ class Supervisor:
             worker.failures = 0
         delay = backoff(worker.failures, RESTART_FIRST, RESTART_CAP, jitter=False)
         worker.failures += 1
+        worker.restarts += 1
         worker.restart_at = now + delay
+        self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True)
         logger.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
                        worker.role, pid, describe_exit(code), delay)
         if worker.role == SENDER:
@@ -319,6 +362,17 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until stopped; return the exit code."""
+        try:
+            self.operator.start()
+        except ControlSocketError as exc:
+            logger.error("%s", exc)
+            return config.EXIT_CONFIG
+        try:
+            return self._run()
+        finally:
+            self.operator.close()
+
+    def _run(self) -> int:
         self.install_signals()
         logger.info("starting (pid %d), queue %s, channel %s", os.getpid(),
                     self.settings.queue_name, self.settings.channel_name)
@@ -326,7 +380,10 @@ class Supervisor:
         self.spawn(self.workers[SENDER])
         while not self.done:
             pipes = [w.pipe for w in self.workers.values() if w.pipe is not None]
-            ready = wait([*pipes, self.signals.read_fd], timeout=0.5)
+            # A client with output pending is written to on every turn: turn quickly.
+            timeout = 0.02 if self.operator.writing() else 0.5
+            ready = wait([*pipes, self.signals.read_fd, *self.operator.readers()], timeout=timeout)
+            self.operator.service(ready)
             for worker in self.workers.values():
                 if worker.pipe is not None and worker.pipe in ready:
                     self.read(worker)
@@ -337,6 +394,7 @@ class Supervisor:
                 getattr(self, f"handle_{name}")()
             self.reap()
             self.tick()
+            self.operator.tick(time.monotonic())
         self.wait_exit()
         logger.info("stopped")
         return self.exit_code

@@ -108,3 +108,17 @@ class Stop:
     """supervisor -> worker: finish (the sender: within ``timeout`` s) and exit 0."""
 
     timeout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetClaiming:
+    """supervisor -> collector: an operator paused (False) or resumed (True) claims."""
+
+    enabled: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetRate:
+    """supervisor -> sender: an operator's send-rate limit (recipients/s)."""
+
+    per_second: float

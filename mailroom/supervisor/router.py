@@ -52,16 +52,26 @@ class Batch:
     deaths: int = 0  # sender deaths while this batch was in flight
 
 
+#: ``finished(batch, outcomes, seconds)``: a batch got its outcomes (metrics, detail).
+FinishedHook = Callable[["Batch", TokenOutcomes, float], None]
+
+
 def _no_event(name: str, data: dict[str, Any]) -> None:
+    return None
+
+
+def _no_finish(batch: Batch, outcomes: TokenOutcomes, seconds: float) -> None:
     return None
 
 
 class Router:
     """Routes batches and outcomes between the workers; see the module docstring."""
 
-    def __init__(self, send: Send, on_event: EventHook = _no_event) -> None:
+    def __init__(self, send: Send, on_event: EventHook = _no_event,
+                 on_finished: FinishedHook = _no_finish) -> None:
         self.send = send
         self.on_event = on_event
+        self.on_finished = on_finished
         self.batches: dict[str, Batch] = {}
         self.outbox: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
         #: False once the collector is being stopped: a late claim is released.
@@ -112,10 +122,14 @@ class Router:
         for batch in self.batches.values():
             self.dispatch(batch)
 
-    def sender_died(self) -> None:
-        """Nothing dispatched reached an end; a batch at too many deaths is given up."""
+    def sender_died(self, *, asked: bool = False) -> None:
+        """Nothing dispatched reached an end; a batch at too many deaths is given up.
+
+        ``asked``: the sender was restarted on purpose (an operator, SIGHUP), which
+        says nothing against the batches it had.
+        """
         for batch in list(self.batches.values()):
-            batch.deaths += batch.dispatched
+            batch.deaths += batch.dispatched and not asked
             batch.dispatched = False
             if batch.deaths >= POISON_DEATHS:
                 self.give_up(batch)
@@ -147,6 +161,16 @@ class Router:
         outcome = Outcome(OutcomeKind.RETRY, error=error, retry_after=POISON_RETRY_AFTER)
         self.on_outcomes(msg.BatchOutcomes(batch.batch_id, [(tid, outcome) for tid in batch.token_ids]))
 
+    def release(self, batch_id: str) -> None:
+        """Give one undispatched batch back to the ledger (its rows are queued again)."""
+        batch = self.batches.pop(batch_id, None)
+        if batch is not None:
+            self.to_collector(msg.Release(batch.batch_id, batch.token_ids, batch.claimed_at))
+            self.on_event("batch.done", {"batch": batch_id, "rows": len(batch.token_ids), "activation":
+                                         batch.activation, "recovery": batch.recovery, "sent": 0, "failed": 0,
+                                         "retry": len(batch.token_ids), "skipped": 0, "ms": 0.0,
+                                         "error": "released: sending paused"})
+
     def release_all(self) -> int:
         """Shutdown: every batch still in flight goes back to the queue; how many."""
         count = len(self.batches)
@@ -163,6 +187,7 @@ class Router:
             logger.info("batch %s: %d outcomes for a batch no longer tracked", batch_id, len(outcomes))
             return
         ms = (time.monotonic() - batch.received_at) * 1000
+        self.on_finished(batch, outcomes, ms / 1000)
         logger.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry, %d ms",
                     batch_id, len(outcomes), batch.activation, batch.recovery,
                     counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],

@@ -22,13 +22,16 @@ from typing import Any
 import psycopg
 
 from mailroom import config, ledger
-from mailroom._process import SignalFlag, die_with_parent, one_line, setup_logging
+from mailroom._process import SignalFlag, die_with_parent, one_line, rss_bytes, setup_logging
 from mailroom.collector import Collector
 from mailroom.config import Settings
 from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind
 
 logger = logging.getLogger("mailroom.workers")
+
+#: Seconds between two reads of the queue's depth for the heartbeat.
+STATS_EVERY = 1.0
 
 
 def _boot(tag: str, settings: Settings) -> SignalFlag:
@@ -72,11 +75,19 @@ class PipeSink:
         self.pending: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
         self.draining = False
         self.stopping = False
+        self.claiming = True  # False while an operator pauses claims
         self.counter = 0
         self.last_beat = 0.0
+        self.stats: dict[str, Any] = {}
+        self.stats_at = -STATS_EVERY
 
     def ready(self) -> bool:
-        return not self.draining and not self.stopping and len(self.in_flight) < self.max_in_flight
+        # Read the pipe first: a pause sent while the collector was connecting
+        # must stop the drain that follows the connection, not the one after.
+        if not self.stopping and self.pipe.poll():
+            self.receive()
+        return (self.claiming and not self.draining and not self.stopping
+                and len(self.in_flight) < self.max_in_flight)
 
     def idle(self) -> bool:
         """No batch of ours (adopted ones included) waits for its outcomes."""
@@ -112,6 +123,8 @@ class PipeSink:
                     self.max_in_flight = max(1, min(self.bound, message.batches))
                 elif isinstance(message, msg.Adopt):
                     self.in_flight.update(message.batch_ids)
+                elif isinstance(message, msg.SetClaiming):
+                    self.claiming = message.enabled
                 elif isinstance(message, (msg.RecordOutcomes, msg.Release)):
                     self.pending.append(message)
                 else:
@@ -122,7 +135,13 @@ class PipeSink:
             self.pending.clear()
 
     def service(self, conn: psycopg.Connection[Any]) -> int:
-        """Apply received outcomes and releases to the ledger (kept until applied)."""
+        """Apply received outcomes and releases to the ledger (kept until applied),
+        and refresh the queue numbers the heartbeat carries (at most once a second)."""
+        now = time.monotonic()
+        if now - self.stats_at >= STATS_EVERY:
+            self.stats_at = now
+            self.stats = ledger.queue_stats(conn, self.queue)
+            self.stats["rss"] = rss_bytes()
         applied = 0
         while self.pending:
             message = self.pending[0]
@@ -141,7 +160,7 @@ class PipeSink:
         if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
             self.last_beat = now
             try:
-                self.pipe.send(msg.Heartbeat())
+                self.pipe.send(msg.Heartbeat(dict(self.stats)))
             except OSError:
                 self.stopping = True
 
@@ -174,6 +193,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     stop = _boot("SES", settings)
     from mailroom.sender import Sender, SendPolicy
     from mailroom.sender.driver import Driver, Job, StopRequest
+    from mailroom.sender.quota import QuotaWatch
     from mailroom.sender.ses import MAX_DESTINATIONS
 
     sender = Sender(settings, policy=SendPolicy(fill_calls=True))
@@ -183,13 +203,16 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
         # Creating the client does not talk to SES: what fails here is configuration.
         logger.error("cannot start the sender: %s", one_line(exc))
         return config.EXIT_CONFIG
+    quota = QuotaWatch(sender)
+    quota.start()
+
     def window() -> int:
         # Twice what the calls in flight hold when full: while they are on the
         # wire, the next ones fill up from the batches waiting behind them.
         wanted = 2 * sender.concurrency * MAX_DESTINATIONS
         return max(FIRST_WINDOW, math.ceil(wanted / settings.batch_limit))
 
-    sink = _PipeOutcomes(pipe, window)
+    sink = _PipeOutcomes(pipe, quota.stats, window)
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
     # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
     on_signal = StopRequest(settings.shutdown_timeout / 1000, defer_retries=True)
@@ -216,6 +239,8 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
                     driver.put(Job(message.batch_id, message.line, message.token_ids))
                 elif isinstance(message, msg.Stop):
                     driver.put(StopRequest(message.timeout, defer_retries=True))
+                elif isinstance(message, msg.SetRate):
+                    quota.set_rate(message.per_second)  # thread-safe: the bucket locks
                 else:
                     logger.warning("unexpected message %s from the supervisor", type(message).__name__)
         except (EOFError, OSError):
@@ -231,8 +256,10 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
 class _PipeOutcomes:
     """The sender worker's outcome sink: outcomes and heartbeats to the supervisor."""
 
-    def __init__(self, pipe: Connection, window: Callable[[], int]) -> None:
+    def __init__(self, pipe: Connection, stats: Callable[[], dict[str, Any]],
+                 window: Callable[[], int]) -> None:
         self.pipe = pipe
+        self.stats = stats
         self.window = window
         self.last_beat = 0.0
         self.last_window = 0
@@ -257,7 +284,7 @@ class _PipeOutcomes:
         if now - self.last_beat >= msg.HEARTBEAT_INTERVAL or window != self.last_window:
             self.last_beat = now
             self.last_window = window
-            self.post(msg.Heartbeat())
+            self.post(msg.Heartbeat({**self.stats(), "rss": rss_bytes()}))
             self.post(msg.Window(window))
 
     def stopping(self, stop: Any) -> None:

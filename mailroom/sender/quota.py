@@ -1,0 +1,70 @@
+"""What the sender knows about its SES account, for the operator: quota, rate, pause.
+
+:class:`QuotaWatch` reads ``GetSendQuota`` in a thread of its own, at start and
+every :data:`REFRESH_S` seconds, so no quota call ever sits in the path of an
+email.  It reports the numbers for the worker's heartbeat and applies an
+operator's ``set_rate``, capped at the account's ``MaxSendRate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from mailroom.sender import ses
+from mailroom.sender.engine import Sender
+
+log = logging.getLogger("mailroom.sender")
+
+#: Seconds between two GetSendQuota calls.
+REFRESH_S = 300.0
+
+
+class QuotaWatch:
+    """The account's quota and the sender's rate, refreshed off the sending path."""
+
+    def __init__(self, sender: Sender) -> None:
+        self.sender = sender
+        self.quota: dict[str, float] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Read the quota now and then every :data:`REFRESH_S` s, in a daemon thread."""
+        if self.sender.client is None or isinstance(self.sender.client, ses.PrintingClient):
+            return  # debug mode: there is no account
+        self._thread = threading.Thread(target=self._loop, name="ses-quota", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            quota = ses.read_send_quota(self.sender.client)
+            if quota is not None:
+                self.quota = quota
+            if self._stop.wait(REFRESH_S):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def set_rate(self, per_second: float) -> float:
+        """Limit sending to ``per_second`` recipients/s, capped at the account's
+        MaxSendRate when it is known; return the limit applied."""
+        cap = (self.quota or {}).get("max_send_rate", 0.0)
+        applied = min(per_second, cap) if cap > 0 else per_second
+        bucket = self.sender.bucket
+        if bucket is not None:
+            bucket.set_rate(applied)
+        log.info("send rate limit set to %g recipients/s%s", applied,
+                 f" (asked {per_second:g}, capped at the SES quota)" if applied < per_second else "")
+        return applied
+
+    def stats(self) -> dict[str, Any]:
+        """The numbers for the heartbeat: the rate limit in force, the quota, the pause."""
+        quota = self.quota or {}
+        return {"rate_limit": self.sender.rate,
+                "ses": {"max_send_rate": quota.get("max_send_rate"),
+                        "max_24h_send": quota.get("max_24h_send"),
+                        "sent_last_24h": quota.get("sent_last_24h"),
+                        "paused": self.sender.paused}}

@@ -1,0 +1,350 @@
+"""The operator's side of the supervisor: control socket commands, events, metrics.
+
+:class:`Operator` sits beside the arbiter and the router in the supervisor's one
+loop.  It owns the :class:`~mailroom.control.server.ControlServer` and the
+:class:`~mailroom.control.metrics.MetricsServer` (both non-blocking, no thread),
+answers commands (status, batches, pause/resume, drain, set_rate, restart,
+shutdown), turns what the router and the arbiter see into events, and keeps the
+Prometheus numbers.  Numbers only a worker knows arrive in its heartbeats.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from mailroom import __version__, wire
+from mailroom.control.metrics import Metrics, MetricsServer
+from mailroom.control.server import ControlServer, Request, default_socket_path
+from mailroom.supervisor import messages as msg
+from mailroom.supervisor.router import COLLECTOR, SENDER, Batch
+from mailroom.vocabulary import Action, OutcomeKind, TokenOutcomes
+
+if TYPE_CHECKING:
+    from mailroom.supervisor.arbiter import Supervisor
+
+logger = logging.getLogger("mailroom.supervisor")
+
+#: Finished batches kept for ``batches`` / ``batch`` (the monitor's live table).
+RECENT_BATCHES = 500
+#: A batch held by "pause sending" goes back to the ledger once it has been
+#: claimed this share of the lease: it must never expire into a duplicate.
+HOLD_SHARE_OF_LEASE = 0.5
+TICK_EVERY = 1.0
+RATE_WINDOW_S = 10.0
+
+
+class Operator:
+    """Commands, events and metrics for one supervisor (see the module docstring)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+        self.settings = supervisor.settings
+        self.metrics = Metrics(impl=wire.IMPL)
+        self.control: ControlServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.claims_paused = False
+        self.recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.counters = collections.Counter[str]()
+        self.history: collections.deque[tuple[float, int, int]] = collections.deque()
+        self.drains: list[tuple[Request, float, float]] = []
+        self.started_at = time.monotonic()
+        self.ticked_at = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        """Open the control socket and the metrics listener (raises ControlSocketError)."""
+        s = self.settings
+        path = s.control_socket if s.control_socket not in (None, "") else None
+        path = default_socket_path({**os.environ, **({"MAILROOM_CONTROL_SOCKET": path} if path else {})},
+                                   s.queue_name)
+        if path is not None:
+            hello = {"version": __version__, "pid": os.getpid(), "queue": s.queue_name}
+            self.control = ControlServer(path, s.control_group, self.handle, self.snapshot, hello,
+                                         on_command=self.metrics.command)
+            self.control.start()
+        if s.metrics_addr:
+            self.metrics_server = MetricsServer(s.metrics_addr, self.metrics.render)
+            self.metrics_server.start()
+
+    def servers(self) -> list[Any]:
+        return [server for server in (self.control, self.metrics_server) if server is not None]
+
+    def readers(self) -> list[Any]:
+        return [sock for server in self.servers() for sock in server.readers()]
+
+    def writing(self) -> bool:
+        return any(server.writers() for server in self.servers())
+
+    def service(self, ready: list[Any]) -> None:
+        for server in self.servers():
+            server.service(ready, ready)
+
+    def detach(self) -> None:
+        """In a forked worker: drop the supervisor's sockets without touching files."""
+        for server in self.servers():
+            server.detach()
+
+    def close(self) -> None:
+        for server in self.servers():
+            server.close()
+
+    def publish(self, event: str, data: dict[str, Any]) -> None:
+        if self.control is not None:
+            self.control.publish(event, data)
+
+    # -- what the router and the arbiter see -----------------------------------------
+    def on_router_event(self, name: str, data: dict[str, Any]) -> None:
+        batch_id = str(data.get("batch"))
+        if name == "batch.claimed":
+            self._remember(batch_id, {**data, "state": "claimed", "claimed": time.time()})
+        elif name == "batch.dispatched" and batch_id in self.recent:
+            self.recent[batch_id]["state"] = "sending"
+            data = {**data, "state": "sending"}
+        elif name == "batch.done":
+            state = "done" if data["failed"] + data["retry"] == 0 else "failed" if data["sent"] == 0 else "partial"
+            data = {**data, "state": state}
+            self._remember(batch_id, {**self.recent.get(batch_id, {}), **data})
+            for key in ("sent", "failed", "retry", "skipped"):
+                self.counters[key] += int(data.get(key) or 0)
+            self.counters["batches"] += 1
+        self.publish(name, data)
+
+    def on_batch_finished(self, batch: Batch, outcomes: TokenOutcomes, seconds: float) -> None:
+        """Metrics, and what ``batch {id}`` shows later (the line, never a secret)."""
+        kinds = collections.Counter(outcome.kind for _, outcome in outcomes)
+        by_action: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Recovery rows come first in a claim (the ledger claims them first).
+        for index, (_, outcome) in enumerate(outcomes):
+            action = Action.RECOVERY if index < batch.recovery else Action.ACTIVATION
+            kind = {"emitted": "sent", "retry": "retried"}.get(outcome.kind, str(outcome.kind))
+            by_action[(action.db_name, kind)] += 1
+        self.metrics.batch_done(len(outcomes), kinds[OutcomeKind.SENT] + kinds[OutcomeKind.EMITTED],
+                                kinds[OutcomeKind.FAILED], kinds[OutcomeKind.RETRY], kinds[OutcomeKind.SKIPPED],
+                                seconds, batch.activation, batch.recovery, by_action=by_action)
+        entry = self.recent.get(batch.batch_id)
+        if entry is not None:
+            entry["_line"], entry["_outcomes"] = batch.line, outcomes
+
+    def on_worker(self, event: str, role: str, pid: int, **extra: Any) -> None:
+        if event == "worker.exited" and extra.get("restarting"):
+            self.metrics.worker_restarted(role)
+        self.publish(event, {"worker": role, "pid": pid, **extra})
+
+    def _remember(self, batch_id: str, entry: dict[str, Any]) -> None:
+        self.recent[batch_id] = entry
+        self.recent.move_to_end(batch_id)
+        while len(self.recent) > RECENT_BATCHES:
+            self.recent.popitem(last=False)
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.sup.stopping:
+            return "stopping"
+        if self.drains:
+            return "draining"
+        if self.sup.workers[SENDER].stats.get("ses", {}).get("paused"):
+            return "ses_paused"
+        if self.claims_paused or self.sup.router.holding:
+            return "paused"
+        return "running"
+
+    def _state_changed(self) -> None:
+        self.publish("state.changed", {"state": self.state, "paused": self._paused()})
+
+    def _paused(self) -> dict[str, bool]:
+        return {"claims": self.claims_paused, "sending": self.sup.router.holding}
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        workers = {}
+        for role, worker in self.sup.workers.items():
+            workers[role] = {"worker": role, "pid": worker.process.pid if worker.process else None,
+                             "up": worker.up, "state": "running" if worker.up else "down",
+                             "uptime_s": round(now - worker.started_at, 1) if worker.up else None,
+                             "restarts": worker.restarts, "last_heartbeat_s": round(now - worker.last_seen, 1),
+                             "rss_bytes": worker.stats.get("rss"), "rss": worker.stats.get("rss")}
+        collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
+        rows = sum(len(b.token_ids) for b in self.sup.router.batches.values())
+        return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
+                "workers": workers, "in_flight": {"batches": len(self.sup.router), "rows": rows},
+                "counters": dict(self.counters), "rates": self._rates(),
+                "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit")},
+                "queue": {"name": self.settings.queue_name, "depth": collector.get("queue_depth"),
+                          "oldest_queued_s": collector.get("oldest_queued_s")},
+                **self._tick_data()}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.status(), "batches": self._batches(None, RECENT_BATCHES)}
+
+    def _rates(self) -> dict[str, float]:
+        if len(self.history) < 2:
+            return {"sent_per_s": 0.0, "failed_per_s": 0.0}
+        (t0, s0, f0), (t1, s1, f1) = self.history[0], self.history[-1]
+        span = max(t1 - t0, 1e-3)
+        return {"sent_per_s": round((s1 - s0) / span, 2), "failed_per_s": round((f1 - f0) / span, 2)}
+
+    def _tick_data(self) -> dict[str, Any]:
+        collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
+        return {**self._rates(), "in_flight_batches": len(self.sup.router),
+                "queue_depth": collector.get("queue_depth"), "oldest_queued_s": collector.get("oldest_queued_s"),
+                "rate_limit": sender.get("rate_limit"), "ses": sender.get("ses", {})}
+
+    # -- the loop's turn -----------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Once a second: the tick event, gauges, drains that finished, held leases."""
+        self._answer_drains(now)
+        self._release_held()
+        if now - self.ticked_at < TICK_EVERY:
+            return
+        self.ticked_at = now
+        self.history.append((now, self.counters["sent"], self.counters["failed"]))
+        while self.history and now - self.history[0][0] > RATE_WINDOW_S:
+            self.history.popleft()
+        data = self._tick_data()
+        ses = data["ses"] or {}
+        oldest = data["oldest_queued_s"]
+        self.metrics.set_gauges(
+            in_flight=len(self.sup.router), queue_depth=data["queue_depth"],
+            oldest_queued_ts=(time.time() - oldest) if oldest is not None else 0.0,
+            send_rate_limit=data["rate_limit"], ses_max_send_rate=ses.get("max_send_rate"),
+            ses_sent_last_24h=ses.get("sent_last_24h"), ses_max_24h_send=ses.get("max_24h_send"),
+            paused={**self._paused(), "ses": bool(ses.get("paused"))},
+            worker_up={role: worker.up for role, worker in self.sup.workers.items()})
+        self.publish("tick", data)
+
+    def _answer_drains(self, now: float) -> None:
+        for entry in list(self.drains):
+            request, started, deadline = entry
+            if not len(self.sup.router):
+                request.reply({"drained": True, "waited_s": round(now - started, 3)})
+            elif now >= deadline:
+                request.fail("invalid_state", f"{len(self.sup.router)} batches still in flight after"
+                                              f" {deadline - started:g} s (claims stay paused)")
+            else:
+                continue
+            self.drains.remove(entry)
+            self._state_changed()
+
+    def _release_held(self) -> None:
+        router = self.sup.router
+        if not router.holding:
+            return
+        limit = self.settings.claim_timeout / 1000 * HOLD_SHARE_OF_LEASE
+        now = time.monotonic()
+        for batch in list(router.batches.values()):
+            if not batch.dispatched and now - batch.received_at >= limit:
+                logger.info("batch %s held for %.0f s while sending is paused: back to the queue"
+                            " before its lease runs out", batch.batch_id, now - batch.received_at)
+                router.release(batch.batch_id)
+
+    # -- commands --------------------------------------------------------------------------
+    def handle(self, request: Request) -> None:
+        """The control server's handler: every command but hello/subscribe."""
+        getattr(self, "cmd_" + request.cmd)(request, **request.args)
+
+    def cmd_status(self, request: Request) -> None:
+        request.reply(self.status())
+
+    def _batches(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        rows = [{k: v for k, v in entry.items() if not k.startswith("_")} for entry in self.recent.values()]
+        if state:
+            rows = [row for row in rows if row.get("state") == state]
+        return rows[-limit:]
+
+    def cmd_batches(self, request: Request, state: str | None = None, limit: int = 100) -> None:
+        request.reply({"batches": self._batches(state, limit)})
+
+    def cmd_batch(self, request: Request, id: str) -> None:  # noqa: A002 - the protocol's name
+        entry = self.recent.get(id)
+        if entry is None:
+            request.fail("not_found", f"no batch {id} among the latest {RECENT_BATCHES}")
+            return
+        line = entry.get("_line")
+        batch = self.sup.router.batches.get(id)
+        if line is None and batch is not None:
+            line = batch.line
+        outcomes: TokenOutcomes = entry.get("_outcomes") or []
+        destinations = []
+        if line is not None:
+            for index, row in enumerate(wire.decode_line(line)):  # address and action only: no secret
+                token, outcome = outcomes[index] if index < len(outcomes) else (None, None)
+                destinations.append({"address": row[1], "action": Action(row[0]).db_name, "token": token,
+                                     "status": str(outcome.kind) if outcome else entry.get("state"),
+                                     "message_id": outcome.message_id if outcome else None,
+                                     "error": outcome.error if outcome else None})
+        request.reply({**{k: v for k, v in entry.items() if not k.startswith("_")},
+                       "destinations": destinations})
+
+    def cmd_pause(self, request: Request, what: str) -> None:
+        if self.sup.stopping:
+            request.fail("invalid_state", "the supervisor is stopping")
+            return
+        changed = self.set_paused(what, True)
+        request.reply({"what": what, "changed": changed, "state": self.state})
+
+    def cmd_resume(self, request: Request, what: str) -> None:
+        if self.sup.stopping:
+            request.fail("invalid_state", "the supervisor is stopping")
+            return
+        changed = self.set_paused(what, False)
+        request.reply({"what": what, "changed": changed, "state": self.state})
+
+    def set_paused(self, what: str, paused: bool) -> bool:
+        """Pause or resume claims or sending; whether anything changed."""
+        if what == "claims":
+            if self.claims_paused == paused:
+                return False
+            self.claims_paused = paused
+            self.sup.send(COLLECTOR, msg.SetClaiming(not paused))
+        else:
+            router = self.sup.router
+            if router.holding == paused:
+                return False
+            router.holding = paused
+            if not paused:
+                router.dispatch_all()
+        logger.info("%s %s", "paused" if paused else "resumed", what)
+        self._state_changed()
+        return True
+
+    def cmd_drain(self, request: Request, timeout_s: float = 300.0) -> None:
+        if self.sup.stopping:
+            request.fail("invalid_state", "the supervisor is stopping")
+            return
+        self.set_paused("claims", True)
+        now = time.monotonic()
+        self.drains.append((request, now, now + timeout_s))
+        self._state_changed()
+        self._answer_drains(now)
+
+    def cmd_set_rate(self, request: Request, per_second: float) -> None:
+        if not self.sup.send(SENDER, msg.SetRate(per_second)):
+            request.fail("invalid_state", "the sender is not running")
+            return
+        cap = (self.sup.workers[SENDER].stats.get("ses") or {}).get("max_send_rate") or 0
+        applied = min(per_second, cap) if cap > 0 else per_second
+        request.reply({"per_second": applied, "requested": per_second, "capped": applied < per_second})
+
+    def cmd_restart(self, request: Request, worker: str) -> None:
+        if self.sup.stopping:
+            request.fail("invalid_state", "the supervisor is stopping")
+            return
+        self.sup.request_restart(worker)
+        request.reply({"worker": worker, "restarting": True})
+
+    def cmd_shutdown(self, request: Request, mode: str = "graceful") -> None:
+        request.reply({"mode": mode})
+        if mode == "now":
+            self.sup.handle_quit()
+        elif not self.sup.stopping:
+            self.sup.handle_term()
+
+    def on_collector_started(self) -> None:
+        """A new collector claims only if claims are not paused."""
+        if self.claims_paused:
+            self.sup.send(COLLECTOR, msg.SetClaiming(False))
