@@ -52,6 +52,7 @@ def environment(url: str, ses_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_") or k == "MAILROOM_IMPL"}
     env.update(AWS_ENV, MAILROOM_DATABASE_URL=url, MAILROOM_SECRET_KEY=SECRET_KEY_HEX,
                MAILROOM_SES_ENDPOINT_URL=ses_url, MAILROOM_SES_SOURCE=SOURCE, MAILROOM_LOG_LEVEL="WARNING",
+               MAILROOM_CONTROL_SOCKET="off",
                MAILROOM_SES_OUTPUT_PATH=tempfile.mkdtemp(prefix="mailroom-output-"))
     env.update({f"MAILROOM_{k.upper()}": v for k, v in extra.items()})
     return env

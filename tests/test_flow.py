@@ -46,7 +46,7 @@ def insert_one_by_one(url: str, n: int, prefix: str) -> None:
 
 
 def test_adaptive_sends_a_lone_account_at_once(db, base_env, stub, started):
-    env = supervisor_env(base_env, db, stub.url, batch_timeout=10_000, batch_limit=10)
+    env = supervisor_env(base_env, db, stub.url, control_socket="off", batch_timeout=10_000, batch_limit=10)
     sup = start_supervisor(started, env, db)
     start = time.monotonic()
     insert_accounts(db, 1, "quiet")
@@ -59,7 +59,8 @@ def test_adaptive_sends_a_lone_account_at_once(db, base_env, stub, started):
 
 
 def test_fixed_mode_still_waits_for_the_timeout(db, base_env, stub, started):
-    env = supervisor_env(base_env, db, stub.url, batch_timeout=3_000, batch_limit=10, batch_mode="fixed")
+    env = supervisor_env(base_env, db, stub.url, control_socket="off", batch_timeout=3_000, batch_limit=10,
+                         batch_mode="fixed")
     sup = start_supervisor(started, env, db)
     start = time.monotonic()
     insert_accounts(db, 1, "patient")
@@ -77,7 +78,7 @@ def test_fixed_mode_still_waits_for_the_timeout(db, base_env, stub, started):
 
 
 def test_adaptive_collects_while_a_batch_is_in_flight(db, base_env, stub, started):
-    env = supervisor_env(base_env, db, stub.url, batch_timeout=2_000, batch_limit=10)
+    env = supervisor_env(base_env, db, stub.url, control_socket="off", batch_timeout=2_000, batch_limit=10)
     sup = start_supervisor(started, env, db)
     stub.gate.clear()                                    # SES holds every call
     insert_accounts(db, 1, "first")
@@ -138,7 +139,7 @@ def test_a_backlog_goes_out_in_full_calls_exactly_once(db, base_env, stub, start
     stub.default = success(delay=0.06)
     stub.quota_rate = 1000.0
     insert_accounts(db, 600, "backlog")
-    env = supervisor_env(base_env, db, stub.url, batch_limit=10)
+    env = supervisor_env(base_env, db, stub.url, control_socket="off", batch_limit=10)
     del env["MAILROOM_SES_MAX_SEND_RATE"]               # the stub's quota: 1000/s
     sup = SupervisorProcess(env)
     started.append(sup)
@@ -147,4 +148,5 @@ def test_a_backlog_goes_out_in_full_calls_exactly_once(db, base_env, stub, start
     addresses = [a for r in stub.bulk for a in r.addresses]
     assert len(addresses) == len(set(addresses)) == 600
     sizes = [len(r.addresses) for r in stub.bulk]
-    assert max(sizes) == 50 and sum(sizes) / len(sizes) >= 30, sizes
+    # Batches of 10 made calls of 10 before; the first calls go before the window opens.
+    assert max(sizes) == 50 and sum(sizes) / len(sizes) >= 20, sizes
