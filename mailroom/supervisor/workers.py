@@ -281,10 +281,14 @@ class _PipeOutcomes:
     def tick(self) -> None:
         now = time.monotonic()
         window = self.window()
-        if now - self.last_beat >= msg.HEARTBEAT_INTERVAL or window != self.last_window:
+        beat = now - self.last_beat >= msg.HEARTBEAT_INTERVAL
+        if beat:
             self.last_beat = now
-            self.last_window = window
             self.post(msg.Heartbeat({**self.stats(), "rss": rss_bytes()}))
+        # At once when it changes, and with every heartbeat for a collector that
+        # started since (the supervisor forwards it, it does not keep it).
+        if beat or window != self.last_window:
+            self.last_window = window
             self.post(msg.Window(window))
 
     def stopping(self, stop: Any) -> None:
