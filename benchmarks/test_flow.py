@@ -22,24 +22,20 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
+from collector_util import backend_pids, insert_accounts, wait_for
 from conftest import measure
+from pgutil import SECRET_KEY_HEX, create_database, drop_database
+from ses_emulator import AWS_ENV, SOURCE, received, stub_process
+from supervisor_util import SupervisorProcess
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from collector_util import backend_pids, insert_accounts, wait_for  # noqa: E402
-from pgutil import SECRET_KEY_HEX, create_database, drop_database  # noqa: E402
-from ses_emulator import AWS_ENV, SOURCE, received, stub_process  # noqa: E402
-from supervisor_util import SupervisorProcess  # noqa: E402
-
-from mailroom.ledger import migrate  # noqa: E402
+from mailroom.ledger import migrate
 
 #: Reported by the instant endpoint: a production account's order of magnitude.
 LATENCY_QUOTA = 1_000.0

@@ -1,11 +1,14 @@
-"""The hot path: sign + encode a 1,000-row batch, and decode that line.
+"""The hot path: sign + encode 1,000-row batches, and decode such a line.
 
 Run from the project root, after ``python setup.py build_ext --inplace``::
 
     python -m pytest benchmarks/test_hotpath.py --benchmark-only
 
-Both implementations run in the same session; the summary at the end gives rows/s
-and the compiled/pure ratio (target: compiled >= 3,000,000 rows/s, >= 15x pure).
+Each sign+encode round is preceded, untimed by pytest-benchmark, by a round of the
+SHA-256 floor for the same rows (two compressions per row: the part of HMAC no
+implementation can skip), timed on its own.  Targets: the compiled implementation
+reaches a share of that floor, and >= 15x the pure-Python twin, comparing the two
+implementations by their shares so that load differing between the tests cancels.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import record
+from conftest import Rounds, record, record_rate, timed
+from floors import sha256_floor
 
 ROWS = 1000
 KEY = bytes.fromhex("deadbeef" * 8)
@@ -49,12 +53,41 @@ def _name(impl) -> str:
     return "python" if impl.__name__.endswith("_py") else "c"
 
 
+#: Batches per timed round: a round of the compiled path lasts about a millisecond,
+#: long enough for the clock, short enough for many rounds.  The pure-Python twin is
+#: ~20x slower: one batch a round.
+BATCHES = {"c": 10, "python": 1}
+ROUNDS = {"c": 200, "python": 100}
+#: The floor round hashes for as many rows times this, so that it lasts about as long
+#: as the round it precedes: load that comes and goes then hits both sides alike.
+FLOOR_REPEAT = {"c": 2, "python": 50}
+
+
 def test_sign_encode(benchmark, impl, rows):
-    benchmark.group = f"sign+encode {ROWS} rows"
+    name = _name(impl)
+    benchmark.group = f"sign+encode {ROWS}-row batches"
     signer = impl.Signer(KEY)
-    line = benchmark(signer.encode_batch, rows)
+    count = BATCHES[name] * ROWS
+    floor = Rounds()
+
+    def setup():
+        timed(floor, sha256_floor, count * FLOOR_REPEAT[name])
+        return (), {}
+
+    def run():
+        for _ in range(BATCHES[name]):
+            line = signer.encode_batch(rows)
+        return line
+
+    line = benchmark.pedantic(run, setup=setup, rounds=ROUNDS[name], warmup_rounds=2)
     assert line.endswith(b"\n") and len(impl.decode_line(line)) == ROWS
-    record(benchmark, "sign+encode", _name(impl), ROWS)
+    rate = record(benchmark, "sign+encode", name, count)
+    if rate is not None:
+        floor_rate = floor.rate(count * FLOOR_REPEAT[name])
+        benchmark.extra_info.update(sha256_floor_rows_per_s=round(floor_rate),
+                                    share_of_sha256_floor=round(rate / floor_rate, 3))
+        record_rate("sign+encode", f"{name}: sha256 floor", floor_rate)
+        record_rate("sign+encode share", name, rate / floor_rate, "ratio")
 
 
 def test_decode(benchmark, impl, rows):

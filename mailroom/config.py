@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -67,6 +68,9 @@ class Settings:
     control_socket: str | None = None   # None: the default path; "off": no socket
     control_group: str | None = None
     metrics_addr: str | None = None     # "host:port"; None: no metrics listener
+    ses_output_max_files: int = 1_000
+    ses_output_max_bytes: int = 100 * 1024 * 1024
+    send_retry_backoff: int = 30_000
 
 
 def _text(raw: str) -> str:
@@ -91,6 +95,102 @@ def _positive_int(raw: str) -> int:
     if value <= 0:
         raise ValueError(f"must be greater than zero, got {value}")
     return value
+
+
+def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
+    """``auto`` (None: the program decides) or what ``parse`` accepts."""
+
+    def parse_auto(raw: str) -> int | None:
+        if raw.strip().lower() == "auto":
+            return None
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (or auto)") from None
+
+    return parse_auto
+
+
+def _batch_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in {"adaptive", "fixed"}:
+        raise ValueError(f"expected adaptive or fixed, got {raw!r}")
+    return mode
+
+
+def _bounded_int(highest: int) -> Callable[[str], int]:
+    """A positive whole number of at most ``highest``.
+
+    Every number has a ceiling: past it PostgreSQL (LIMIT, int4 columns,
+    intervals), ``select()`` or the thread count would refuse it later, inside
+    a worker, and the supervisor would restart that worker in a loop instead of
+    stopping with one line naming the variable.
+    """
+
+    def parse(raw: str) -> int:
+        value = _positive_int(raw)
+        if value > highest:
+            raise ValueError(f"must be at most {highest}, got {value}")
+        return value
+
+    return parse
+
+
+def _bounded_float(highest: float) -> Callable[[str], float]:
+    """A positive finite number of at most ``highest`` (see :func:`_bounded_int`)."""
+
+    def parse(raw: str) -> float:
+        value = _positive_float(raw)
+        if value > highest:
+            raise ValueError(f"must be at most {highest:g}, got {raw.strip()}")
+        return value
+
+    return parse
+
+
+_DAY_MS = 86_400_000
+
+_URI_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@?#:]*:([^/@?#]*)@")
+_KEYWORD_PASSWORD = re.compile(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def redact(text: str, database_url: str) -> str:
+    """``text`` with the password of ``database_url`` replaced by ``***``.
+
+    libpq and psycopg quote the whole connection string in some of their errors
+    (a malformed URI); those messages are printed, so the password goes first.
+    """
+    secrets = [m.group(1) for m in (_URI_PASSWORD.match(database_url.strip()),
+                                    _KEYWORD_PASSWORD.search(database_url)) if m]
+    for secret in secrets:
+        bare = secret.strip("'")
+        for candidate in {secret, bare}:
+            if candidate:
+                text = text.replace(candidate, "***")
+    return text
+
+
+def _database_url(raw: str) -> str:
+    # Only what a worker would otherwise trip over in a restart loop: the port.
+    # The rest is libpq's to judge (it does, on the first connect, and the
+    # worker turns that into exit 2); no psycopg here, the supervisor imports this.
+    text = _text(raw).strip()
+    ports: list[str] = []
+    if "://" in text:
+        netloc = text.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+        for host in netloc.rsplit("@", 1)[-1].split(","):
+            host = host.rsplit("]", 1)[-1]
+            if ":" in host:
+                ports.append(host.rsplit(":", 1)[1])
+        query = text.split("?", 1)[1] if "?" in text else ""
+        ports += [part[5:] for part in query.split("&") if part.startswith("port=")]
+    else:
+        ports += [m.group(1).strip("'") for m in re.finditer(r"\bport\s*=\s*('[^']*'|\S+)", text)]
+    for listed in ports:
+        for port in listed.split(","):
+            if port and (not port.isdigit() or not port.isascii() or not 1 <= int(port) <= 65535):
+                raise ValueError(f"port must be 1 to 65535, got {redact(port, text)!r}")
+    return raw
 
 
 def _positive_float(raw: str) -> float:
@@ -132,22 +232,6 @@ def _impl(raw: str) -> str:
     if choice not in {"", "c", "python"}:
         raise ValueError(f"expected c, python or empty (automatic), got {raw!r}")
     return choice
-
-
-def _auto_or_positive_int(raw: str) -> int | None:
-    if raw.strip().lower() == "auto":
-        return None
-    try:
-        return _positive_int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{exc} or auto") from None
-
-
-def _batch_mode(raw: str) -> str:
-    mode = raw.strip().lower()
-    if mode not in {"adaptive", "fixed"}:
-        raise ValueError(f"expected adaptive or fixed, got {raw!r}")
-    return mode
 
 
 def _log_level(raw: str) -> str:
@@ -207,15 +291,15 @@ def _host_port(raw: str) -> str | None:
 
 # field name -> (environment variable, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "database_url": ("MAILROOM_DATABASE_URL", _text),
+    "database_url": ("MAILROOM_DATABASE_URL", _database_url),
     "secret_key": ("MAILROOM_SECRET_KEY", _secret_key),
     "channel_name": ("MAILROOM_CHANNEL_NAME", _identifier),
     "queue_name": ("MAILROOM_QUEUE_NAME", _text),
-    "healthcheck_interval": ("MAILROOM_HEALTHCHECK_INTERVAL", _positive_int),
-    "batch_timeout": ("MAILROOM_BATCH_TIMEOUT", _positive_int),
-    "batch_limit": ("MAILROOM_BATCH_LIMIT", _positive_int),
+    "healthcheck_interval": ("MAILROOM_HEALTHCHECK_INTERVAL", _bounded_int(_DAY_MS)),
+    "batch_timeout": ("MAILROOM_BATCH_TIMEOUT", _bounded_int(3_600_000)),
+    "batch_limit": ("MAILROOM_BATCH_LIMIT", _bounded_int(100_000)),
     "batch_mode": ("MAILROOM_BATCH_MODE", _batch_mode),
-    "claim_timeout": ("MAILROOM_CLAIM_TIMEOUT", _positive_int),
+    "claim_timeout": ("MAILROOM_CLAIM_TIMEOUT", _bounded_int(7 * _DAY_MS)),
     "debug": ("MAILROOM_DEBUG", _boolean),
     "ses_config_set": ("MAILROOM_SES_CONFIG_SET", _text),
     "ses_source": ("MAILROOM_SES_SOURCE", _text),
@@ -223,12 +307,15 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ses_endpoint_url": ("MAILROOM_SES_ENDPOINT_URL", _text),
     "ses_template_activation": ("MAILROOM_SES_TEMPLATE_ACTIVATION", _text),
     "ses_template_recovery": ("MAILROOM_SES_TEMPLATE_RECOVERY", _text),
-    "ses_concurrency": ("MAILROOM_SES_CONCURRENCY", _auto_or_positive_int),
-    "ses_max_send_rate": ("MAILROOM_SES_MAX_SEND_RATE", _positive_float),
-    "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _positive_int),
-    "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _auto_or_positive_int),
-    "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _positive_int),
-    "worker_timeout": ("MAILROOM_WORKER_TIMEOUT", _positive_int),
+    "ses_concurrency": ("MAILROOM_SES_CONCURRENCY", _auto_or(_bounded_int(64))),
+    "ses_max_send_rate": ("MAILROOM_SES_MAX_SEND_RATE", _bounded_float(1_000_000.0)),
+    "ses_output_max_files": ("MAILROOM_SES_OUTPUT_MAX_FILES", _bounded_int(1_000_000)),
+    "ses_output_max_bytes": ("MAILROOM_SES_OUTPUT_MAX_BYTES", _bounded_int(2**50)),
+    "send_retry_backoff": ("MAILROOM_SEND_RETRY_BACKOFF", _bounded_int(_DAY_MS)),
+    "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _bounded_int(1_000)),
+    "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _auto_or(_bounded_int(1_000))),
+    "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _bounded_int(_DAY_MS)),
+    "worker_timeout": ("MAILROOM_WORKER_TIMEOUT", _bounded_int(_DAY_MS)),
     "log_level": ("MAILROOM_LOG_LEVEL", _log_level),
     "control_socket": ("MAILROOM_CONTROL_SOCKET", _control_socket),
     "control_group": ("MAILROOM_CONTROL_GROUP", _group),
@@ -256,7 +343,10 @@ def load(environ: Mapping[str, str], require: Collection[str] = ()) -> Settings:
         try:
             values[field] = parse(raw)
         except ValueError as exc:
-            raise ConfigError(variable, str(exc)) from None
+            problem = str(exc)
+            if field == DATABASE:
+                problem = redact(problem, raw)
+            raise ConfigError(variable, problem) from None
     settings = Settings(**values)
     if settings.healthcheck_interval < settings.batch_timeout:
         raise ConfigError(

@@ -9,6 +9,8 @@ without seeing each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pgserver
@@ -40,12 +42,20 @@ def fresh_db() -> Iterator[str]:
 
 
 @pytest.fixture
-def base_env() -> dict[str, str]:
-    """Environment for a mailroom subprocess: the caller's, minus MAILROOM_* settings."""
+def base_env() -> Iterator[dict[str, str]]:
+    """Environment for a mailroom subprocess: the caller's, minus MAILROOM_* settings.
+
+    Each test gets a control socket of its own: supervisors of parallel tests
+    serve the same queue, and the default path is one per queue and user (a
+    second supervisor there exits 2, as it should on a real host).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_") or k == "MAILROOM_IMPL"}
     env["MAILROOM_SECRET_KEY"] = SECRET_KEY_HEX
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    where = tempfile.mkdtemp(prefix="mailroom-ctl-")
+    env["MAILROOM_CONTROL_SOCKET"] = os.path.join(where, "control.sock")
+    yield env
+    shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture

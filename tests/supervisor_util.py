@@ -60,7 +60,9 @@ def supervisor_env(base: dict[str, str], url: str, ses_url: str, **extra) -> dic
                MAILROOM_SES_SOURCE=SOURCE, MAILROOM_BATCH_TIMEOUT="100",
                # moto's GetSendQuota says 1 recipient/s: the tests are not about the rate.
                MAILROOM_SES_MAX_SEND_RATE="100000",
-               MAILROOM_SES_OUTPUT_PATH=tempfile.mkdtemp(prefix="mailroom-output-"))
+               MAILROOM_SES_OUTPUT_PATH=tempfile.mkdtemp(prefix="mailroom-output-"),
+               # Each supervisor its own socket: tests run side by side (xdist).
+               MAILROOM_CONTROL_SOCKET=os.path.join(tempfile.mkdtemp(prefix="mr-"), "c.sock"))
     env.update({f"MAILROOM_{k.upper()}": str(v) for k, v in extra.items()})
     return env
 

@@ -286,7 +286,7 @@ def test_outcomes_of_each_kind(conn: psycopg.Connection) -> None:
     # Out of attempts: a retry becomes a failure.
     ledger.record_outcomes(conn, Q, [(3, Outcome("retry", None, "Throttling", 1.0))], max_attempts=2)
     assert rows_of(conn, "SELECT status::text, last_error FROM deliveries WHERE token = 3") == [
-        ("failed", "giving up after 2 attempts: Throttling")]
+        ("failed", "giving up after 2 attempts (MAILROOM_SEND_MAX_ATTEMPTS): Throttling")]
     with pytest.raises(ValueError):
         ledger.record_outcomes(conn, Q, [(4, Outcome("bounced", None, None, None))])
     assert ledger.record_outcomes(conn, Q, []) == 0

@@ -107,10 +107,11 @@ def test_drain_returns_when_nothing_is_in_flight(operated, db, stub):
 
 
 def test_set_rate_holds_the_measured_rate(operated, db, stub):
-    sup, ctl = operated(ses_max_send_rate="10000", batch_limit="5")
+    # Enough claimed ahead that the sender, not the collector, sets the pace.
+    sup, ctl = operated(ses_max_send_rate="10000", batch_limit="5", max_in_flight="16")
     assert ctl.request("set_rate", per_second=50)["per_second"] == 50
-    insert_accounts(db, 250, "r")
-    wait_for(lambda: ledger(db).get("sent") == 250, timeout=60, what="250 sent")
+    insert_accounts(db, 300, "r")
+    wait_for(lambda: ledger(db).get("sent") == 300, timeout=60, what="300 sent")
     # The bucket allows a burst of one second's worth after an idle spell (its
     # documented behaviour, and the pipeline idles once while it fills): measure
     # the steady rate, from 1.5 s after the first call.
@@ -259,3 +260,20 @@ def test_a_viewer_cannot_change_state(operated, db, stub):
         ctl.request("batch", id="nope")
     assert sup.stop() == 0
     shutil.rmtree(where, ignore_errors=True)
+
+
+def test_the_supervisor_joins_the_fleet_and_leaves_it_at_a_clean_exit(operated, db, stub):
+    import psycopg
+
+    from mailroom.ledger import fleet
+
+    sup, ctl = operated()
+
+    def members() -> list[dict]:
+        with psycopg.connect(db, autocommit=True) as conn:
+            return fleet.consumers(conn, "mailroom")
+
+    wait_for(lambda: [m["pid"] for m in members()] == [sup.proc.pid], what="this supervisor in the fleet")
+    assert members()[0]["host"] == socket.gethostname() and not members()[0]["stale"]
+    assert sup.stop() == 0
+    assert members() == []

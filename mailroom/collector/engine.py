@@ -39,6 +39,8 @@ MIN_RETRY_WAIT = 0.02
 #: Expired leases are looked for at most this often (seconds), and whenever
 #: one is due (``next_due_in`` reports lease expiries too).
 REQUEUE_EVERY = 1.0
+#: Wait after a statement gave up on a lock (our lock_timeout), before retrying.
+LOCK_RETRY_WAIT = 1.0
 
 
 class BatchSink(Protocol):
@@ -107,7 +109,9 @@ class Collector:
                 )
                 try:
                     ledger.check_schema(conn)
+                    ledger.check_queue(conn, self.settings.queue_name)
                     ledger.configure_session(conn)
+                    self._set_timeouts(conn)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.settings.channel_name)))
                 except BaseException:
                     conn.close()
@@ -117,13 +121,28 @@ class Collector:
                 return conn
             except psycopg.ProgrammingError as exc:
                 # A malformed connection string: no retry can fix it.
-                raise config.ConfigError("MAILROOM_DATABASE_URL", one_line(exc)) from None
+                message = config.redact(one_line(exc), self.settings.database_url)
+                raise config.ConfigError("MAILROOM_DATABASE_URL", message) from None
             except psycopg.OperationalError as exc:
                 delay = next(delays)
                 log.warning("connection failed (attempt %d): %s; retrying in %.1fs",
-                            attempt, one_line(exc), delay)
+                            attempt, config.redact(one_line(exc), self.settings.database_url), delay)
                 if self._sleep(delay):
                     raise _Stopped() from None
+
+    def _set_timeouts(self, conn: psycopg.Connection) -> None:
+        """Bound every statement below the supervisor's watchdog.
+
+        The collector is one thread: while a statement waits (an operator's
+        transaction holding queue rows, a lock behind a long migration) it sends
+        no heartbeat, and the watchdog would kill it, outcomes and all.  A lock
+        wait gives up at a third of ``MAILROOM_WORKER_TIMEOUT`` and any statement
+        at half of it; :meth:`run` logs that and tries again, heartbeating meanwhile.
+        """
+        watchdog = self.settings.worker_timeout
+        # One round trip: connecting is the window a terminated backend hits.
+        conn.execute(f"SET lock_timeout = {max(1, watchdog // 3)};"
+                     f" SET statement_timeout = {max(1, watchdog // 2)}")
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on the wake-up fd; return True if asked to stop."""
@@ -221,6 +240,17 @@ class Collector:
                         self.sink.service(conn)
                         self.drain()
                     self._listen_loop()
+                except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as exc:
+                    if self.conn is None or self.conn.broken:
+                        log.warning("database connection lost: %s", one_line(exc))
+                        self._close()
+                        continue
+                    # Our own lock_timeout / statement_timeout: the connection is
+                    # fine, the rows were held; what was not applied is kept.
+                    log.warning("a statement gave up waiting (%s); trying again in %.1f s",
+                                one_line(exc), LOCK_RETRY_WAIT)
+                    if self._sleep(LOCK_RETRY_WAIT):
+                        break
                 except psycopg.OperationalError as exc:
                     log.warning("database connection lost: %s", one_line(exc))
                     self._close()

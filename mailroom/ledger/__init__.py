@@ -17,6 +17,7 @@ from mailroom.ledger.operations import (
     Outcome,
     Row,
     SchemaError,
+    check_queue,
     check_schema,
     claim,
     configure_session,
@@ -25,12 +26,13 @@ from mailroom.ledger.operations import (
     queue_stats,
     record_outcomes,
     release,
+    renew,
     requeue_expired,
     status,
 )
 
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
-    "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in", "queue_stats",
-    "record_outcomes", "release", "requeue_expired", "status",
+    "check_queue", "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
+    "queue_stats", "record_outcomes", "release", "renew", "requeue_expired", "status",
 ]

@@ -98,8 +98,8 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
     except operations.SchemaError as exc:
         print(f"mailroom: {exc}", file=sys.stderr)
         return config.EXIT_SCHEMA
-    except psycopg.OperationalError as exc:
-        print(f"mailroom: database: {one_line(exc)}", file=sys.stderr)
+    except psycopg.Error as exc:
+        print(f"mailroom: database: {config.redact(one_line(exc), settings.database_url)}", file=sys.stderr)
         return config.EXIT_FAILURE
     verb = {"retry": ("would queue again", "queued again"), "skip": ("would skip", "skipped")}[name]
     if args.json:

@@ -34,6 +34,7 @@ from pathlib import Path
 import psycopg
 
 from mailroom._process import one_line
+from mailroom.config import redact
 
 __all__ = [
     "DirtyError", "Migration", "MigrationError", "available", "current_version",
@@ -391,9 +392,10 @@ def main(argv: list[str], database_url: str) -> int:
             for migration in pending:
                 say(f"pending {migration.label}")
     except MigrationError as exc:
-        print(f"mailroom: {exc}", file=sys.stderr)
+        print(f"mailroom: {redact(str(exc), database_url)}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:
-        print(f"mailroom: database error: {one_line(str(exc))}", file=sys.stderr)
+        message = redact(one_line(str(exc)), database_url)
+        print(f"mailroom: database error: {message}", file=sys.stderr)
         return 1
     return 0

@@ -72,12 +72,12 @@ from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind, Row
 
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
-    "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
-    "record_outcomes", "release", "requeue_expired", "status",
+    "check_queue", "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
+    "record_outcomes", "release", "renew", "requeue_expired", "status",
 ]
 
 #: The schema version (``schema_migrations``) this module's SQL needs.
-REQUIRED_VERSION = 1
+REQUIRED_VERSION = 2  # 2: the consumers table (the fleet)
 
 #: Every ``delivery_status``, in lifecycle order.
 STATUSES = tuple(status.value for status in DeliveryStatus)
@@ -187,16 +187,40 @@ def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
                   {"queue": queue, "lease_ms": lease_ms, "max": max_attempts})
 
 
+def renew(conn: psycopg.Connection[Any], queue: str,
+          claims: Iterable[tuple[Sequence[int], dt.datetime | None]]) -> int:
+    """Extend the lease of every row of ``claims`` still claimed by that claim.
+
+    ``claims`` pairs each in-flight batch's token ids with its
+    ``Claim.claimed_at``.  One statement for all of them, however many batches:
+    the lease (``delivery_queue.claimed_at``) restarts now, the claim's identity
+    (``deliveries.claimed_at``) stays, so outcomes still match; see
+    ``ledger_sql.RENEW``.  Returns how many leases were renewed.
+    """
+    tokens: list[int] = []
+    stamps: list[dt.datetime] = []
+    for token_ids, claimed_at in claims:
+        if claimed_at is None:
+            continue
+        tokens.extend(token_ids)
+        stamps.extend([claimed_at] * len(token_ids))
+    if not tokens:
+        return 0
+    return _count(conn, ledger_sql.RENEW, {"queue": queue, "tokens": tokens, "claimed_at": stamps})
+
+
 def record_outcomes(conn: psycopg.Connection[Any], queue: str,
                     outcomes: Iterable[tuple[int, Outcome]], *,
                     claimed_at: dt.datetime | None = None,
-                    max_attempts: int | None = None) -> int:
+                    max_attempts: int | None = None, backoff_ms: int = 30_000) -> int:
     """Write what SES said about claimed rows, in one statement for the batch.
 
     ``outcomes`` pairs each token id with its :class:`Outcome`: ``sent`` stores
     the MessageId, ``emitted`` (debug mode) marks it printed, ``failed`` stores
     the error, ``retry`` queues the row again ``retry_after`` seconds from now
-    (``failed`` instead once it has been claimed ``max_attempts`` times).  Pass the batch's
+    (``failed`` instead once it has been claimed ``max_attempts`` times); a
+    retry without ``retry_after`` waits ``backoff_ms`` doubling with the row's
+    ledger attempts, capped at 120 times ``backoff_ms``.  Pass the batch's
     ``Claim.claimed_at`` so that failures and retries only change that claim
     (see the comment on ``ledger_sql.RECORD`` for what a stale outcome may change).
     Returns how many rows changed; stale or duplicate outcomes change nothing.
@@ -218,7 +242,7 @@ def record_outcomes(conn: psycopg.Connection[Any], queue: str,
         return 0
     return _count(conn, ledger_sql.RECORD, dict(
         queue=queue, tokens=tokens, kinds=kinds, message_ids=message_ids, errors=errors,
-        retry_after=retry_after, claimed_at=claimed_at,
+        retry_after=retry_after, claimed_at=claimed_at, backoff_ms=backoff_ms,
         max=max_attempts if max_attempts is not None else 2**31 - 1))
 
 
@@ -346,6 +370,18 @@ def check_schema(conn: psycopg.Connection[Any]) -> None:
             f"the database schema is at version {version}, this mailroom needs "
             f"{REQUIRED_VERSION}: run `mailroom migrate up`"
         )
+
+
+def check_queue(conn: psycopg.Connection[Any], queue: str) -> None:
+    """Raise :class:`SchemaError` unless ``queue`` is a ``jobs.job_type`` with its row.
+
+    Compared as text: casting an unknown name to the ``job_type`` enum would be an
+    error in every claim, and the worker would be restarted in a loop."""
+    row = conn.execute("SELECT EXISTS (SELECT FROM jobs WHERE job_type::text = %s)",
+                       (queue,)).fetchone()
+    if not row or not row[0]:
+        raise SchemaError(f"MAILROOM_QUEUE_NAME: queue {queue!r} is not in jobs"
+                          " (add it to the job_type type and the jobs table, or fix the name)")
 
 
 def configure_session(conn: psycopg.Connection[Any]) -> None:

@@ -53,8 +53,9 @@ def main(settings: Settings, as_json: bool = False, out: TextIO = sys.stdout) ->
     except ledger.SchemaError as exc:
         print(f"mailroom: {exc}", file=sys.stderr)
         return config.EXIT_SCHEMA
-    except psycopg.OperationalError as exc:
-        print(f"mailroom: cannot connect to the database: {one_line(exc)}", file=sys.stderr)
+    except psycopg.Error as exc:  # ProgrammingError too: a URL libpq cannot parse
+        message = config.redact(one_line(exc), settings.database_url)
+        print(f"mailroom: cannot connect to the database: {message}", file=sys.stderr)
         return config.EXIT_FAILURE
     print(json.dumps(shaped) if as_json else render(shaped), file=out)
     return config.EXIT_OK

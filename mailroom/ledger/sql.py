@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 
-__all__ = ["RECORD", "REQUEUE_EXPIRED", "claim_sql", "move_claimed_sql"]
+__all__ = ["RECORD", "RENEW", "REQUEUE_EXPIRED", "claim_sql", "move_claimed_sql"]
 
 # The claim, one statement: atomic, one round trip.  Each step is bounded by
 # the rows picked whatever the statistics say (they lag behind bursts, and the
@@ -374,11 +374,17 @@ changed AS (
            message_id = CASE WHEN o.kind = 'sent' THEN o.message_id ELSE d.message_id END,
            last_error = CASE WHEN o.kind IN ('sent', 'emitted') THEN d.last_error
                              WHEN o.kind = 'retry' AND d.attempts >= %(max)s
-                             THEN format('giving up after %%s attempts: %%s', d.attempts, o.error)
+                             THEN format('giving up after %%s attempts (MAILROOM_SEND_MAX_ATTEMPTS):'
+                                         ' %%s', d.attempts, o.error)
                              ELSE o.error END,
+           -- A retry without its own delay waits by the ledger's count of
+           -- attempts: backoff_ms doubling per attempt, capped at 120 times it,
+           -- so retries span an outage of minutes, not the seconds of one process.
            next_attempt_at = CASE WHEN o.kind <> 'retry' THEN d.next_attempt_at
                                   ELSE statement_timestamp()
-                                       + COALESCE(o.retry_after, 0) * interval '1 second' END
+                                       + COALESCE(o.retry_after * 1000,
+                                                  LEAST(120, power(2, LEAST(GREATEST(d.attempts, 1), 31) - 1))
+                                                  * %(backoff_ms)s) * interval '1 ms' END
       FROM unnest(%(tokens)s::bigint[], %(kinds)s::text[], %(message_ids)s::text[],
                   %(errors)s::text[], %(retry_after)s::float8[])
            AS o (token, kind, message_id, error, retry_after)
@@ -462,6 +468,41 @@ changed AS (
 ),
 {_REQUEUE},
 {_CLOSE}
+"""
+
+
+#: Renew the leases of claims still in flight: one statement for all of them.
+#: The lease is ``delivery_queue.claimed_at`` (what requeue_expired and
+#: next_due_in read); the claim's identity is ``deliveries.claimed_at`` (what
+#: outcomes match), a different column, left alone, so a renewed claim's late
+#: outcome still finds its row.  Only queue rows are locked (SKIP LOCKED: an
+#: outcome or an expiry holding one is about to close or requeue it), so the
+#: locking order, queue row before delivery, holds; a row whose delivery is no
+#: longer this claim (expired and claimed again elsewhere) is not renewed.
+#: delivery_queue's claimed index makes this a non-HOT update of a small table;
+#: ``deliveries`` is only read.
+RENEW = """
+WITH mine AS MATERIALIZED (
+    SELECT o.token, o.claimed_at
+      FROM unnest(%(tokens)s::bigint[], %(claimed_at)s::timestamptz[]) AS o (token, claimed_at)
+),
+held AS MATERIALIZED (
+    SELECT q.ctid AS id, q.token FROM delivery_queue AS q
+     WHERE q.job_type = %(queue)s AND q.claimed_at IS NOT NULL
+       AND q.token = ANY (ARRAY(SELECT token FROM mine))
+     ORDER BY q.token
+       FOR UPDATE SKIP LOCKED
+),
+renewed AS (
+    UPDATE delivery_queue AS q SET claimed_at = statement_timestamp()
+     WHERE q.ctid = ANY (ARRAY(
+           SELECT h.id FROM held AS h
+             JOIN mine AS m ON m.token = h.token
+             JOIN deliveries AS d ON d.token = h.token AND d.job_type = %(queue)s
+            WHERE d.status = 'claimed' AND d.claimed_at = m.claimed_at))
+    RETURNING q.token
+)
+SELECT count(*) FROM renewed
 """
 
 

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from mailroom._process import backoff
 from mailroom.config import Settings
-from mailroom.sender import pacing, ses, warm
+from mailroom.sender import health, pacing, ses, warm
 from mailroom.vocabulary import Action, Outcome, OutcomeKind
 from mailroom.wire import WireFields
 
@@ -59,13 +59,29 @@ class SendPolicy:
     pause_cap: float = 600.0
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
-    #: Paused account: keep the destinations and send them once a probe gets through
-    #: (stdin mode: nobody else would), or hand them back at once as "retry" (worker
-    #: mode: the ledger queues them again, and a long pause does not outlive a lease).
+    #: Open circuit (see :mod:`mailroom.sender.health`): first probe delay, cap.
+    circuit_base: float = 5.0
+    circuit_cap: float = 300.0
+    #: Whole calls failed in a row that open the circuit; None: never open it.
+    circuit_after: int | None = None
+    #: Attempts of a call in this process before its retryable destinations go
+    #: back to the ledger as "retry" without a delay of their own (the ledger
+    #: then waits by its own attempt count); None: retry here up to
+    #: ``send_max_attempts`` and fail (stdin mode: there is no ledger).
+    in_process_attempts: int | None = None
+    #: Paused account (or open circuit): keep the destinations and send them once a
+    #: probe gets through, or hand them back at once as "retry".  The worker holds
+    #: (the collector renews the leases of what is in flight, and a hand-back would
+    #: cost an attempt at every claim); stdin mode holds (nobody else would send them).
     hold_when_paused: bool = False
     #: Fill each call with queued calls of other batches (worker mode); stdin mode
     #: keeps one call per action per line, as the original did.
     fill_calls: bool = False
+
+
+#: The sender worker's policy: short retries here, then the ledger's backoff;
+#: a circuit after 5 whole calls failed in a row; paused or open, calls are held.
+WORKER_POLICY = SendPolicy(in_process_attempts=3, circuit_after=5, hold_when_paused=True, fill_calls=True)
 
 
 class _Batch:
@@ -131,9 +147,9 @@ class Sender:
         self._client: Any = None
         self._bucket: pacing.TokenBucket | None = None
         self._raw: ses.RawResponseWriter | None = None
-        self._warm: warm.KeepWarm | None = None
         self._schedule = pacing.Schedule()
         self._concurrency: pacing.Concurrency | None = None
+        self._warm: warm.KeepWarm | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # guards the fields below
         self._batches: set[_Batch] = set()
@@ -141,10 +157,11 @@ class Sender:
         self._started = False
         self._closing = False
         self._defer_retries = False
-        self._paused = False
-        self._pause_level = 0
-        self._probe_at = 0.0
-        self._held: list[_Call] = []
+        self.health = health.Health(
+            lambda at: self._schedule.put(_PROBE, at),
+            pause_base=self.policy.pause_base, pause_cap=self.policy.pause_cap,
+            circuit_base=self.policy.circuit_base, circuit_cap=self.policy.circuit_cap,
+            circuit_after=self.policy.circuit_after)
         self._stopping = threading.Event()  # wakes every wait when close() gives up
 
     @property
@@ -170,7 +187,7 @@ class Sender:
     @property
     def paused(self) -> bool:
         """True while SES says the account cannot send (a probe will tell when it can)."""
-        return self._paused
+        return self.health.kind is not None
 
     def start(self) -> None:
         """Create the SES client and the sending threads, and read the send quota.
@@ -194,7 +211,9 @@ class Sender:
                 read_timeout=self.policy.read_timeout,
                 pool_size=concurrency,
             )
-            self._raw = ses.RawResponseWriter(self.settings.ses_output_path)
+            self._raw = ses.RawResponseWriter(self.settings.ses_output_path,
+                                              self.settings.ses_output_max_files,
+                                              self.settings.ses_output_max_bytes)
             self._raw.attach(self._client)
             # Reading the quota also opens the first connection and has botocore
             # load its models: the first email does not pay for either.  With the
@@ -291,11 +310,7 @@ class Sender:
         return self._schedule.take_due(size, ses.MAX_DESTINATIONS - len(call.destinations))
 
     def _probe(self) -> None:
-        with self._lock:
-            call = self._held.pop(0) if self._held else None
-            if call is None:
-                # Nothing held (worker mode): the next call is the probe.
-                self._paused = False
+        call = self.health.take_probe()
         if call is not None:
             self._send(call, probe=True)
 
@@ -312,20 +327,30 @@ class Sender:
             return
         started = time.monotonic()
         if len(calls) == 1:
-            verdicts = self._attempt(call)
+            verdicts, whole_call = self._attempt(call)
         else:
             # One request for all; each call gets the verdicts of its destinations.
             merged = [d for c in calls for d in c.destinations]
-            verdicts = self._attempt(_Call(call.batch, call.action, [], merged, call.attempts))
+            verdicts, whole_call = self._attempt(_Call(call.batch, call.action, [], merged, call.attempts))
         assert self._concurrency is not None
         self._concurrency.observe(time.monotonic() - started)
+        if whole_call and any(v.kind == ses.RETRY for v in verdicts):
+            # One SES call failed as a whole: the circuit counts it once, whatever it carried.
+            reason = verdicts[0].detail or "retryable"
+            if self.health.call_failed(reason, probe):
+                # The circuit is open: these calls wait for the probe, no attempt counted.
+                for each in calls:
+                    self._hold_or_give_back(each, reason, probe)
+                return
+            if probe:  # no circuit: a probe that got no answer still ends the pause
+                self._on_not_paused()
         offset = 0
         for each in calls:
             end = offset + len(each.destinations)
-            self._apply(each, verdicts[offset:end], probe)
+            self._apply(each, verdicts[offset:end], whole_call, probe)
             offset = end
 
-    def _apply(self, call: _Call, verdicts: list[ses.Verdict], probe: bool) -> None:
+    def _apply(self, call: _Call, verdicts: list[ses.Verdict], whole_call: bool, probe: bool) -> None:
         """Resolve, retry or hold each destination of ``call`` by its verdict."""
         by_kind: dict[str, list[int]] = {ses.SENT: [], ses.EMITTED: [], ses.RETRY: [], ses.PAUSE: [],
                                          ses.FAIL: []}
@@ -335,7 +360,7 @@ class Sender:
         if by_kind[ses.PAUSE]:
             reason = verdicts[by_kind[ses.PAUSE][0]].detail or "paused"
             self._on_paused(call.subset(by_kind[ses.PAUSE]), reason, probe)
-        else:
+        elif not (whole_call and by_kind[ses.RETRY]):  # a failed whole call: _send decided
             self._on_not_paused()
         for position in by_kind[ses.SENT]:
             outcome = Outcome(SENT, message_id=verdicts[position].detail)
@@ -348,8 +373,9 @@ class Sender:
         if by_kind[ses.RETRY]:
             self._retry(call, by_kind[ses.RETRY], verdicts)
 
-    def _attempt(self, call: _Call) -> list[ses.Verdict]:
-        """One SendBulkTemplatedEmail call; one verdict per destination."""
+    def _attempt(self, call: _Call) -> tuple[list[ses.Verdict], bool]:
+        """One SendBulkTemplatedEmail call; one verdict per destination, and
+        whether the call failed as a whole (no answer for any destination)."""
         request = ses.bulk_request(self.settings, call.action, call.destinations)
         count = len(call.destinations)
         if self._warm is not None:
@@ -366,17 +392,23 @@ class Sender:
                 verdict.detail,
                 f"; raw response in {path}" if path else "",
             )
-            return [verdict] * count
+            return [verdict] * count, True
         statuses = response.get("Status") or []
         verdicts = [ses.classify_status(entry) for entry in statuses[:count]]
         # Fewer statuses than destinations should not happen; losing an email is
         # worse than sending one twice, so the missing ones are retried.
         missing = ses.Verdict(ses.RETRY, "no status for this destination in the response")
         verdicts += [missing] * (count - len(verdicts))
-        return verdicts
+        return verdicts, False
 
     def _retry(self, call: _Call, positions: list[int], verdicts: list[ses.Verdict]) -> None:
         attempts = call.attempts + 1
+        here = self.policy.in_process_attempts
+        if here is not None and attempts >= here:
+            # Back to the ledger, which counts the attempt and waits by its count.
+            reason = verdicts[positions[0]].detail or "retryable"
+            self._give_back(call.subset(positions), f"{reason} ({attempts} tries in this claim)")
+            return
         if attempts >= self.settings.send_max_attempts:
             for position in positions:
                 error = f"{verdicts[position].detail} (gave up after {attempts} attempts)"
@@ -398,46 +430,30 @@ class Sender:
     # --- paused account ----------------------------------------------------------------
 
     def _hold_if_paused(self, call: _Call) -> bool:
-        with self._lock:
-            if not self._paused:
-                return False
-            wait = max(0.0, self._probe_at - time.monotonic())
-            if self.policy.hold_when_paused and not self._defer_retries:
-                self._held.append(call)
-                return True
-        self._give_back(call, "SES account sending is paused", wait)
+        """Keep or hand back ``call`` while SES is not being called; False to call."""
+        wait = self.health.wait()
+        if wait is None:
+            return False
+        self._hold_or_give_back(call, self.health.describe(), False)
         return True
+
+    def _hold_or_give_back(self, call: _Call, reason: str, probe: bool) -> None:
+        with self._lock:
+            hold = self.policy.hold_when_paused and not self._defer_retries
+            if hold:
+                # A probe's destinations go first when sending resumes.
+                self.health.hold(call, first=probe)
+        if not hold:
+            self._give_back(call, reason, self.health.wait() or 0.0)
 
     def _on_paused(self, call: _Call, reason: str, probe: bool) -> None:
         # The paused destinations keep their attempt count: a pause is not their fault.
         call.attempts -= 1
-        with self._lock:
-            if not self._paused or probe:
-                self._paused = True
-                self._pause_level += 1
-                delay = backoff(self._pause_level - 1, self.policy.pause_base, self.policy.pause_cap)
-                self._probe_at = time.monotonic() + delay
-                self._schedule.put(_PROBE, self._probe_at)
-                log.warning("SES sending is paused (%s); trying again in %.3g s", reason, delay)
-            wait = max(0.0, self._probe_at - time.monotonic())
-            hold = self.policy.hold_when_paused and not self._defer_retries
-            if hold:
-                # A probe's destinations go first when sending resumes.
-                self._held.insert(0 if probe else len(self._held), call)
-        if not hold:
-            self._give_back(call, reason, wait)
+        self.health.paused(reason, probe)
+        self._hold_or_give_back(call, reason, probe)
 
     def _on_not_paused(self) -> None:
-        with self._lock:
-            if not self._pause_level:
-                return
-            was_paused = self._paused
-            self._paused = False
-            self._pause_level = 0
-            held, self._held = self._held, []
-        if was_paused or held:
-            log.warning("SES sending resumed; sending %d held calls", len(held))
-        for call in held:
+        for call in self.health.answered():
             self._schedule.put(call)
 
     # --- outcomes ------------------------------------------------------------------------
@@ -486,9 +502,7 @@ class Sender:
             self._closing = True
             if defer_retries:
                 self._defer_retries = True
-                held, self._held = self._held, []
-            else:
-                held = []
+        held = self.health.take_held() if defer_retries else []
         if defer_retries:
             now = time.monotonic()
             for due, item in self._schedule.take_all():
@@ -499,7 +513,7 @@ class Sender:
                 else:
                     self._give_back(item, "not sent: sender stopping", due - now)
             for call in held:
-                self._give_back(call, "not sent: sender stopping", max(0.0, self._probe_at - now))
+                self._give_back(call, "not sent: sender stopping", self.health.wait() or 0.0)
         with self._lock:
             while self._batches:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -514,5 +528,5 @@ class Sender:
         if self._concurrency is not None:
             self._concurrency.close()
         for batch in left:
-            self._finish(batch, Outcome(RETRY, error="not sent: sender stopped"))
+            self._finish(batch, Outcome(RETRY, error="not sent: sender stopped", retry_after=0.0))
         self._schedule.close()

@@ -273,6 +273,14 @@ def classify_status(entry: dict[str, Any]) -> Verdict:
     return Verdict(FAIL, reason)
 
 
+def _unreadable() -> tuple[type[BaseException], ...]:
+    from botocore.parsers import ResponseParserError
+
+    # Not XML at all (ResponseParserError), or XML without the elements the
+    # operation's shape expects: botocore's parser then fails on a lookup.
+    return (ResponseParserError, KeyError, IndexError, TypeError)
+
+
 def classify_exception(exc: BaseException) -> Verdict:
     """Classify a call that failed as a whole (applies to all its destinations)."""
     from botocore import exceptions as bce
@@ -288,6 +296,11 @@ def classify_exception(exc: BaseException) -> Verdict:
         if code in _ERROR_RETRY or status >= 500 or status == 429:
             return Verdict(RETRY, reason if status < 500 else f"HTTP {status} {reason}")
         return Verdict(FAIL, reason)
+    if isinstance(exc, _unreadable()):
+        # An answer that is not SES's XML (a proxy's page, a truncated body): the
+        # call may well succeed next time.  The body is only in the raw response
+        # file, never in a log line or last_error (it can be anything, any length).
+        return Verdict(RETRY, "SES answered with a body that is not the expected XML")
     # Connection refused/reset, connect and read timeouts; and credentials that could
     # not be fetched right now (instance metadata can fail for a moment).
     if isinstance(
@@ -299,31 +312,57 @@ def classify_exception(exc: BaseException) -> Verdict:
 
 
 def is_service_error(exc: BaseException) -> bool:
-    """True when SES answered with an error document (there is a raw response to keep)."""
+    """True when SES answered, with an error document or an unreadable body
+    (there is a raw response to keep)."""
     from botocore.exceptions import ClientError
 
-    return isinstance(exc, ClientError)
+    return isinstance(exc, (ClientError, *_unreadable()))
 
 
 # --- raw responses of failed calls --------------------------------------------------------
 
 
+class _ParsedLater:
+    """The parts of a response botocore's ``before-parse`` event gives, shaped
+    like the ``http_response`` of ``after-call`` (which a parse error never reaches)."""
+
+    def __init__(self, response_dict: dict[str, Any]) -> None:
+        self.status_code = response_dict.get("status_code", 0)
+        self.headers = response_dict.get("headers", {})
+        body = response_dict.get("body", b"")
+        self.content = body if isinstance(body, bytes) else b""
+
+
 class RawResponseWriter:
     """Writes the raw HTTP response of failed calls to files under one directory.
 
-    Hook :meth:`capture` on the client's ``after-call`` event: botocore emits it in
-    the calling thread, with the raw response, just before raising ``ClientError``,
-    so a thread-local slot hands the response to :meth:`write_last`.
+    Hook :meth:`capture` on the client's ``before-parse`` and ``after-call``
+    events: botocore emits them in the calling thread, with the raw response,
+    before raising ``ClientError`` (after-call) or ``ResponseParserError``
+    (before-parse only), so a thread-local slot hands the response to
+    :meth:`write_last`.
+
+    Files are 0600 (a response can quote addresses and template data), and the
+    directory is capped: past ``max_files`` files or ``max_bytes`` bytes the
+    oldest ``ses-*.http`` files go, so an outage cannot fill the disk.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, max_files: int = 1_000, max_bytes: int = 100 * 1024 * 1024) -> None:
         self.directory = directory
+        self.max_files = max_files
+        self.max_bytes = max_bytes
         self._local = threading.local()
         self._counter = itertools.count(1)
+        self._prune_lock = threading.Lock()
 
     def attach(self, client: Any, operation: str = "SendBulkTemplatedEmail") -> None:
         """Register :meth:`capture` for ``operation`` on ``client``."""
+        client.meta.events.register(f"before-parse.ses.{operation}", self.capture_unparsed)
         client.meta.events.register(f"after-call.ses.{operation}", self.capture)
+
+    def capture_unparsed(self, response_dict: dict[str, Any] | None = None, **_: Any) -> None:
+        """botocore ``before-parse`` handler: the response, in case parsing fails."""
+        self._local.response = _ParsedLater(response_dict or {})
 
     def capture(self, http_response: Any = None, **_: Any) -> None:
         """botocore event handler: remember this thread's last raw response."""
@@ -351,10 +390,38 @@ class RawResponseWriter:
         name = f"ses-{stamp}-{os.getpid()}-{next(self._counter):06d}.http"
         path = os.path.join(self.directory, name)
         try:
-            os.makedirs(self.directory, exist_ok=True)
-            with open(path, "xb") as out:  # "x": never overwrite an earlier response
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            # O_EXCL: never overwrite an earlier response; 0600 from the start.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
                 out.write(blob)
         except OSError as exc:
             log.warning("cannot write the raw SES response to %s: %s", path, exc)
             return None
+        self.prune()
         return path
+
+    def prune(self) -> int:
+        """Remove the oldest response files past the caps; how many went."""
+        with self._prune_lock:
+            try:
+                entries = []
+                with os.scandir(self.directory) as found:
+                    for entry in found:
+                        if entry.name.startswith("ses-") and entry.name.endswith(".http") and entry.is_file():
+                            info = entry.stat()
+                            entries.append((info.st_mtime, entry.name, info.st_size))
+            except OSError:
+                return 0
+            entries.sort()
+            total = sum(size for _, _, size in entries)
+            removed = 0
+            while entries and (len(entries) > self.max_files or total > self.max_bytes):
+                _, name, size = entries.pop(0)
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except OSError:
+                    pass
+                total -= size
+                removed += 1
+            return removed

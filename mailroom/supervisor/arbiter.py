@@ -303,6 +303,8 @@ class Supervisor:
         elif isinstance(message, msg.Window) and worker.role == SENDER:
             # Repeated with every heartbeat: a collector that missed it gets the next.
             self.send(COLLECTOR, message)
+        elif isinstance(message, msg.Recorded) and worker.role == COLLECTOR:
+            self.router.on_recorded(message)
         else:
             logger.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
 

@@ -2,7 +2,7 @@
 
 ::
 
-    collector -> supervisor   Ready, Heartbeat, Claimed
+    collector -> supervisor   Ready, Heartbeat, Claimed, Recorded
     supervisor -> sender      SendBatch, Stop
     sender -> supervisor      Ready, Heartbeat, BatchOutcomes, Window
     supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, Stop, Window
@@ -75,7 +75,20 @@ class Window:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Adopt:
-    """supervisor -> a new collector: batches in flight that a former one claimed."""
+    """supervisor -> a new collector: batches in flight that a former one claimed.
+
+    ``claims`` gives each one's token ids and ``claimed_at``, so the new
+    collector renews their leases as if it had claimed them itself."""
+
+    batch_ids: list[str]
+    claims: dict[str, tuple[list[int], Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recorded:
+    """collector -> supervisor: the outcomes (or releases) of these batches are
+    committed to the ledger; until then the supervisor keeps them, and hands
+    them to the next collector if this one dies."""
 
     batch_ids: list[str]
 

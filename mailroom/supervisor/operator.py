@@ -132,7 +132,12 @@ class Operator:
     def on_worker(self, event: str, role: str, pid: int, **extra: Any) -> None:
         if event == "worker.exited" and extra.get("restarting"):
             self.metrics.worker_restarted(role)
-        self.publish(event, {"worker": role, "pid": pid, **extra})
+        data: dict[str, Any] = {"worker": role, "pid": pid, **extra}
+        if event == "worker.started":
+            data.update(state="running", started=time.time())
+        else:
+            data["state"] = "exited"
+        self.publish(event, data)
 
     def _remember(self, batch_id: str, entry: dict[str, Any]) -> None:
         self.recent[batch_id] = entry
@@ -166,17 +171,19 @@ class Operator:
             workers[role] = {"worker": role, "pid": worker.process.pid if worker.process else None,
                              "up": worker.up, "state": "running" if worker.up else "down",
                              "uptime_s": round(now - worker.started_at, 1) if worker.up else None,
+                             "started": time.time() - (now - worker.started_at),
                              "restarts": worker.restarts, "last_heartbeat_s": round(now - worker.last_seen, 1),
-                             "rss_bytes": worker.stats.get("rss"), "rss": worker.stats.get("rss")}
+                             "last_heartbeat": time.time() - (now - worker.last_seen),
+                             "rss": worker.stats.get("rss")}
         collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
         rows = sum(len(b.token_ids) for b in self.sup.router.batches.values())
         return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
                 "workers": workers, "in_flight": {"batches": len(self.sup.router), "rows": rows},
                 "counters": dict(self.counters), "rates": self._rates(),
                 "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit")},
-                "queue": {"name": self.settings.queue_name, "depth": collector.get("queue_depth"),
-                          "oldest_queued_s": collector.get("oldest_queued_s")},
-                **self._tick_data()}
+                "queue": self.settings.queue_name, "queue_depth": collector.get("queue_depth"),
+                "oldest_queued_s": collector.get("oldest_queued_s"),
+                "tick": self._tick_data()}
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.status(), "batches": self._batches(None, RECENT_BATCHES)}
@@ -190,7 +197,7 @@ class Operator:
 
     def _tick_data(self) -> dict[str, Any]:
         collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
-        return {**self._rates(), "in_flight_batches": len(self.sup.router),
+        return {**self._rates(), "in_flight": len(self.sup.router),
                 "queue_depth": collector.get("queue_depth"), "oldest_queued_s": collector.get("oldest_queued_s"),
                 "rate_limit": sender.get("rate_limit"), "ses": sender.get("ses", {})}
 

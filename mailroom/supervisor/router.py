@@ -3,8 +3,11 @@
 Batches go collector -> router -> sender; outcomes go sender -> router ->
 collector, which records them.  The router keeps every batch from its claim to
 its outcomes, so a batch whose sender died is handed to the restarted sender at
-once (no wait for the database lease), and outcomes that find no collector wait
-in an outbox for the next one.  It knows batches, not processes: the arbiter
+once (no wait for the database lease), and keeps its outcomes until the
+collector says they are recorded (:class:`~messages.Recorded`): outcomes that
+found no collector, or reached one that died before committing them (killed by
+the watchdog while a lock held it), go to the next collector.  Recording twice
+is harmless: an outcome only changes its own claim, once.  It knows batches, not processes: the arbiter
 tells it when a worker started or died, and gives it a ``send`` function.
 """
 
@@ -73,7 +76,8 @@ class Router:
         self.on_event = on_event
         self.on_finished = on_finished
         self.batches: dict[str, Batch] = {}
-        self.outbox: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
+        #: Outcomes and releases not yet confirmed recorded, in the order made.
+        self.unconfirmed: dict[str, msg.RecordOutcomes | msg.Release] = {}
         #: False once the collector is being stopped: a late claim is released.
         self.accepting = True
         #: False once the sender is being stopped: nothing new goes to it.
@@ -106,14 +110,23 @@ class Router:
         claimed_at = batch.claimed_at if batch else None
         self.to_collector(msg.RecordOutcomes(done.batch_id, done.outcomes, claimed_at))
 
+    def on_recorded(self, recorded: msg.Recorded) -> None:
+        """The collector committed these batches' outcomes: forget them."""
+        for batch_id in recorded.batch_ids:
+            self.unconfirmed.pop(batch_id, None)
+
     # -- worker lifecycle, told by the arbiter ---------------------------------------
     def collector_started(self, draining: bool) -> None:
-        """A new collector: it adopts the batches in flight and records the outbox."""
-        self.send(COLLECTOR, msg.Adopt(list(self.batches)))
-        while self.outbox:
-            if not self.send(COLLECTOR, self.outbox[0]):
+        """A new collector: it adopts the batches in flight and records every
+        outcome no collector confirmed yet."""
+        claims = {b.batch_id: (b.token_ids, b.claimed_at) for b in self.batches.values()}
+        self.send(COLLECTOR, msg.Adopt(list(self.batches), claims))
+        if self.unconfirmed:
+            logger.info("handing %d unconfirmed outcome messages to the new collector",
+                        len(self.unconfirmed))
+        for message in list(self.unconfirmed.values()):
+            if not self.send(COLLECTOR, message):
                 break
-            self.outbox.popleft()
         if draining:
             self.send(COLLECTOR, msg.Drain())
 
@@ -149,9 +162,9 @@ class Router:
             self.dispatch(batch)
 
     def to_collector(self, message: msg.RecordOutcomes | msg.Release) -> None:
-        """Send to the collector, or keep it for the next one."""
-        if not self.send(COLLECTOR, message):
-            self.outbox.append(message)
+        """Send to the collector; kept until it confirms, for the next one otherwise."""
+        self.unconfirmed[message.batch_id] = message
+        self.send(COLLECTOR, message)
 
     def give_up(self, batch: Batch) -> None:
         """Hand a batch that keeps killing the sender back to the ledger, delayed."""

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from mailroom import config, ledger
 from mailroom._process import SignalFlag, die_with_parent, one_line, rss_bytes, setup_logging
 from mailroom.collector import Collector
 from mailroom.config import Settings
+from mailroom.ledger import fleet
 from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind
 
@@ -32,6 +34,8 @@ logger = logging.getLogger("mailroom.workers")
 
 #: Seconds between two reads of the queue's depth for the heartbeat.
 STATS_EVERY = 1.0
+#: Seconds between two refreshes of this consumer's row in the fleet table.
+FLEET_EVERY = 5.0
 
 
 def _boot(tag: str, settings: Settings) -> SignalFlag:
@@ -57,10 +61,16 @@ class PipeSink:
     """The collector's :class:`~mailroom.collector.BatchSink` in supervised mode.
 
     Batches go to the supervisor as soon as their claim is committed (status
-    ``claimed``); outcomes come back on the same pipe and are written to the ledger.
+    ``claimed``); outcomes come back on the same pipe and are written to the ledger,
+    each confirmed to the supervisor once committed (:class:`~messages.Recorded`).
     The number of batches without outcomes is bounded by ``max_in_flight``: what
     the sender asks for (:class:`~mailroom.supervisor.messages.Window`), within
     ``MAILROOM_MAX_IN_FLIGHT`` (auto: :data:`AUTO_MAX_IN_FLIGHT`).
+
+    A batch in flight keeps its lease: every third of ``MAILROOM_CLAIM_TIMEOUT``
+    one statement renews the leases of all of them (:func:`ledger.renew`), so a
+    slow, rate-limited or paused sender never lets a live batch expire and go
+    out twice.  Only a dead supervisor (nobody left to renew) lets leases expire.
     """
 
     final_status = DeliveryStatus.CLAIMED
@@ -71,7 +81,11 @@ class PipeSink:
         self.max_attempts = settings.send_max_attempts
         self.bound = settings.max_in_flight or AUTO_MAX_IN_FLIGHT
         self.max_in_flight = min(self.bound, FIRST_WINDOW)
-        self.in_flight: set[str] = set()
+        #: batch id -> (token ids, claimed_at): what a lease renewal needs.
+        self.in_flight: dict[str, tuple[list[int], Any]] = {}
+        self.renew_every = settings.claim_timeout / 3000
+        self.renewed_at = time.monotonic()
+        self.retry_backoff_ms = settings.send_retry_backoff
         self.pending: collections.deque[msg.RecordOutcomes | msg.Release] = collections.deque()
         self.draining = False
         self.stopping = False
@@ -80,12 +94,11 @@ class PipeSink:
         self.last_beat = 0.0
         self.stats: dict[str, Any] = {}
         self.stats_at = -STATS_EVERY
+        self.rows = 0
+        self.consumer_id: int | None = None
+        self.fleet_at = -FLEET_EVERY
 
     def ready(self) -> bool:
-        # Read the pipe first: a pause sent while the collector was connecting
-        # must stop the drain that follows the connection, not the one after.
-        if not self.stopping and self.pipe.poll():
-            self.receive()
         return (self.claiming and not self.draining and not self.stopping
                 and len(self.in_flight) < self.max_in_flight)
 
@@ -105,7 +118,8 @@ class PipeSink:
             # The supervisor is gone; the collector releases the rows and stops.
             self.stopping = True
             raise
-        self.in_flight.add(batch_id)
+        self.in_flight[batch_id] = (token_ids, claim.claimed_at)
+        self.rows += len(token_ids)
 
     def fileno(self) -> int | None:
         return self.pipe.fileno()
@@ -122,7 +136,11 @@ class PipeSink:
                 elif isinstance(message, msg.Window):
                     self.max_in_flight = max(1, min(self.bound, message.batches))
                 elif isinstance(message, msg.Adopt):
-                    self.in_flight.update(message.batch_ids)
+                    for batch_id in message.batch_ids:
+                        self.in_flight[batch_id] = message.claims.get(batch_id, ([], None))
+                    # The former collector may have stopped renewing long ago
+                    # (killed by the watchdog): renew at the next chance.
+                    self.renewed_at = float("-inf")
                 elif isinstance(message, msg.SetClaiming):
                     self.claiming = message.enabled
                 elif isinstance(message, (msg.RecordOutcomes, msg.Release)):
@@ -136,41 +154,88 @@ class PipeSink:
 
     def service(self, conn: psycopg.Connection[Any]) -> int:
         """Apply received outcomes and releases to the ledger (kept until applied),
-        and refresh the queue numbers the heartbeat carries (at most once a second)."""
+        confirm them to the supervisor, renew the leases in flight when due, and
+        refresh the queue numbers the heartbeat carries (at most once a second)."""
         now = time.monotonic()
         if now - self.stats_at >= STATS_EVERY:
             self.stats_at = now
             self.stats = ledger.queue_stats(conn, self.queue)
             self.stats["rss"] = rss_bytes()
+        if now - self.fleet_at >= FLEET_EVERY:
+            self.fleet_at = now
+            self.refresh_fleet(conn)
         applied = 0
         while self.pending:
             message = self.pending[0]
+            # Autocommit: each statement is committed when it returns.
             if isinstance(message, msg.RecordOutcomes):
                 ledger.record_outcomes(conn, self.queue, message.outcomes, claimed_at=message.claimed_at,
-                                       max_attempts=self.max_attempts)
+                                       max_attempts=self.max_attempts, backoff_ms=self.retry_backoff_ms)
             else:
                 ledger.release(conn, self.queue, message.token_ids, claimed_at=message.claimed_at)
             self.pending.popleft()
-            self.in_flight.discard(message.batch_id)
+            self.in_flight.pop(message.batch_id, None)
             applied += 1
+            self._post(msg.Recorded([message.batch_id]))
+        self.renew(conn)
         return applied
+
+    def refresh_fleet(self, conn: psycopg.Connection[Any]) -> None:
+        """Keep this supervisor's row in the fleet table (one per supervisor: the pid
+        is the supervisor's, so a restarted collector takes the same row over)."""
+        if self.consumer_id is None or not fleet.heartbeat(conn, self.consumer_id, self.counter, self.rows):
+            self.consumer_id = fleet.register(conn, self.queue, socket.gethostname(), os.getppid())
+            fleet.heartbeat(conn, self.consumer_id, self.counter, self.rows)
+
+    def leave_fleet(self, database_url: str) -> None:
+        """At a clean exit: remove this consumer's row (its connection is closed by now)."""
+        if self.consumer_id is None:
+            return
+        try:
+            with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+                fleet.unregister(conn, self.consumer_id)
+        except psycopg.Error as exc:  # shown stale after a while instead
+            logger.warning("could not remove this consumer from the fleet table: %s", one_line(exc))
+
+    def renew(self, conn: psycopg.Connection[Any], force: bool = False) -> int:
+        """Renew the leases of the batches in flight if a third of the lease has
+        passed since the last renewal: one statement, however many batches."""
+        now = time.monotonic()
+        if not force and now - self.renewed_at < self.renew_every:
+            return 0
+        self.renewed_at = now
+        if not self.in_flight:
+            return 0
+        renewed = ledger.renew(conn, self.queue, self.in_flight.values())
+        logger.debug("renewed the leases of %d rows in %d batches", renewed, len(self.in_flight))
+        return renewed
+
+    def _post(self, message: object) -> None:
+        try:
+            self.pipe.send(message)
+        except OSError:
+            self.stopping = True
 
     def tick(self) -> None:
         now = time.monotonic()
         if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
             self.last_beat = now
-            try:
-                self.pipe.send(msg.Heartbeat(dict(self.stats)))
-            except OSError:
-                self.stopping = True
+            self._post(msg.Heartbeat(dict(self.stats)))
 
 
 def collector_worker(pipe: Connection, settings: Settings) -> int:
     """Entry point of the collector worker; returns its exit code."""
     stop = _boot("PG", settings)
     sink = PipeSink(pipe, settings)
+    def on_ready() -> None:
+        pipe.send(msg.Ready())
+        # What the supervisor said while we were connecting (a pause of claims)
+        # must count for the drain that follows the connection. Only here: read
+        # elsewhere, the pipe would not wake the loop's select for what it holds.
+        sink.receive()
+
     collector = Collector(settings, sink, lambda: stop() or sink.stopping,
-                          wakeup_fd=stop.read_fd, on_ready=lambda: pipe.send(msg.Ready()))
+                          wakeup_fd=stop.read_fd, on_ready=on_ready)
     try:
         code = collector.run_or_exit_code()
     except OSError:
@@ -180,6 +245,8 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
         code = None
     if code is not None:
         return code
+    if sink.stopping:  # told to stop by the supervisor: a clean exit
+        sink.leave_fleet(settings.database_url)
     if sink.pending and not stop():
         logger.warning("%d outcome messages not recorded (database unavailable at stop);"
                        " their rows are queued again when the claim lease expires", len(sink.pending))
@@ -191,12 +258,13 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
 def sender_worker(pipe: Connection, settings: Settings) -> int:
     """Entry point of the sender worker; returns its exit code."""
     stop = _boot("SES", settings)
-    from mailroom.sender import Sender, SendPolicy
+    from mailroom.sender import Sender
     from mailroom.sender.driver import Driver, Job, StopRequest
+    from mailroom.sender.engine import WORKER_POLICY
     from mailroom.sender.quota import QuotaWatch
     from mailroom.sender.ses import MAX_DESTINATIONS
 
-    sender = Sender(settings, policy=SendPolicy(fill_calls=True))
+    sender = Sender(settings, policy=WORKER_POLICY)
     try:
         sender.start()
     except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings, e.g. a bad endpoint URL
@@ -212,7 +280,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
         wanted = 2 * sender.concurrency * MAX_DESTINATIONS
         return max(FIRST_WINDOW, math.ceil(wanted / settings.batch_limit))
 
-    sink = _PipeOutcomes(pipe, quota.stats, window)
+    sink = _PipeOutcomes(pipe, lambda: {**quota.stats(), "ses_paused": sender.health.paused_reason}, window)
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
     # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
     on_signal = StopRequest(settings.shutdown_timeout / 1000, defer_retries=True)
