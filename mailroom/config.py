@@ -48,6 +48,7 @@ class Settings:
     healthcheck_interval: int = 270_000
     batch_timeout: int = 5_000
     batch_limit: int = 10
+    batch_mode: str = "adaptive"
     claim_timeout: int = 300_000
     debug: bool = False
     ses_config_set: str = "default"
@@ -56,10 +57,10 @@ class Settings:
     ses_endpoint_url: str | None = None
     ses_template_activation: str = "activationv1"
     ses_template_recovery: str = "passwordrecoveryv1"
-    ses_concurrency: int = 4
+    ses_concurrency: int | None = None  # None: auto (follows the quota, at most 16)
     ses_max_send_rate: float | None = None
     send_max_attempts: int = 5
-    max_in_flight: int = 4
+    max_in_flight: int | None = None    # None: auto (what the sender asks for)
     shutdown_timeout: int = 30_000
     worker_timeout: int = 30_000
     log_level: str = "INFO"
@@ -94,6 +95,27 @@ def _positive_int(raw: str) -> int:
     if value <= 0:
         raise ValueError(f"must be greater than zero, got {value}")
     return value
+
+
+def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
+    """``auto`` (None: the program decides) or what ``parse`` accepts."""
+
+    def parse_auto(raw: str) -> int | None:
+        if raw.strip().lower() == "auto":
+            return None
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (or auto)") from None
+
+    return parse_auto
+
+
+def _batch_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in {"adaptive", "fixed"}:
+        raise ValueError(f"expected adaptive or fixed, got {raw!r}")
+    return mode
 
 
 def _bounded_int(highest: int) -> Callable[[str], int]:
@@ -276,6 +298,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "healthcheck_interval": ("MAILROOM_HEALTHCHECK_INTERVAL", _bounded_int(_DAY_MS)),
     "batch_timeout": ("MAILROOM_BATCH_TIMEOUT", _bounded_int(3_600_000)),
     "batch_limit": ("MAILROOM_BATCH_LIMIT", _bounded_int(100_000)),
+    "batch_mode": ("MAILROOM_BATCH_MODE", _batch_mode),
     "claim_timeout": ("MAILROOM_CLAIM_TIMEOUT", _bounded_int(7 * _DAY_MS)),
     "debug": ("MAILROOM_DEBUG", _boolean),
     "ses_config_set": ("MAILROOM_SES_CONFIG_SET", _text),
@@ -284,13 +307,13 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ses_endpoint_url": ("MAILROOM_SES_ENDPOINT_URL", _text),
     "ses_template_activation": ("MAILROOM_SES_TEMPLATE_ACTIVATION", _text),
     "ses_template_recovery": ("MAILROOM_SES_TEMPLATE_RECOVERY", _text),
-    "ses_concurrency": ("MAILROOM_SES_CONCURRENCY", _bounded_int(64)),
+    "ses_concurrency": ("MAILROOM_SES_CONCURRENCY", _auto_or(_bounded_int(64))),
     "ses_max_send_rate": ("MAILROOM_SES_MAX_SEND_RATE", _bounded_float(1_000_000.0)),
     "ses_output_max_files": ("MAILROOM_SES_OUTPUT_MAX_FILES", _bounded_int(1_000_000)),
     "ses_output_max_bytes": ("MAILROOM_SES_OUTPUT_MAX_BYTES", _bounded_int(2**50)),
     "send_retry_backoff": ("MAILROOM_SEND_RETRY_BACKOFF", _bounded_int(_DAY_MS)),
     "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _bounded_int(1_000)),
-    "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _bounded_int(1_000)),
+    "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _auto_or(_bounded_int(1_000))),
     "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _bounded_int(_DAY_MS)),
     "worker_timeout": ("MAILROOM_WORKER_TIMEOUT", _bounded_int(_DAY_MS)),
     "log_level": ("MAILROOM_LOG_LEVEL", _log_level),

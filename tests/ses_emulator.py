@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import http.server
 import itertools
+import json
 import multiprocessing
+import re
 import socket
 import threading
 import time
@@ -359,23 +361,51 @@ _MEMBER = (
     b"<member><Status>Success</Status>"
     b"<MessageId>0100018f-0000-0000-0000-000000000000-000000</MessageId></member>"
 )
+_ADDRESS = re.compile(rb"ToAddresses\.member\.1=([^&]*)")
 
 
 class _FastHandler(_Handler):
+    """Canned answers; optionally slow, with a quota, recording arrivals (see :func:`stub_process`)."""
+
+    delay = 0.0
+    quota = 1_000_000_000.0
+    record = False
+    received: list[tuple[float, list[str]]] = []
+    lock = threading.Lock()
+
     def answer(self, body: bytes) -> Reply:
+        arrived = time.monotonic()
         if b"Action=GetSendQuota" in body:
             return Reply(200, b"<GetSendQuotaResponse><GetSendQuotaResult>"
-                              b"<MaxSendRate>1000000000</MaxSendRate>"
-                              b"</GetSendQuotaResult></GetSendQuotaResponse>")
+                              b"<MaxSendRate>%s</MaxSendRate>"
+                              b"</GetSendQuotaResult></GetSendQuotaResponse>" % repr(self.quota).encode())
         count = body.count(b"ReplacementTemplateData=")
+        if self.record:
+            addresses = [urllib.parse.unquote_plus(m.decode()) for m in _ADDRESS.findall(body)]
+            with self.lock:
+                self.received.append((arrived, addresses))
         return Reply(200, (
             b'<SendBulkTemplatedEmailResponse><SendBulkTemplatedEmailResult><Status>'
             + _MEMBER * count
             + b"</Status></SendBulkTemplatedEmailResult></SendBulkTemplatedEmailResponse>"
-        ))
+        ), delay=self.delay)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        """``GET /received``: the bulk calls so far as JSON ``[[monotonic, [address, ...]], ...]``;
+        ``GET /received?clear`` forgets them after answering."""
+        with self.lock:
+            body = json.dumps(self.received).encode()
+            if self.path.endswith("?clear"):
+                self.received.clear()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
-def _serve_fast(conn: Any) -> None:
+def _serve_fast(conn: Any, delay: float, quota: float, record: bool) -> None:
+    _FastHandler.delay, _FastHandler.quota, _FastHandler.record = delay, quota, record
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FastHandler)
     server.daemon_threads = True
     conn.send(server.server_address[1])
@@ -383,11 +413,17 @@ def _serve_fast(conn: Any) -> None:
 
 
 @contextlib.contextmanager
-def stub_process() -> Iterator[str]:
-    """A stub accepting every destination, in a separate process; yields its URL."""
+def stub_process(delay: float = 0.0, quota: float = 1_000_000_000.0, record: bool = False) -> Iterator[str]:
+    """A stub accepting every destination, in a separate process; yields its URL.
+
+    ``delay``: seconds before each SendBulkTemplatedEmail answer (calls overlap);
+    ``quota``: GetSendQuota's MaxSendRate; ``record``: keep each call's arrival
+    time (``time.monotonic()``, comparable across processes on Linux) and
+    addresses, read with :func:`received`.
+    """
     context = multiprocessing.get_context("spawn")  # no forking of a threaded test process
     parent, child = context.Pipe()
-    process = context.Process(target=_serve_fast, args=(child,), daemon=True)
+    process = context.Process(target=_serve_fast, args=(child, delay, quota, record), daemon=True)
     process.start()
     try:
         assert parent.poll(30), "the stub process did not start"
@@ -395,3 +431,9 @@ def stub_process() -> Iterator[str]:
     finally:
         process.terminate()
         process.join(5)
+
+
+def received(url: str, clear: bool = False) -> list[tuple[float, list[str]]]:
+    """What a recording :func:`stub_process` got: ``(arrival, addresses)`` per bulk call."""
+    with urllib.request.urlopen(f"{url}/received{'?clear' if clear else ''}", timeout=30) as answer:
+        return [(arrived, addresses) for arrived, addresses in json.loads(answer.read())]

@@ -53,7 +53,8 @@ def test_upgrade_path_prints_the_originals_rows(fresh_db, run_collector, base_en
     subprocess.run(console_script("mailroom") + ["migrate", "up"], env=env, check=True,
                    capture_output=True, timeout=60)
 
-    collector = run_collector(fresh_db, batch_limit=3)
+    # The original's batching, exactly: the rows and lines are compared with its output.
+    collector = run_collector(fresh_db, batch_limit=3, batch_mode="fixed")
     lines = collector.take(5)
     assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
     assert all(len(decode_line(line)) <= 3 for line in lines)

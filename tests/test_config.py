@@ -20,8 +20,11 @@ def test_defaults_are_the_originals():
     assert s.debug is False
     assert (s.ses_config_set, s.ses_source, s.ses_output_path) == ("default", "noreply@localhost", "./output")
     assert (s.ses_template_activation, s.ses_template_recovery) == ("activationv1", "passwordrecoveryv1")
-    assert s.claim_timeout == 300000 and s.send_max_attempts == 5 and s.ses_concurrency == 4
+    assert s.claim_timeout == 300000 and s.send_max_attempts == 5 and s.ses_concurrency is None
     assert s.ses_max_send_rate is None and s.ses_endpoint_url is None
+    assert s.batch_mode == "adaptive" and s.max_in_flight is None  # None: auto
+    auto = config.load(dict(GOOD, MAILROOM_SES_CONCURRENCY="auto", MAILROOM_MAX_IN_FLIGHT="8"))
+    assert (auto.ses_concurrency, auto.max_in_flight) == (None, 8)
 
 
 def test_values_are_parsed():
@@ -29,6 +32,7 @@ def test_values_are_parsed():
                MAILROOM_BATCH_TIMEOUT="100", MAILROOM_HEALTHCHECK_INTERVAL="100")
     s = config.load(env)
     assert (s.batch_limit, s.debug, s.ses_max_send_rate, s.batch_timeout) == (3, True, 14.5, 100)
+    assert config.load(dict(GOOD, MAILROOM_BATCH_MODE=" Fixed")).batch_mode == "fixed"
 
 
 BAD = [
@@ -39,6 +43,7 @@ BAD = [
     ({"MAILROOM_BATCH_LIMIT": "0"}, "MAILROOM_BATCH_LIMIT", "greater than zero"),
     ({"MAILROOM_BATCH_LIMIT": "-5"}, "MAILROOM_BATCH_LIMIT", "positive"),
     ({"MAILROOM_BATCH_LIMIT": "2.5"}, "MAILROOM_BATCH_LIMIT", "whole number"),
+    ({"MAILROOM_BATCH_MODE": "nagle"}, "MAILROOM_BATCH_MODE", "adaptive or fixed"),
     ({"MAILROOM_BATCH_TIMEOUT": "0"}, "MAILROOM_BATCH_TIMEOUT", "greater than zero"),
     ({"MAILROOM_BATCH_TIMEOUT": ""}, "MAILROOM_BATCH_TIMEOUT", "positive"),
     ({"MAILROOM_HEALTHCHECK_INTERVAL": "1000"}, "MAILROOM_HEALTHCHECK_INTERVAL", "at least MAILROOM_BATCH_TIMEOUT"),

@@ -133,7 +133,8 @@ def test_missing_template_is_a_permanent_failure(moto, make_settings, running):
 def test_rate_comes_from_get_send_quota_unless_configured(moto, stub, make_settings, running, caplog):
     assert running(make_settings(moto.url, ses_max_send_rate=None)).rate == 1.0  # moto's quota
     assert running(make_settings(stub.url, ses_max_send_rate=25.0)).rate == 25.0
-    assert [r.action for r in stub.requests] == []  # configured: no GetSendQuota
+    # Configured: GetSendQuota is called only to open the connection ahead of the first email.
+    assert [r.action for r in stub.requests] == ["GetSendQuota"]
     stub.quota_rate = None  # GetSendQuota answers 500
     assert running(make_settings(stub.url, ses_max_send_rate=None)).rate is None
     assert "cannot read the SES send quota" in caplog.text
@@ -259,18 +260,21 @@ def test_rate_limit_holds_within_ten_percent(stub, make_settings, running):
     for future in futures:
         assert {o.kind for o in future.result(30)} == {SENT}
     calls = sorted(stub.bulk, key=lambda r: r.time)
-    elapsed = calls[-1].time - calls[0].time
-    # The first call goes at once; each later one waits for the tokens of the ones before.
-    rate = (sum(len(c.destinations) for c in calls) - len(calls[0].destinations)) / elapsed
+    # The bucket starts full (one second's worth, as after an idle spell): 200
+    # recipients and one more call go at once; each later call waits for the
+    # tokens of the ones before.
+    burst = 200 // 10 + 1
+    elapsed = calls[-1].time - calls[burst - 1].time
+    rate = sum(len(c.destinations) for c in calls[burst:]) / elapsed
     assert 180 <= rate <= 220, f"{rate:.1f} recipients/s over {elapsed:.2f} s"
 
 
 def test_token_bucket_makes_each_caller_pay_for_the_one_before():
     clock = [0.0]
     bucket = pacing.TokenBucket(10.0, clock=lambda: clock[0])
-    assert bucket.reserve(50) == 0.0  # a call larger than the bucket still goes...
-    assert bucket.reserve(10) == 5.0  # ...and the next one waits until it is paid for
-    clock[0] = 5.0
+    assert bucket.reserve(50) == 0.0  # full at start; a call larger than the bucket still goes...
+    assert bucket.reserve(10) == 4.0  # ...and the next one waits until it is paid for
+    clock[0] = 4.0
     assert bucket.reserve(10) == 1.0
     clock[0] = 100.0  # idle: the bucket refills, but only to one second's worth
     assert bucket.reserve(10) == 0.0
@@ -471,3 +475,80 @@ def test_worker_reports_a_batch_in_flight_at_stop_after_a_malformed_one(stub, ma
         stub.gate.set()
         if worker.is_alive():
             worker.kill()
+
+
+def test_an_idle_sender_keeps_its_connection_warm(stub, make_settings, running, monkeypatch):
+    from mailroom.sender import warm
+
+    monkeypatch.setattr(warm, "IDLE_AFTER", 0.3)
+    sender = running(make_settings(stub.url, ses_max_send_rate=50.0))
+
+    def pings() -> int:
+        return sum(1 for r in stub.requests if r.action == "GetSendQuota")
+
+    assert pings() == 1  # at start: the first email finds a connection open
+    time.sleep(1.0)
+    assert pings() >= 3  # idle: a GetSendQuota every 0.3 s
+    # Sending keeps it warm by itself: no pings while calls are being made.
+    before = pings()
+    for n in range(8):
+        assert sender.submit(rows(1, start=n)).result(30)[0].kind == SENT
+        time.sleep(0.1)
+    assert pings() == before
+    sender.close(5)
+    after = pings()
+    time.sleep(0.5)
+    assert pings() == after  # closed: the keep-warm thread is gone
+
+
+# --- flow control: full calls and concurrency from the quota (issue 13) -----------------------
+
+
+def test_worker_mode_fills_calls_across_batches(stub, make_settings, running):
+    stub.gate.clear()
+    rejected = {"user23@example.test", "user41@example.test"}
+    stub.default = per_destination(lambda a: "MessageRejected" if a in rejected else None)
+    sender = running(make_settings(stub.url, ses_concurrency=1), policy=SendPolicy(**{**FAST.__dict__,
+                                                                                     "fill_calls": True}))
+    first = sender.submit(rows(10))
+    stub.wait_for(1)                                         # on the wire, held
+    later = [sender.submit(rows(10, start=10 * n)) for n in range(1, 6)]
+    recovery = sender.submit(rows(3, action=2, start=100))
+    stub.gate.set()
+    outcomes = [f.result(30) for f in [first, *later, recovery]]
+    calls = stub.bulk
+    # The five batches queued behind the first make one call of 50; the other action its own.
+    assert sorted(len(r.addresses) for r in calls) == [3, 10, 50]
+    full = next(r for r in calls if len(r.addresses) == 50)
+    assert full.addresses == [f"user{i}@example.test" for i in range(10, 60)]
+    # Each destination's outcome reaches its own batch, in row order.
+    for n, batch in enumerate(outcomes[1:6], start=1):
+        for i, outcome in enumerate(batch):
+            address = f"user{10 * n + i}@example.test"
+            assert outcome.kind == (FAILED if address in rejected else SENT), address
+    assert all(o.kind == SENT for o in outcomes[0] + outcomes[6])
+
+
+def test_stdin_mode_keeps_one_call_per_batch(stub, make_settings, running):
+    stub.gate.clear()
+    sender = running(make_settings(stub.url, ses_concurrency=1))
+    futures = [sender.submit(rows(10, start=10 * n)) for n in range(4)]
+    stub.wait_for(1)
+    stub.gate.set()
+    assert all(o.kind == SENT for f in futures for o in f.result(30))
+    assert [len(r.addresses) for r in stub.bulk] == [10] * 4
+
+
+def test_concurrency_follows_the_quota_and_the_latency():
+    bucket = pacing.TokenBucket(1000.0)
+    little = pacing.Concurrency(16, bucket, 50)
+    little.latency = 0.06            # 60 destinations in flight: 1.2 full calls
+    assert little.target() == 3      # with half again and one call of slack
+    bucket.set_rate(5000.0)          # 300 in flight: 6 calls (an operator's set_rate too)
+    assert little.target() == 10
+    bucket.set_rate(100_000.0)
+    assert little.target() == 16     # the bound
+    assert pacing.Concurrency(16, pacing.TokenBucket(None), 50).target() == 16  # no known limit
+    assert pacing.Concurrency(16, pacing.TokenBucket(14.0), 50).target() == 2   # a sandbox account
+    little.observe(0.5)
+    assert 0.06 < little.latency < 0.5

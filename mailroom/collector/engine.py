@@ -53,6 +53,10 @@ class BatchSink(Protocol):
     def ready(self) -> bool:
         """May another batch be claimed now? (backpressure)"""
 
+    def idle(self) -> bool:
+        """Is the pipeline empty: ready, and no batch handed on still without its
+        outcome?  Adaptive batching claims at once while this holds."""
+
     def deliver(self, claim: ledger.Claim, line: bytes) -> None:
         """Hand one encoded batch on; raise to have it released back to the queue."""
 
@@ -202,13 +206,11 @@ class Collector:
 
         Sets :attr:`backlog` when it stopped with work possibly left (sink full,
         stop requested), so the loop resumes as soon as the sink has room.
+        Expired leases are looked for after the claims, not before: the batch
+        that woke us should not wait for that query (the rows it re-queues are
+        due at once, so the loop's next turn claims them).
         """
         assert self.conn is not None
-        now = time.monotonic()
-        if now - self._requeued_at >= REQUEUE_EVERY:
-            self._requeued_at = now
-            ledger.requeue_expired(self.conn, self.settings.queue_name,
-                                   self.settings.claim_timeout, self.settings.send_max_attempts)
         total = 0
         self.backlog = True
         while not self.should_stop() and self.sink.ready():
@@ -218,6 +220,11 @@ class Collector:
             if claim.picked < self.settings.batch_limit:
                 self.backlog = False
                 break
+        now = time.monotonic()
+        if now - self._requeued_at >= REQUEUE_EVERY:
+            self._requeued_at = now
+            ledger.requeue_expired(self.conn, self.settings.queue_name,
+                                   self.settings.claim_timeout, self.settings.send_max_attempts)
         return total
 
     # -- main loop --------------------------------------------------------------
@@ -266,9 +273,20 @@ class Collector:
         return None
 
     def _listen_loop(self) -> None:
+        """Wait for notifications and claim when a batch is due.
+
+        ``fixed`` mode is the original's rule: a batch is due at
+        ``batch_limit`` notifications or ``batch_timeout`` after the first one.
+        ``adaptive`` mode adds a third trigger: the pipeline is idle (nothing
+        handed on is still without its outcome).  On a quiet day that claims the
+        first notification at once; under load notifications pile up while
+        batches are in flight and are claimed together as soon as the pipeline
+        drains (Nagle's algorithm, with the limit and the timeout as upper bounds).
+        """
         conn = self.conn
         assert conn is not None
         s = self.settings
+        adaptive = s.batch_mode == "adaptive"
         pending = 0                 # notifications counted since the last claim
         first_at = 0.0              # monotonic time of the first of them
         last_activity = time.monotonic()
@@ -285,6 +303,8 @@ class Collector:
                     deadlines.append(now)
                 if pending:
                     deadlines.append(first_at + s.batch_timeout / 1000)
+                    if adaptive and self.sink.idle():
+                        deadlines.append(now)
                 if due_at is not None:
                     deadlines.append(due_at)
             timeout = min(MAX_WAIT, min(deadlines) - now)
@@ -302,7 +322,8 @@ class Collector:
                 last_activity = now
             if self.should_stop():
                 return
-            batch_due = pending and (pending >= s.batch_limit or now >= first_at + s.batch_timeout / 1000)
+            batch_due = pending and (pending >= s.batch_limit or now >= first_at + s.batch_timeout / 1000
+                                     or (adaptive and self.sink.idle()))
             retry_due = due_at is not None and now >= due_at
             if retry_due:
                 self._requeued_at = -REQUEUE_EVERY

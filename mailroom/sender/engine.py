@@ -5,9 +5,14 @@ worker forked by the supervisor (outcomes go back over its pipe to the ledger), 
 :func:`mailroom.sender_stdin.run_stdin`, the compatibility mode of ``mailroom-collector | mailroom-sender``.
 
 How a batch travels: :meth:`Sender.submit` splits it by action into calls of at most
-50 destinations and queues them; ``ses_concurrency`` threads take calls from a
-time-ordered queue, wait for the rate limit, call ``SendBulkTemplatedEmail`` and
-resolve each destination.  A retryable destination goes back into the queue with a
+50 destinations and queues them; sending threads take calls from a time-ordered
+queue, wait for the rate limit, call ``SendBulkTemplatedEmail`` and resolve each
+destination.  How many calls are in flight follows the rate limit and the measured
+latency (:class:`~mailroom.sender.pacing.Concurrency`), within ``ses_concurrency``.
+With ``fill_calls`` (the supervisor's sender) a thread that takes a call fills it
+up to 50 destinations with the queued calls of the same action, whatever their
+batch: under load every call is full; each destination's outcome still goes to
+its own batch.  A retryable destination goes back into the queue with a
 jittered exponential delay (a waiting retry never holds a thread); a paused account
 holds or hands back what it cannot send, and one call probes later.
 """
@@ -24,7 +29,7 @@ from typing import Any, TextIO
 
 from mailroom._process import backoff
 from mailroom.config import Settings
-from mailroom.sender import health, pacing, ses
+from mailroom.sender import health, pacing, ses, warm
 from mailroom.vocabulary import Action, Outcome, OutcomeKind
 from mailroom.wire import WireFields
 
@@ -37,6 +42,9 @@ SENT = OutcomeKind.SENT
 EMITTED = OutcomeKind.EMITTED
 FAILED = OutcomeKind.FAILED
 RETRY = OutcomeKind.RETRY
+
+#: Upper bound of SES calls in flight with ``MAILROOM_SES_CONCURRENCY=auto``.
+AUTO_CONCURRENCY = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +74,14 @@ class SendPolicy:
     #: (the collector renews the leases of what is in flight, and a hand-back would
     #: cost an attempt at every claim); stdin mode holds (nobody else would send them).
     hold_when_paused: bool = False
+    #: Fill each call with queued calls of other batches (worker mode); stdin mode
+    #: keeps one call per action per line, as the original did.
+    fill_calls: bool = False
 
 
 #: The sender worker's policy: short retries here, then the ledger's backoff;
 #: a circuit after 5 whole calls failed in a row; paused or open, calls are held.
-WORKER_POLICY = SendPolicy(in_process_attempts=3, circuit_after=5, hold_when_paused=True)
+WORKER_POLICY = SendPolicy(in_process_attempts=3, circuit_after=5, hold_when_paused=True, fill_calls=True)
 
 
 class _Batch:
@@ -137,6 +148,8 @@ class Sender:
         self._bucket: pacing.TokenBucket | None = None
         self._raw: ses.RawResponseWriter | None = None
         self._schedule = pacing.Schedule()
+        self._concurrency: pacing.Concurrency | None = None
+        self._warm: warm.KeepWarm | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # guards the fields below
         self._batches: set[_Batch] = set()
@@ -150,6 +163,11 @@ class Sender:
             circuit_base=self.policy.circuit_base, circuit_cap=self.policy.circuit_cap,
             circuit_after=self.policy.circuit_after)
         self._stopping = threading.Event()  # wakes every wait when close() gives up
+
+    @property
+    def concurrency(self) -> int:
+        """SES calls allowed in flight now (0 before :meth:`start`)."""
+        return self._concurrency.target() if self._concurrency else 0
 
     @property
     def rate(self) -> float | None:
@@ -186,7 +204,7 @@ class Sender:
             self._client = ses.PrintingClient(self._stdout or sys.stdout)
             concurrency, rate = 1, None
         else:
-            concurrency = self.settings.ses_concurrency
+            concurrency = self.settings.ses_concurrency or AUTO_CONCURRENCY
             self._client = ses.make_client(
                 self.settings,
                 connect_timeout=self.policy.connect_timeout,
@@ -197,16 +215,26 @@ class Sender:
                                               self.settings.ses_output_max_files,
                                               self.settings.ses_output_max_bytes)
             self._raw.attach(self._client)
+            # Reading the quota also opens the first connection and has botocore
+            # load its models: the first email does not pay for either.  With the
+            # rate set by hand, the same call is made for the warm-up alone.
+            self._warm = warm.KeepWarm(self._client, self._stopping, warm.IDLE_AFTER)
             rate = self.settings.ses_max_send_rate
             if rate is None:
                 rate = ses.read_send_rate(self._client)
+            else:
+                self._warm.ping()
+            self._warm.start()
+        self._bucket = pacing.TokenBucket(rate)
+        self._concurrency = pacing.Concurrency(concurrency, self._bucket, ses.MAX_DESTINATIONS)
+        if not self.settings.debug:
             log.info(
-                "sending through SES%s with %d threads, %s",
+                "sending through SES%s with %d calls in flight (at most %d), %s",
                 f" at {self.settings.ses_endpoint_url}" if self.settings.ses_endpoint_url else "",
+                self._concurrency.target(),
                 concurrency,
                 f"at most {rate:g} recipients/s" if rate else "no rate limit",
             )
-        self._bucket = pacing.TokenBucket(rate)
         for number in range(concurrency):
             # Daemon threads: a call stuck past the shutdown deadline must not keep
             # the process alive; its tokens were already handed back as "retry".
@@ -253,19 +281,33 @@ class Sender:
     # --- sending --------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            item = self._schedule.get()
-            if item is None:
-                return
+        assert self._concurrency is not None
+        while self._concurrency.enter():
             try:
-                if item is _PROBE:
-                    self._probe()
-                else:
-                    self._send(item)
-            except Exception:  # a bug must not kill the thread and strand the batch
-                log.exception("unexpected error in the sending thread")
-                if item is not _PROBE:
-                    self._give_back(item, "sender error", 60.0)
+                item = self._schedule.get()
+                if item is None:
+                    return
+                try:
+                    if item is _PROBE:
+                        self._probe()
+                    else:
+                        self._send(item)
+                except Exception:  # a bug must not kill the thread and strand the batch
+                    log.exception("unexpected error in the sending thread")
+                    if item is not _PROBE:
+                        self._give_back(item, "sender error", 60.0)
+            finally:
+                self._concurrency.leave()
+
+    def _fill(self, call: _Call) -> list[_Call]:
+        """Queued calls of ``call``'s action that fit in the same SES call, due now."""
+
+        def size(item: object) -> int | None:
+            if isinstance(item, _Call) and item.action == call.action and not item.batch.done:
+                return len(item.destinations)
+            return None
+
+        return self._schedule.take_due(size, ses.MAX_DESTINATIONS - len(call.destinations))
 
     def _probe(self) -> None:
         call = self.health.take_probe()
@@ -277,11 +319,39 @@ class Sender:
             return  # given up at shutdown
         if not probe and self._hold_if_paused(call):
             return
-        count = len(call.destinations)
+        calls = [call, *self._fill(call)] if self.policy.fill_calls and not probe else [call]
+        count = sum(len(c.destinations) for c in calls)
         if not self._bucket or not self._bucket.acquire(count, self._stopping):
-            self._give_back(call, "sender stopping")
+            for each in calls:
+                self._give_back(each, "sender stopping")
             return
-        verdicts, whole_call = self._attempt(call)
+        started = time.monotonic()
+        if len(calls) == 1:
+            verdicts, whole_call = self._attempt(call)
+        else:
+            # One request for all; each call gets the verdicts of its destinations.
+            merged = [d for c in calls for d in c.destinations]
+            verdicts, whole_call = self._attempt(_Call(call.batch, call.action, [], merged, call.attempts))
+        assert self._concurrency is not None
+        self._concurrency.observe(time.monotonic() - started)
+        if whole_call and any(v.kind == ses.RETRY for v in verdicts):
+            # One SES call failed as a whole: the circuit counts it once, whatever it carried.
+            reason = verdicts[0].detail or "retryable"
+            if self.health.call_failed(reason, probe):
+                # The circuit is open: these calls wait for the probe, no attempt counted.
+                for each in calls:
+                    self._hold_or_give_back(each, reason, probe)
+                return
+            if probe:  # no circuit: a probe that got no answer still ends the pause
+                self._on_not_paused()
+        offset = 0
+        for each in calls:
+            end = offset + len(each.destinations)
+            self._apply(each, verdicts[offset:end], whole_call, probe)
+            offset = end
+
+    def _apply(self, call: _Call, verdicts: list[ses.Verdict], whole_call: bool, probe: bool) -> None:
+        """Resolve, retry or hold each destination of ``call`` by its verdict."""
         by_kind: dict[str, list[int]] = {ses.SENT: [], ses.EMITTED: [], ses.RETRY: [], ses.PAUSE: [],
                                          ses.FAIL: []}
         for position, verdict in enumerate(verdicts):
@@ -290,15 +360,7 @@ class Sender:
         if by_kind[ses.PAUSE]:
             reason = verdicts[by_kind[ses.PAUSE][0]].detail or "paused"
             self._on_paused(call.subset(by_kind[ses.PAUSE]), reason, probe)
-        elif whole_call and by_kind[ses.RETRY]:
-            reason = verdicts[0].detail or "retryable"
-            if self.health.call_failed(reason, probe):
-                # The circuit is open: this call waits for the probe, no attempt counted.
-                self._hold_or_give_back(call, reason, probe)
-                return
-            if probe:  # no circuit: a probe that got no answer still ends the pause
-                self._on_not_paused()
-        else:
+        elif not (whole_call and by_kind[ses.RETRY]):  # a failed whole call: _send decided
             self._on_not_paused()
         for position in by_kind[ses.SENT]:
             outcome = Outcome(SENT, message_id=verdicts[position].detail)
@@ -316,6 +378,8 @@ class Sender:
         whether the call failed as a whole (no answer for any destination)."""
         request = ses.bulk_request(self.settings, call.action, call.destinations)
         count = len(call.destinations)
+        if self._warm is not None:
+            self._warm.touch()
         try:
             response = self._client.send_bulk_templated_email(**request)
         except Exception as exc:  # noqa: BLE001 - classified below, bugs included
@@ -461,6 +525,8 @@ class Sender:
             log.warning("shutdown: %d batches not finished in time; their tokens are handed back",
                         len(left))
         self._stopping.set()
+        if self._concurrency is not None:
+            self._concurrency.close()
         for batch in left:
             self._finish(batch, Outcome(RETRY, error="not sent: sender stopped", retry_after=0.0))
         self._schedule.close()

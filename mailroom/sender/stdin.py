@@ -61,7 +61,9 @@ def run_stdin(
     signals = SignalFlag()
     signals.install((signal.SIGTERM, signal.SIGINT), second_is_fatal=True)
     on_signal = StopRequest(settings.shutdown_timeout / 1000)
-    driver = Driver(sender, _LogSink(signals), window=settings.ses_concurrency + settings.max_in_flight,
+    # Read ahead: what the calls in flight need, plus the in-flight window (auto: 4).
+    read_ahead = (settings.ses_concurrency or sender.concurrency) + (settings.max_in_flight or 4)
+    driver = Driver(sender, _LogSink(signals), window=read_ahead,
                     poll_stop=lambda: on_signal if signals() else None)
     reader = threading.Thread(target=_read, args=(stdin, signals, driver), name="stdin-reader", daemon=True)
     try:

@@ -300,6 +300,9 @@ class Supervisor:
             self.router.on_claimed(message)
         elif isinstance(message, msg.BatchOutcomes) and worker.role == SENDER:
             self.router.on_outcomes(message)
+        elif isinstance(message, msg.Window) and worker.role == SENDER:
+            # Repeated with every heartbeat: a collector that missed it gets the next.
+            self.send(COLLECTOR, message)
         elif isinstance(message, msg.Recorded) and worker.role == COLLECTOR:
             self.router.on_recorded(message)
         else:

@@ -4,8 +4,8 @@
 
     collector -> supervisor   Ready, Heartbeat, Claimed, Recorded
     supervisor -> sender      SendBatch, Stop
-    sender -> supervisor      Ready, Heartbeat, BatchOutcomes
-    supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, Stop
+    sender -> supervisor      Ready, Heartbeat, BatchOutcomes, Window
+    supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, Stop, Window
 
 The supervisor routes them without understanding the wire format or touching the
 database, so this module imports neither psycopg nor boto3.  ``claimed_at`` (the
@@ -63,6 +63,14 @@ class BatchOutcomes:
 
     batch_id: str
     outcomes: TokenOutcomes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Window:
+    """sender -> supervisor -> collector: batches to keep claimed ahead, so that the
+    calls the sender may have in flight can be full (``MAILROOM_MAX_IN_FLIGHT`` bounds it)."""
+
+    batches: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import signal
 import socket
@@ -48,6 +49,12 @@ def _boot(tag: str, settings: Settings) -> SignalFlag:
     return stop
 
 
+#: Batches claimed ahead with ``MAILROOM_MAX_IN_FLIGHT=auto``: at most this many,
+#: and this many until the sender said what it needs.
+AUTO_MAX_IN_FLIGHT = 256
+FIRST_WINDOW = 4
+
+
 # -- collector worker ------------------------------------------------------------
 
 class PipeSink:
@@ -56,7 +63,9 @@ class PipeSink:
     Batches go to the supervisor as soon as their claim is committed (status
     ``claimed``); outcomes come back on the same pipe and are written to the ledger,
     each confirmed to the supervisor once committed (:class:`~messages.Recorded`).
-    The number of batches without outcomes is bounded by ``max_in_flight``.
+    The number of batches without outcomes is bounded by ``max_in_flight``: what
+    the sender asks for (:class:`~mailroom.supervisor.messages.Window`), within
+    ``MAILROOM_MAX_IN_FLIGHT`` (auto: :data:`AUTO_MAX_IN_FLIGHT`).
 
     A batch in flight keeps its lease: every third of ``MAILROOM_CLAIM_TIMEOUT``
     one statement renews the leases of all of them (:func:`ledger.renew`), so a
@@ -70,7 +79,8 @@ class PipeSink:
         self.pipe = pipe
         self.queue = settings.queue_name
         self.max_attempts = settings.send_max_attempts
-        self.max_in_flight = settings.max_in_flight
+        self.bound = settings.max_in_flight or AUTO_MAX_IN_FLIGHT
+        self.max_in_flight = min(self.bound, FIRST_WINDOW)
         #: batch id -> (token ids, claimed_at): what a lease renewal needs.
         self.in_flight: dict[str, tuple[list[int], Any]] = {}
         self.renew_every = settings.claim_timeout / 3000
@@ -91,6 +101,10 @@ class PipeSink:
     def ready(self) -> bool:
         return (self.claiming and not self.draining and not self.stopping
                 and len(self.in_flight) < self.max_in_flight)
+
+    def idle(self) -> bool:
+        """No batch of ours (adopted ones included) waits for its outcomes."""
+        return not self.in_flight and self.ready()
 
     def deliver(self, claim: ledger.Claim, line: bytes) -> None:
         self.counter += 1
@@ -119,6 +133,8 @@ class PipeSink:
                     self.draining = True
                 elif isinstance(message, msg.Stop):
                     self.stopping = True
+                elif isinstance(message, msg.Window):
+                    self.max_in_flight = max(1, min(self.bound, message.batches))
                 elif isinstance(message, msg.Adopt):
                     for batch_id in message.batch_ids:
                         self.in_flight[batch_id] = message.claims.get(batch_id, ([], None))
@@ -246,6 +262,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     from mailroom.sender.driver import Driver, Job, StopRequest
     from mailroom.sender.engine import WORKER_POLICY
     from mailroom.sender.quota import QuotaWatch
+    from mailroom.sender.ses import MAX_DESTINATIONS
 
     sender = Sender(settings, policy=WORKER_POLICY)
     try:
@@ -256,7 +273,14 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
         return config.EXIT_CONFIG
     quota = QuotaWatch(sender)
     quota.start()
-    sink = _PipeOutcomes(pipe, lambda: {**quota.stats(), "ses_paused": sender.health.paused_reason})
+
+    def window() -> int:
+        # Twice what the calls in flight hold when full: while they are on the
+        # wire, the next ones fill up from the batches waiting behind them.
+        wanted = 2 * sender.concurrency * MAX_DESTINATIONS
+        return max(FIRST_WINDOW, math.ceil(wanted / settings.batch_limit))
+
+    sink = _PipeOutcomes(pipe, lambda: {**quota.stats(), "ses_paused": sender.health.paused_reason}, window)
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
     # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
     on_signal = StopRequest(settings.shutdown_timeout / 1000, defer_retries=True)
@@ -300,10 +324,13 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
 class _PipeOutcomes:
     """The sender worker's outcome sink: outcomes and heartbeats to the supervisor."""
 
-    def __init__(self, pipe: Connection, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, pipe: Connection, stats: Callable[[], dict[str, Any]],
+                 window: Callable[[], int]) -> None:
         self.pipe = pipe
         self.stats = stats
+        self.window = window
         self.last_beat = 0.0
+        self.last_window = 0
 
     def post(self, message: object) -> bool:
         try:
@@ -321,9 +348,16 @@ class _PipeOutcomes:
 
     def tick(self) -> None:
         now = time.monotonic()
-        if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
+        window = self.window()
+        beat = now - self.last_beat >= msg.HEARTBEAT_INTERVAL
+        if beat:
             self.last_beat = now
             self.post(msg.Heartbeat({**self.stats(), "rss": rss_bytes()}))
+        # At once when it changes, and with every heartbeat for a collector that
+        # started since (the supervisor forwards it, it does not keep it).
+        if beat or window != self.last_window:
+            self.last_window = window
+            self.post(msg.Window(window))
 
     def stopping(self, stop: Any) -> None:
         logger.info("stopping: finishing the batches in flight (at most %g s)", stop.timeout)
