@@ -6,7 +6,8 @@ pause); :mod:`~mailroom.sender.ses` the SES client, requests and answers;
 :func:`~mailroom.sender.stdin.run_stdin` the compatibility mode.
 """
 
-from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Sender, SendPolicy
+from mailroom.sender.calls import SendPolicy
+from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Sender
 from mailroom.vocabulary import Outcome
 
 __all__ = ["EMITTED", "FAILED", "RETRY", "SENT", "Outcome", "SendPolicy", "Sender"]

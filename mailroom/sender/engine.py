@@ -2,7 +2,7 @@
 
 :class:`Sender` is the engine shared by the two ways of running it: the sender
 worker forked by the supervisor (outcomes go back over its pipe to the ledger), and
-:func:`mailroom.sender_stdin.run_stdin`, the compatibility mode of ``mailroom-collector | mailroom-sender``.
+:func:`mailroom.sender.stdin.run_stdin`, the compatibility mode of ``mailroom-collector | mailroom-sender``.
 
 How a batch travels: :meth:`Sender.submit` splits it by action into calls of at most
 50 destinations and queues them; sending threads take calls from a time-ordered
@@ -17,10 +17,13 @@ jittered exponential delay (a waiting retry never holds a thread); a paused acco
 holds or hands back what it cannot send, and one call probes later.
 """
 
+# Longer than the house's ~400 lines on purpose: every method below shares one lock
+# and the batches' bookkeeping (fill, attempt, apply, retry, hold, resolve, close);
+# the parts that stand alone are already out (calls, health, pacing, raw, warm).
+
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import sys
 import threading
@@ -29,7 +32,8 @@ from typing import Any, TextIO
 
 from mailroom._process import backoff
 from mailroom.config import Settings
-from mailroom.sender import health, pacing, ses, warm
+from mailroom.sender import health, pacing, raw, ses, warm
+from mailroom.sender.calls import AUTO_CONCURRENCY, Batch, Call, SendPolicy
 from mailroom.vocabulary import Action, Outcome, OutcomeKind
 from mailroom.wire import WireFields
 
@@ -42,90 +46,6 @@ SENT = OutcomeKind.SENT
 EMITTED = OutcomeKind.EMITTED
 FAILED = OutcomeKind.FAILED
 RETRY = OutcomeKind.RETRY
-
-#: Upper bound of SES calls in flight with ``MAILROOM_SES_CONCURRENCY=auto``.
-AUTO_CONCURRENCY = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class SendPolicy:
-    """Timing knobs of the sender; the defaults are for production, tests shrink them."""
-
-    #: First retry delay in seconds; doubles per attempt (equal jitter), up to the cap.
-    backoff_base: float = 0.5
-    backoff_cap: float = 30.0
-    #: First probe delay when the account is paused; doubles per failed probe.
-    pause_base: float = 10.0
-    pause_cap: float = 600.0
-    connect_timeout: float = 5.0
-    read_timeout: float = 20.0
-    #: Open circuit (see :mod:`mailroom.sender.health`): first probe delay, cap.
-    circuit_base: float = 5.0
-    circuit_cap: float = 300.0
-    #: Whole calls failed in a row that open the circuit; None: never open it.
-    circuit_after: int | None = None
-    #: Attempts of a call in this process before its retryable destinations go
-    #: back to the ledger as "retry" without a delay of their own (the ledger
-    #: then waits by its own attempt count); None: retry here up to
-    #: ``send_max_attempts`` and fail (stdin mode: there is no ledger).
-    in_process_attempts: int | None = None
-    #: Paused account (or open circuit): keep the destinations and send them once a
-    #: probe gets through, or hand them back at once as "retry".  The worker holds
-    #: (the collector renews the leases of what is in flight, and a hand-back would
-    #: cost an attempt at every claim); stdin mode holds (nobody else would send them).
-    hold_when_paused: bool = False
-    #: Fill each call with queued calls of other batches (worker mode); stdin mode
-    #: keeps one call per action per line, as the original did.
-    fill_calls: bool = False
-
-
-#: The sender worker's policy: short retries here, then the ledger's backoff;
-#: a circuit after 5 whole calls failed in a row; paused or open, calls are held.
-WORKER_POLICY = SendPolicy(in_process_attempts=3, circuit_after=5, hold_when_paused=True, fill_calls=True)
-
-
-class _Batch:
-    """One submitted batch: its future and the outcome of each row so far."""
-
-    __slots__ = ("future", "outcomes", "pending", "lock", "done")
-
-    def __init__(self, size: int) -> None:
-        self.future: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
-        self.outcomes: list[Outcome | None] = [None] * size
-        self.pending = size
-        self.lock = threading.Lock()
-        self.done = False
-
-
-class _Call:
-    """Destinations of one batch that go out in one SendBulkTemplatedEmail call."""
-
-    __slots__ = ("batch", "action", "indices", "destinations", "attempts")
-
-    def __init__(
-        self,
-        batch: _Batch,
-        action: int,
-        indices: list[int],
-        destinations: list[dict[str, Any]],
-        attempts: int = 0,
-    ) -> None:
-        self.batch = batch
-        self.action = action
-        self.indices = indices
-        self.destinations = destinations
-        self.attempts = attempts  # attempts made so far
-
-    def subset(self, positions: list[int]) -> _Call:
-        """The same call for some of its destinations, one attempt later."""
-        return _Call(
-            self.batch,
-            self.action,
-            [self.indices[p] for p in positions],
-            [self.destinations[p] for p in positions],
-            self.attempts + 1,
-        )
-
 
 _PROBE = object()  # queue marker: time to probe a paused account
 
@@ -146,13 +66,13 @@ class Sender:
         self._stdout = stdout
         self._client: Any = None
         self._bucket: pacing.TokenBucket | None = None
-        self._raw: ses.RawResponseWriter | None = None
+        self._raw: raw.RawResponseWriter | None = None
         self._schedule = pacing.Schedule()
         self._concurrency: pacing.Concurrency | None = None
         self._warm: warm.KeepWarm | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # guards the fields below
-        self._batches: set[_Batch] = set()
+        self._batches: set[Batch] = set()
         self._idle = threading.Condition(self._lock)
         self._started = False
         self._closing = False
@@ -211,7 +131,7 @@ class Sender:
                 read_timeout=self.policy.read_timeout,
                 pool_size=concurrency,
             )
-            self._raw = ses.RawResponseWriter(self.settings.ses_output_path,
+            self._raw = raw.RawResponseWriter(self.settings.ses_output_path,
                                               self.settings.ses_output_max_files,
                                               self.settings.ses_output_max_bytes)
             self._raw.attach(self._client)
@@ -248,7 +168,7 @@ class Sender:
         """Queue a batch; the future gives one :class:`Outcome` per row, in row order."""
         if not self._started or self._closing:
             raise RuntimeError("Sender.submit() needs start() and must come before close()")
-        batch = _Batch(len(rows))
+        batch = Batch(len(rows))
         groups: dict[int, tuple[list[int], list[dict[str, Any]]]] = {}
         for index, (action, email, login, token, code) in enumerate(rows):
             if action not in (Action.ACTIVATION, Action.RECOVERY):
@@ -264,7 +184,7 @@ class Sender:
             destinations.append(ses.destination(address, ses.template_data(action, login, token, code)))
         size = ses.MAX_DESTINATIONS
         calls = [
-            _Call(batch, action, indices[i : i + size], destinations[i : i + size])
+            Call(batch, action, indices[i : i + size], destinations[i : i + size])
             for action, (indices, destinations) in groups.items()
             for i in range(0, len(indices), size)
         ]
@@ -299,11 +219,11 @@ class Sender:
             finally:
                 self._concurrency.leave()
 
-    def _fill(self, call: _Call) -> list[_Call]:
+    def _fill(self, call: Call) -> list[Call]:
         """Queued calls of ``call``'s action that fit in the same SES call, due now."""
 
         def size(item: object) -> int | None:
-            if isinstance(item, _Call) and item.action == call.action and not item.batch.done:
+            if isinstance(item, Call) and item.action == call.action and not item.batch.done:
                 return len(item.destinations)
             return None
 
@@ -314,7 +234,7 @@ class Sender:
         if call is not None:
             self._send(call, probe=True)
 
-    def _send(self, call: _Call, probe: bool = False) -> None:
+    def _send(self, call: Call, probe: bool = False) -> None:
         if call.batch.done:
             return  # given up at shutdown
         if not probe and self._hold_if_paused(call):
@@ -331,7 +251,7 @@ class Sender:
         else:
             # One request for all; each call gets the verdicts of its destinations.
             merged = [d for c in calls for d in c.destinations]
-            verdicts, whole_call = self._attempt(_Call(call.batch, call.action, [], merged, call.attempts))
+            verdicts, whole_call = self._attempt(Call(call.batch, call.action, [], merged, call.attempts))
         assert self._concurrency is not None
         self._concurrency.observe(time.monotonic() - started)
         if whole_call and any(v.kind == ses.RETRY for v in verdicts):
@@ -350,7 +270,7 @@ class Sender:
             self._apply(each, verdicts[offset:end], whole_call, probe)
             offset = end
 
-    def _apply(self, call: _Call, verdicts: list[ses.Verdict], whole_call: bool, probe: bool) -> None:
+    def _apply(self, call: Call, verdicts: list[ses.Verdict], whole_call: bool, probe: bool) -> None:
         """Resolve, retry or hold each destination of ``call`` by its verdict."""
         by_kind: dict[str, list[int]] = {ses.SENT: [], ses.EMITTED: [], ses.RETRY: [], ses.PAUSE: [],
                                          ses.FAIL: []}
@@ -373,7 +293,7 @@ class Sender:
         if by_kind[ses.RETRY]:
             self._retry(call, by_kind[ses.RETRY], verdicts)
 
-    def _attempt(self, call: _Call) -> tuple[list[ses.Verdict], bool]:
+    def _attempt(self, call: Call) -> tuple[list[ses.Verdict], bool]:
         """One SendBulkTemplatedEmail call; one verdict per destination, and
         whether the call failed as a whole (no answer for any destination)."""
         request = ses.bulk_request(self.settings, call.action, call.destinations)
@@ -401,7 +321,7 @@ class Sender:
         verdicts += [missing] * (count - len(verdicts))
         return verdicts, False
 
-    def _retry(self, call: _Call, positions: list[int], verdicts: list[ses.Verdict]) -> None:
+    def _retry(self, call: Call, positions: list[int], verdicts: list[ses.Verdict]) -> None:
         attempts = call.attempts + 1
         here = self.policy.in_process_attempts
         if here is not None and attempts >= here:
@@ -429,7 +349,7 @@ class Sender:
 
     # --- paused account ----------------------------------------------------------------
 
-    def _hold_if_paused(self, call: _Call) -> bool:
+    def _hold_if_paused(self, call: Call) -> bool:
         """Keep or hand back ``call`` while SES is not being called; False to call."""
         wait = self.health.wait()
         if wait is None:
@@ -437,7 +357,7 @@ class Sender:
         self._hold_or_give_back(call, self.health.describe(), False)
         return True
 
-    def _hold_or_give_back(self, call: _Call, reason: str, probe: bool) -> None:
+    def _hold_or_give_back(self, call: Call, reason: str, probe: bool) -> None:
         with self._lock:
             hold = self.policy.hold_when_paused and not self._defer_retries
             if hold:
@@ -446,7 +366,7 @@ class Sender:
         if not hold:
             self._give_back(call, reason, self.health.wait() or 0.0)
 
-    def _on_paused(self, call: _Call, reason: str, probe: bool) -> None:
+    def _on_paused(self, call: Call, reason: str, probe: bool) -> None:
         # The paused destinations keep their attempt count: a pause is not their fault.
         call.attempts -= 1
         self.health.paused(reason, probe)
@@ -458,11 +378,11 @@ class Sender:
 
     # --- outcomes ------------------------------------------------------------------------
 
-    def _give_back(self, call: _Call, reason: str, retry_after: float | None = None) -> None:
+    def _give_back(self, call: Call, reason: str, retry_after: float | None = None) -> None:
         for index in call.indices:
             self._resolve(call.batch, index, Outcome(RETRY, error=reason, retry_after=retry_after))
 
-    def _resolve(self, batch: _Batch, index: int, outcome: Outcome) -> None:
+    def _resolve(self, batch: Batch, index: int, outcome: Outcome) -> None:
         with batch.lock:
             if batch.done or batch.outcomes[index] is not None:
                 return  # e.g. a call that returned after close() gave up on it
@@ -472,7 +392,7 @@ class Sender:
         if last:
             self._finish(batch)
 
-    def _finish(self, batch: _Batch, fill: Outcome | None = None) -> None:
+    def _finish(self, batch: Batch, fill: Outcome | None = None) -> None:
         with batch.lock:
             if batch.done:
                 return

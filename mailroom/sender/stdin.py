@@ -21,8 +21,9 @@ from typing import Any, BinaryIO, TextIO
 from mailroom import config
 from mailroom._process import SignalFlag, one_line
 from mailroom.config import Settings
+from mailroom.sender.calls import SendPolicy
 from mailroom.sender.driver import Driver, EndOfInput, Job, StopRequest
-from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Row, Sender, SendPolicy
+from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Row, Sender
 from mailroom.vocabulary import Outcome
 from mailroom.wire import WireError
 

@@ -14,6 +14,9 @@ This module imports neither psycopg nor boto3: the supervisor holds no database
 connection, no SES client and no thread; the workers create theirs after the fork.
 """
 
+# A little over the house's ~400 lines: processes, signals, restarts and the stop
+# phases of one loop; batches and operator commands are already elsewhere.
+
 from __future__ import annotations
 
 import dataclasses

@@ -259,8 +259,8 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     """Entry point of the sender worker; returns its exit code."""
     stop = _boot("SES", settings)
     from mailroom.sender import Sender
+    from mailroom.sender.calls import WORKER_POLICY
     from mailroom.sender.driver import Driver, Job, StopRequest
-    from mailroom.sender.engine import WORKER_POLICY
     from mailroom.sender.quota import QuotaWatch
     from mailroom.sender.ses import MAX_DESTINATIONS
 
