@@ -2,7 +2,7 @@
 
 The stub runs in its own process (canned XML, keep-alive), so what is measured is
 the sender: building requests, boto3 serialising and signing them, HTTP, parsing the
-answers, resolving outcomes.  Default concurrency (4 threads), a rate limit high
+answers, resolving outcomes.  Four sending threads (set, not auto), a rate limit high
 enough never to wait (but still consulted, as in production).
 
 The floor, :class:`floors.BareSes`: the very same ``SendBulkTemplatedEmail`` calls,
@@ -50,7 +50,8 @@ def stub_url():
 @pytest.fixture(scope="module")
 def sender(stub_url):
     # No MAILROOM_SES_MAX_SEND_RATE: the quota is read from the stub (10^9/s).
-    instance = Sender(Settings(ses_endpoint_url=stub_url, ses_source="noreply@mailroom.test"))
+    # Four threads on both sides (auto would size them from the instant stub's latency).
+    instance = Sender(Settings(ses_endpoint_url=stub_url, ses_source="noreply@mailroom.test", ses_concurrency=4))
     instance.start()
     yield instance
     instance.close()

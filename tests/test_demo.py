@@ -3,10 +3,12 @@ PostgreSQL, moto over HTTP, the real supervisor; then nothing of it is left runn
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -134,3 +136,51 @@ def test_ctrl_c_stops_everything_in_order():
     assert not Path(workdir).exists()
     left = processes_of(workdir, running)
     assert left == set(), [(pid, _proc_text(pid, "cmdline"), _proc_text(pid, "stat")) for pid in left]
+
+
+_PILOT = r'''
+import asyncio, json, os, sys, threading
+from mailroom.demo.app import Demo, _parser
+from mailroom.monitor.app import MonitorApp
+
+halt = threading.Event()
+demo = Demo(_parser().parse_args(["--rate", "20"]), halt)
+result = {"workdir": str(demo.workdir)}
+try:
+    demo.start()
+
+    async def drive() -> None:
+        app = MonitorApp(demo.control_socket, demo.database_url, queue="mailroom", operate=True)
+        async with app.run_test(size=(150, 45)) as pilot:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            table = app.query_one("#batches")
+            while table.row_count == 0:
+                assert loop.time() < deadline, "no batch on the monitor"
+                await pilot.pause(0.1)
+            result["rows_on_screen"] = table.row_count
+            await pilot.press("q")
+            await pilot.pause(0.2)
+            result["app_running"] = app.is_running
+
+    asyncio.run(drive())
+finally:
+    code, summary = demo.stop()
+result["supervisor_exit"] = code
+result["sent"] = summary.counts.sent if summary else None
+print(json.dumps(result))
+'''
+
+
+@pytest.mark.timeout(240)
+def test_demo_with_the_monitor_quits_on_q_and_leaves_nothing():
+    """The demo's parts under the real monitor, driven with the pilot: batches show
+    up on screen 1, ``q`` quits, and the demo then stops everything it started."""
+    done = subprocess.run([sys.executable, "-c", _PILOT], env=_demo_env(), capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows_on_screen"] >= 1 and result["app_running"] is False
+    assert result["supervisor_exit"] == 0 and result["sent"] >= 1
+    assert not Path(result["workdir"]).exists()
+    assert processes_of(result["workdir"], set()) == set()
