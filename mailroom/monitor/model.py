@@ -305,6 +305,12 @@ class MonitorState:
 
     def _on_tick(self, data: Mapping[str, Any]) -> None:
         self.tick.update(data)
+        workers = data.get("workers")  # uptime, heartbeat and RSS move every second
+        if isinstance(workers, Mapping):
+            workers = [dict(_dict(v), worker=k) for k, v in workers.items()]
+        if isinstance(workers, list):
+            for entry in workers:
+                self._take_worker(_dict(entry))
         self.sent_history.append(self.tick.sent_per_s)
         self.failed_history.append(self.tick.failed_per_s)
 

@@ -165,6 +165,17 @@ class Operator:
         return {"claims": self.claims_paused, "sending": self.sup.router.holding}
 
     def status(self) -> dict[str, Any]:
+        collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
+        rows = sum(len(b.token_ids) for b in self.sup.router.batches.values())
+        return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
+                "workers": self._workers(), "in_flight": {"batches": len(self.sup.router), "rows": rows},
+                "counters": dict(self.counters), "rates": self._rates(),
+                "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit")},
+                "queue": self.settings.queue_name, "queue_depth": collector.get("queue_depth"),
+                "oldest_queued_s": collector.get("oldest_queued_s"),
+                "tick": self._tick_data()}
+
+    def _workers(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
         workers = {}
         for role, worker in self.sup.workers.items():
@@ -175,15 +186,7 @@ class Operator:
                              "restarts": worker.restarts, "last_heartbeat_s": round(now - worker.last_seen, 1),
                              "last_heartbeat": time.time() - (now - worker.last_seen),
                              "rss": worker.stats.get("rss")}
-        collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
-        rows = sum(len(b.token_ids) for b in self.sup.router.batches.values())
-        return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
-                "workers": workers, "in_flight": {"batches": len(self.sup.router), "rows": rows},
-                "counters": dict(self.counters), "rates": self._rates(),
-                "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit")},
-                "queue": self.settings.queue_name, "queue_depth": collector.get("queue_depth"),
-                "oldest_queued_s": collector.get("oldest_queued_s"),
-                "tick": self._tick_data()}
+        return workers
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.status(), "batches": self._batches(None, RECENT_BATCHES)}
@@ -197,7 +200,7 @@ class Operator:
 
     def _tick_data(self) -> dict[str, Any]:
         collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
-        return {**self._rates(), "in_flight": len(self.sup.router),
+        return {**self._rates(), "workers": self._workers(), "in_flight": len(self.sup.router),
                 "queue_depth": collector.get("queue_depth"), "oldest_queued_s": collector.get("oldest_queued_s"),
                 "rate_limit": sender.get("rate_limit"), "ses": sender.get("ses", {})}
 
