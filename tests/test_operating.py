@@ -277,3 +277,20 @@ def test_the_supervisor_joins_the_fleet_and_leaves_it_at_a_clean_exit(operated, 
     assert members()[0]["host"] == socket.gethostname() and not members()[0]["stale"]
     assert sup.stop() == 0
     assert members() == []
+
+
+def test_sighup_restarts_both_workers_and_loses_nothing(operated, db, stub):
+    import signal
+
+    sup, ctl = operated(batch_limit="10")
+    old = {role: sup.worker(role) for role in ("collector", "sender")}
+    insert_accounts(db, 60, "first")
+    sup.signal(signal.SIGHUP)
+    wait_for(lambda: all(len(sup.started(role)) == 2 for role in old), timeout=30, what="both workers anew")
+    insert_accounts(db, 60, "second")
+    wait_for(lambda: ledger(db).get("sent") == 120, timeout=60, what="120 sent")
+    assert sup.proc.poll() is None  # SIGHUP no longer kills the supervisor (exit 129)
+    assert {role: sup.worker(role) for role in old} != old
+    assert sup.stop() == 0
+    sent = addresses(stub)
+    assert len(sent) == 120 and set(sent.values()) == {1}
