@@ -110,6 +110,16 @@ def test_adaptive_collects_while_a_batch_is_in_flight(db, base_env, stub, starte
     assert sup.stop() == 0
 
 
+def _in_loop(url: str) -> bool:
+    """Whether the one collector session left has run its listen loop's next_due_in query."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        sessions = conn.execute(
+            "SELECT query LIKE '%%next_attempt_at%%' FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'mailroom-collector'"
+        ).fetchall()
+    return sessions == [(True,)]
+
+
 def test_stdout_adaptive_prints_at_once_and_fixed_waits(db, base_env, started):
     adaptive = CollectorProcess(collector_env(base_env, db, batch_timeout=10_000))
     started.append(adaptive)
@@ -123,8 +133,11 @@ def test_stdout_adaptive_prints_at_once_and_fixed_waits(db, base_env, started):
 
     fixed = CollectorProcess(collector_env(base_env, db, batch_timeout=2_000, batch_mode="fixed"))
     started.append(fixed)
-    # Its own connection, not the stopped one's backend on its way out.
+    # Its own connection, not the stopped one's backend on its way out; and past the
+    # drain every collector runs when it connects (it would claim the row at once):
+    # its loop's first query (next_due_in) comes after that drain.
     wait_for(lambda: "listening on" in fixed.log(), what="collector connection")
+    wait_for(lambda: _in_loop(db), what="the collector past its start-up drain")
     insert_accounts(db, 1, "later")
     assert fixed.quiet(1.0) == []
     assert len(fixed.take(1, timeout=5.0)) == 1
