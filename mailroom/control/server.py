@@ -225,7 +225,8 @@ class ControlServer:
         ts = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         for client in targets:
             client.seq += 1
-            self._send(client, protocol.encode_event(event, client.seq, ts, data_json))
+            # Queued, not written: flush() sends a turn's events together.
+            self._send(client, protocol.encode_event(event, client.seq, ts, data_json), flush=False)
 
     # -- connections -----------------------------------------------------------------
     def _accept(self) -> None:
@@ -262,7 +263,7 @@ class ControlServer:
         except OSError:
             pass
 
-    def _send(self, client: _Client, data: bytes) -> None:
+    def _send(self, client: _Client, data: bytes, flush: bool = True) -> None:
         if client.closed:
             return
         if len(client.outbuf) + len(data) > MAX_OUTPUT:
@@ -271,7 +272,14 @@ class ControlServer:
             self._drop(client)
             return
         client.outbuf += data
-        self._flush(client)
+        if flush:
+            self._flush(client)
+
+    def flush(self) -> None:
+        """Write out what :meth:`publish` queued: call it once per loop turn, so the
+        events of one turn leave in one write per client (and wake it once)."""
+        for client in [c for c in self._clients.values() if c.outbuf]:
+            self._flush(client)
 
     def _flush(self, client: _Client) -> None:
         while client.outbuf and not client.closed:

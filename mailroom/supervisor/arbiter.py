@@ -400,6 +400,7 @@ class Supervisor:
             self.reap()
             self.tick()
             self.operator.tick(time.monotonic())
+            self.operator.flush()
         self.wait_exit()
         logger.info("stopped")
         return self.exit_code

@@ -83,6 +83,11 @@ class Operator:
         for server in self.servers():
             server.service(ready, ready)
 
+    def flush(self) -> None:
+        """End of a loop turn: the events it published go out, one write per client."""
+        if self.control is not None:
+            self.control.flush()
+
     def detach(self) -> None:
         """In a forked worker: drop the supervisor's sockets without touching files."""
         for server in self.servers():
