@@ -165,7 +165,11 @@ def test_throttling_keeps_claims_inside_the_window(db, base_env, supervisors, st
 
     wait_for(all_sent, timeout=90, interval=0.02, what="all sent after throttling")
     assert 0 < peak <= limit * window
-    assert sum(1 for r in stub.bulk if r.addresses) >= 6 + 10
+    # The six throttled calls, then calls that carried every address (the sender may
+    # merge batches into fuller calls, so the number of those calls varies).
+    calls = [r for r in stub.bulk if r.addresses]
+    assert len(calls) > 6
+    assert len({a for r in calls[6:] for a in r.addresses}) == 100
     assert sup.stop() == 0
 
 
