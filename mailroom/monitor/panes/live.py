@@ -34,6 +34,9 @@ def _cells(batch: Batch, now: float) -> tuple[Any, ...]:
     )
 
 
+#: Rows evicted in one repaint past which the table is rebuilt instead.
+REBUILD_AFTER = 20
+
 class LivePane(Vertical):
     """The live view of what the supervisor routes."""
 
@@ -100,10 +103,18 @@ class LivePane(Vertical):
         # Following the tail (cursor on the last row) keeps following it.
         follow = table.row_count == 0 or table.cursor_row >= table.row_count - 1
         now = time.monotonic()
-        for gone in [key for key in self._shown if key not in state.batches]:
-            del self._shown[gone]
+        gone = [key for key in self._shown if key not in state.batches]
+        if len(gone) > REBUILD_AFTER:
+            # DataTable.remove_row costs O(rows) each: at full speed a repaint evicts
+            # dozens, and removing them one by one took most of the monitor's CPU.
+            # Starting over costs one add_row per row kept.
+            table.clear()
+            self._shown.clear()
+            gone = []
+        for key in gone:
+            del self._shown[key]
             try:
-                table.remove_row(gone)
+                table.remove_row(key)
             except RowDoesNotExist:
                 pass
         for key, batch in state.batches.items():
