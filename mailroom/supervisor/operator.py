@@ -235,7 +235,8 @@ class Operator:
     def _answer_drains(self, now: float) -> None:
         for entry in list(self.drains):
             request, started, deadline = entry
-            if not len(self.sup.router):
+            # Drained: nothing in flight, and every outcome recorded in the ledger.
+            if not len(self.sup.router) and not self.sup.router.unconfirmed:
                 request.reply({"drained": True, "waited_s": round(now - started, 3)})
             elif now >= deadline:
                 request.fail("invalid_state", f"{len(self.sup.router)} batches still in flight after"
