@@ -39,7 +39,7 @@ from collector_util import insert_accounts, wait_for
 from conftest import NOTES, Rounds, record, record_rate
 from floors import AckSink, sender_stage
 from pgutil import SECRET_KEY_HEX, create_database, drop_database
-from ses_emulator import AWS_ENV, stub_process
+from ses_emulator import restore_env, stub_process, use_aws_env
 from supervisor_util import SupervisorProcess, ledger, supervisor_env
 
 from mailroom import config, wire
@@ -115,8 +115,7 @@ def test_end_to_end_rate_and_memory(benchmark):
     memory: dict[str, float] = {}
     drained, sent, both = Rounds(), Rounds(), Rounds()
     inserted = 1        # the warm-up account
-    saved = {name: os.environ.get(name) for name in AWS_ENV}
-    os.environ.update(AWS_ENV)
+    saved = use_aws_env()
     try:
         with stub_process() as ses_url:
             # No control socket: the default path may be held by another supervisor
@@ -174,11 +173,7 @@ def test_end_to_end_rate_and_memory(benchmark):
                 stage.join(30)
                 sup.kill()
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        restore_env(saved)
         drop_database(url)
         drop_database(template)
     benchmark.extra_info.update(accounts=ACCOUNTS, batch_limit=LIMIT, **memory)

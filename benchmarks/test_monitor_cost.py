@@ -25,7 +25,7 @@ import pytest
 from collector_util import insert_accounts, wait_for
 from conftest import MAXIMUM_MEASURES, measure
 from pgutil import SECRET_KEY_HEX, create_database, drop_database
-from ses_emulator import AWS_ENV, stub_process
+from ses_emulator import restore_env, stub_process, use_aws_env
 from supervisor_util import SupervisorProcess, ledger, supervisor_env
 
 from mailroom.ledger import migrate
@@ -87,8 +87,7 @@ def test_monitor_cpu_and_lag_at_full_speed():
     base["MAILROOM_SECRET_KEY"] = SECRET_KEY_HEX
     where = tempfile.mkdtemp(prefix="mrm")
     path = os.path.join(where, "c.sock")
-    saved = {name: os.environ.get(name) for name in AWS_ENV}
-    os.environ.update(AWS_ENV)
+    saved = use_aws_env()
     try:
         with stub_process() as ses_url:
             env = supervisor_env(base, url, ses_url, batch_limit=LIMIT, ses_max_send_rate=10**6,
@@ -117,11 +116,7 @@ def test_monitor_cpu_and_lag_at_full_speed():
             finally:
                 sup.kill()
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        restore_env(saved)
         drop_database(url)
     assert result["events"] > 0
     measure("monitor", "CPU share of one core", 100 * result["cpu_share"], "%")

@@ -16,12 +16,10 @@ batch shape.  Run from the project root::
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from conftest import Rounds, record, record_rate, timed
 from floors import BareSes
-from ses_emulator import AWS_ENV, stub_process
+from ses_emulator import restore_env, stub_process, use_aws_env
 
 from mailroom import wire
 from mailroom.config import Settings
@@ -34,17 +32,12 @@ SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
 @pytest.fixture(scope="module")
 def stub_url():
     """The canned-answer stub in its own process, with AWS credentials set for boto3."""
-    saved = {name: os.environ.get(name) for name in AWS_ENV}
-    os.environ.update(AWS_ENV)
+    saved = use_aws_env()
     try:
         with stub_process() as url:
             yield url
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        restore_env(saved)
 
 
 @pytest.fixture(scope="module")

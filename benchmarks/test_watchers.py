@@ -13,7 +13,6 @@ second.  Target: the watched rate reaches >= 0.95 of the unwatched one.  Run::
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -24,7 +23,7 @@ import pytest
 from collector_util import insert_accounts, wait_for
 from conftest import TARGETS, Rounds, Target, record, record_rate
 from pgutil import SECRET_KEY_HEX, create_database, drop_database
-from ses_emulator import AWS_ENV, stub_process
+from ses_emulator import free_port, restore_env, stub_process, use_aws_env
 from supervisor_util import SupervisorProcess, ledger, supervisor_env
 
 from mailroom.control.client import ControlClient
@@ -37,11 +36,6 @@ ROUNDS = 4
 TARGETS.append(Target("end to end watched (3 subscribers + a scrape a second) / unwatched",
                       ("watchers", "watched"), ("watchers", "unwatched"), 0.95))
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Watchers:
@@ -94,12 +88,11 @@ def test_watching_costs_less_than_five_percent(benchmark):
     base["MAILROOM_SECRET_KEY"] = SECRET_KEY_HEX
     where = tempfile.mkdtemp(prefix="mrw")
     path = os.path.join(where, "c.sock")
-    port = _free_port()
+    port = free_port()
     unwatched = Rounds()
     inserted = 0
     events = []
-    saved = {name: os.environ.get(name) for name in AWS_ENV}
-    os.environ.update(AWS_ENV)
+    saved = use_aws_env()
     try:
         with stub_process() as ses_url:
             env = supervisor_env(base, url, ses_url, batch_limit=LIMIT, ses_max_send_rate=10**6,
@@ -138,11 +131,7 @@ def test_watching_costs_less_than_five_percent(benchmark):
             finally:
                 sup.kill()
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        restore_env(saved)
         drop_database(url)
     if record(benchmark, "watchers", "watched", ACCOUNTS, "destinations") is None:
         return

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pgserver
 import pytest
 from pgutil import SECRET_KEY_HEX, create_database, drop_database
 from ses_emulator import SesStub, moto_server
+from supervisor_util import SupervisorProcess
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -90,3 +91,18 @@ def stub():
     """A scripted SES stub on 127.0.0.1 (what moto cannot do: throttling, 5xx, ...)."""
     with SesStub() as server:
         yield server
+
+
+@pytest.fixture
+def supervisors() -> Iterator[Callable[[dict[str, str]], SupervisorProcess]]:
+    """Start ``mailroom-supervisor`` processes (``supervisors(env)``); all killed at the end."""
+    started: list[SupervisorProcess] = []
+
+    def start(env: dict[str, str]) -> SupervisorProcess:
+        sup = SupervisorProcess(env)
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.kill()

@@ -22,6 +22,7 @@ import http.server
 import itertools
 import json
 import multiprocessing
+import os
 import re
 import socket
 import threading
@@ -44,6 +45,23 @@ AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 _XMLNS = "http://ses.amazonaws.com/doc/2010-12-01/"
+
+
+def use_aws_env() -> dict[str, str | None]:
+    """Put :data:`AWS_ENV` in this process's environment (for an in-process boto3
+    client); return what it replaced, for :func:`restore_env`."""
+    saved = {name: os.environ.get(name) for name in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    return saved
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Undo :func:`use_aws_env`."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 from collector_util import insert_accounts, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from ses_emulator import free_port
 from supervisor_util import SupervisorProcess, ledger, supervisor_env
 
 from mailroom.control.client import ControlClient, ControlRefused
@@ -142,9 +143,7 @@ def test_restart_sender_loses_nothing(operated, db, stub):
 
 
 def test_events_arrive_in_seq_order_and_metrics_match_the_ledger(operated, db, stub):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     sup, ctl = operated(metrics_addr=f"127.0.0.1:{port}", batch_limit="10")
     snapshot = ctl.subscribe()
     assert snapshot["state"] == "running"

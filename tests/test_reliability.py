@@ -19,21 +19,7 @@ import pytest
 from collector_util import insert_accounts, wait_for
 from pgutil import console_script
 from ses_emulator import Reply, SesStub, account_paused, server_error, success
-from supervisor_util import SupervisorProcess, ledger, supervisor_env
-
-
-@pytest.fixture
-def supervisors():
-    started: list[SupervisorProcess] = []
-
-    def start(env) -> SupervisorProcess:
-        sup = SupervisorProcess(env)
-        started.append(sup)
-        return sup
-
-    yield start
-    for sup in started:
-        sup.kill()
+from supervisor_util import ledger, supervisor_env
 
 
 def sends(stub: SesStub) -> collections.Counter[str]:

@@ -8,27 +8,12 @@ import signal
 import time
 
 import psycopg
-import pytest
 from collector_util import backend_pids, insert_accounts, pid_alive, wait_for
 from pgutil import SECRET_KEY_HEX
 from ses_emulator import SesStub, moto_server, throttling
-from supervisor_util import SupervisorProcess, gone, ledger, supervisor_env
+from supervisor_util import gone, ledger, supervisor_env
 
 from mailroom import tokens
-
-
-@pytest.fixture
-def supervisors():
-    started: list[SupervisorProcess] = []
-
-    def start(env) -> SupervisorProcess:
-        sup = SupervisorProcess(env)
-        started.append(sup)
-        return sup
-
-    yield start
-    for sup in started:
-        sup.kill()
 
 
 def stub_addresses(stub: SesStub) -> list[str]:
