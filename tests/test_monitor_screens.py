@@ -121,8 +121,15 @@ async def _shoot(app: MonitorApp, pilot: Any, out: Path) -> None:
         if pane == "ledger":
             await pilot.press("slash", *"jane@example.com", "enter")
         await until(pilot, ready[pane], f"{pane} ready")
-        await pilot.pause(0.3)
-        path = app.save_screenshot(f"monitor-{pane}.svg", str(out))
-        text = _svg_text(Path(path).read_text(encoding="utf-8"))
-        missing = [label for label in EXPECTED[pane] if label not in text]
+        # A DataTable sizes its columns when the app is idle after rows arrive: on a
+        # loaded machine that can come after any fixed pause, with the cells still
+        # clipped to the header's width.  Shoot again until the labels are there.
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            await pilot.pause(0.2)
+            path = app.save_screenshot(f"monitor-{pane}.svg", str(out))
+            text = _svg_text(Path(path).read_text(encoding="utf-8"))
+            missing = [label for label in EXPECTED[pane] if label not in text]
+            if not missing or asyncio.get_running_loop().time() > deadline:
+                break
         assert not missing, f"{pane}: {missing} not in {path}"
