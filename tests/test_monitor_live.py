@@ -10,8 +10,10 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 import pytest
 from collector_util import insert_accounts, wait_for
+from ses_emulator import per_destination, success
 from supervisor_util import SupervisorProcess, ledger, supervisor_env
 
 from mailroom.monitor.app import MonitorApp
@@ -82,6 +84,54 @@ def test_P_pauses_the_ledger_and_P_again_resumes_it(live, db, stub) -> None:
         await pilot.press("y")
         await until(pilot, lambda: ledger(db).get("sent") == 5, "5 sent after resume")
     run(test, operate=True)
+
+
+def test_R_on_a_failure_group_requeues_exactly_its_rows_and_they_are_sent(live, db, stub) -> None:
+    run, sup = live
+    # SES refuses the "bad" addresses for good (a permanent status: failed at once)
+    # until the operator has fixed it; then it accepts everything.
+    stub.default = per_destination(lambda a: "MessageRejected" if a.startswith("bad") else None)
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        insert_accounts(db, 3, "bad")
+        insert_accounts(db, 4, "good")
+        await until(pilot, lambda: ledger(db) == {"failed": 3, "sent": 4}, "3 failed, 4 sent")
+        first_calls = len(stub.bulk)
+        await pilot.press("3")
+        table = app.query_one("#failure-groups")
+        await until(pilot, lambda: table.row_count == 1, "one failure group")
+        assert str(table.get_row_at(0)[0]).startswith("MessageRejected")
+        stub.default = success()
+        await pilot.press("R")
+        await until(pilot, lambda: isinstance(app.screen, Confirm), "confirmation")
+        assert "Dry run: 3 failed rows requeued" in app.screen.question
+        await pilot.press("y")
+        await until(pilot, lambda: ledger(db) == {"sent": 7}, "the 3 requeued rows sent")
+        # Exactly those rows went out again, each once; nothing already sent did.
+        again = [a for r in stub.bulk[first_calls:] for a in r.addresses]
+        assert sorted(again) == ["bad1@example.test", "bad2@example.test", "bad3@example.test"]
+        await until(pilot, lambda: table.row_count == 0, "the group gone")
+        with psycopg.connect(db) as conn:
+            assert conn.execute("SELECT count(DISTINCT message_id) FROM deliveries").fetchone()[0] == 7
+    run(test, operate=True)
+
+
+def test_slash_shows_the_deliveries_of_an_address_from_a_running_system(live, db, stub) -> None:
+    run, sup = live
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        insert_accounts(db, 2, "who")
+        await until(pilot, lambda: ledger(db).get("sent") == 2, "2 sent")
+        await pilot.press("slash", *"who2@example.test", "enter")
+        table = app.query_one("#deliveries")
+        await until(pilot, lambda: table.row_count == 1, "one delivery")
+        cells = [str(cell) for cell in table.get_row_at(0)]
+        with psycopg.connect(db) as conn:
+            token, message_id = conn.execute(
+                "SELECT t.id, d.message_id FROM tokens t JOIN accounts a ON a.id = t.account"
+                " JOIN deliveries d ON d.token = t.id WHERE a.email = 'who2@example.test'").fetchone()
+        assert cells[:3] == [str(token), "activation", "sent"] and message_id in cells
+    run(test)
 
 
 def test_without_operate_P_changes_nothing(live, db, stub) -> None:

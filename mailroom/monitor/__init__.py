@@ -46,11 +46,12 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> in
     queue = environ.get("MAILROOM_QUEUE_NAME") or "mailroom"
     path = args.socket or socket_path(environ, queue)
     database_url = environ.get("MAILROOM_DATABASE_URL") or None
+    channel = environ.get("MAILROOM_CHANNEL_NAME") or "token_insert"
     if args.web:
         return _serve(args, path)
     from mailroom.monitor.app import MonitorApp
 
-    MonitorApp(path, database_url, queue=queue, operate=args.operate).run()
+    MonitorApp(path, database_url, queue=queue, channel=channel, operate=args.operate).run()
     return 0
 
 

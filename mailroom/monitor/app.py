@@ -70,14 +70,15 @@ class MonitorApp(OperatorActions, App[None]):
     ]
 
     def __init__(self, socket_path: str | None, database_url: str | None, *, queue: str = "mailroom",
-                 operate: bool = False, client_factory: ClientFactory | None = None) -> None:
+                 channel: str = "token_insert", operate: bool = False,
+                 client_factory: ClientFactory | None = None) -> None:
         super().__init__()
         self.queue = queue
         self.operate = operate
         self.state = MonitorState()
         self.feed = (ControlFeed(socket_path, client_factory or default_client_factory)
                      if socket_path else None)
-        self.ledger = LedgerSource(database_url, queue) if database_url else None
+        self.ledger = LedgerSource(database_url, queue, channel) if database_url else None
         self.frozen = False
         self.current = "live"
         #: Flushes that changed something (tests wait on it).

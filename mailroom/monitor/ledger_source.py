@@ -32,9 +32,11 @@ class LedgerUnavailable(Exception):
 class LedgerSource:
     """Thread-safe access to the ledger of one queue."""
 
-    def __init__(self, url: str, queue: str) -> None:
+    def __init__(self, url: str, queue: str, channel: str = "token_insert") -> None:
         self.url = url
         self.queue = queue
+        #: The collectors' LISTEN channel: a retry notifies it so they claim at once.
+        self.channel = channel
         self._conn: Any = None
         self._lock = threading.Lock()
 
@@ -110,7 +112,8 @@ class LedgerSource:
 
     def retry(self, dry_run: bool, **selection: Any) -> int:
         """Requeue failed rows of ``selection`` (or count them with ``dry_run``)."""
-        return self.call(self._admin().retry, self.queue, dry_run=dry_run, **selection)
+        return self.call(self._admin().retry, self.queue, dry_run=dry_run, channel=self.channel,
+                         **selection)
 
     def skip(self, dry_run: bool, **selection: Any) -> int:
         """Skip queued rows of ``selection`` (or count them with ``dry_run``)."""
