@@ -56,8 +56,7 @@ def batch(n: int, **extra: Any) -> dict[str, Any]:
 
 
 def row_keys(app: MonitorApp) -> list[str]:
-    table = app.query_one("#batches")
-    return [str(k.value) for k in table.rows]
+    return app.query_one("#batches").keys()
 
 
 def cell(app: MonitorApp, key: str, column: str) -> str:

@@ -12,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer
 
 from mailroom.monitor.actions import OPERATOR_ACTIONS, OperatorActions
+from mailroom.monitor.batch_table import BatchTable
 from mailroom.monitor.dialogs import BatchDetail, HelpScreen
 from mailroom.monitor.feed import ClientFactory, ControlFeed, default_client_factory
 from mailroom.monitor.ledger_source import LedgerSource
@@ -109,7 +110,7 @@ class MonitorApp(OperatorActions, App[None]):
         self.set_interval(LEDGER_REFRESH_S, self._reload_ledger)
         self._render(force=True)
         self._reload_ledger()
-        self.query_one(f"#{self.current}").query(DataTable).first().focus()
+        self._focus_table(self.current)
 
     def on_unmount(self) -> None:
         if self.ledger is not None:
@@ -196,7 +197,12 @@ class MonitorApp(OperatorActions, App[None]):
         self.query_one(ContentSwitcher).current = pane
         self._render(force=True)
         self._reload_ledger()
-        first = self.query_one(f"#{pane}").query(DataTable).first(None) if pane != "events" else None
+        self._focus_table(pane)
+
+    def _focus_table(self, pane: str) -> None:
+        """Give the keyboard to the pane's first table (the events pane has none)."""
+        tables = self.query_one(f"#{pane}").query("BatchTable, DataTable")
+        first = tables.first() if tables else None
         if first is not None:
             first.focus()
 
@@ -223,13 +229,12 @@ class MonitorApp(OperatorActions, App[None]):
     def action_cursor(self, direction: str) -> None:
         """`j`/`k`: move the cursor of the focused table."""
         table = self.focused
-        if isinstance(table, DataTable):
+        if isinstance(table, (DataTable, BatchTable)):
             (table.action_cursor_down if direction == "down" else table.action_cursor_up)()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_batch_table_selected(self, event: BatchTable.Selected) -> None:
         """Enter on a batch of the Live table opens its detail."""
-        if event.data_table.id == "batches" and event.row_key.value is not None:
-            self.push_screen(BatchDetail(str(event.row_key.value)))
+        self.push_screen(BatchDetail(event.key))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The command palette: screens, freeze, help, and the operator actions."""

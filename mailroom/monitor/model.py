@@ -147,12 +147,17 @@ class Worker:
 
 @dataclass
 class EventLine:
-    """One line of the events screen."""
+    """One line of the events screen; its text is made when first shown (most never are)."""
 
     seq: int | None
     ts: str
     event: str
-    text: str
+    data: Mapping[str, Any]
+
+    @property
+    def text(self) -> str:
+        """The event's data on one short line."""
+        return _summary(self.data)
 
 
 # ------------------------------------------------------------- the state
@@ -217,7 +222,7 @@ class MonitorState:
             self.last_seq = seq
         data = _dict(message.get("data"))
         ts = as_str(message.get("ts"), limit=40) or dt.datetime.now().isoformat(timespec="seconds")
-        self.events.append(EventLine(seq, ts, name, _summary(data)))
+        self.events.append(EventLine(seq, ts, name, data))
         self.event_count += 1
         handler = _HANDLERS.get(name)
         if handler is None:

@@ -78,7 +78,8 @@ class BigNumber(Static):
         """Display ``value`` (only repaints when it changed)."""
         if value != self._shown:
             self._shown = value
-            self.update(Text(value, style="bold"))
+            # Fixed size: a repaint without a layout pass (which repaints the screen).
+            self.update(Text(value, style="bold"), layout=False)
 
 
 class Banner(Static):
@@ -103,6 +104,8 @@ class HeaderBar(Static):
     DEFAULT_CSS = """
     HeaderBar { height: 1; background: $panel; color: $text; }
     """
+
+    _shown: str | None = None
 
     def render_from(self, app: MonitorApp) -> None:
         """Rebuild the line from the app's state."""
@@ -129,4 +132,6 @@ class HeaderBar(Static):
         text.append(bar(tick.sent_last_24h, tick.max_24h_send))
         if app.frozen:
             text.append("  FROZEN", style="bold reverse yellow")
-        self.update(text)
+        if text.plain != self._shown:
+            self._shown = text.plain
+            self.update(text, layout=False)  # one line, always: no layout pass
