@@ -162,12 +162,14 @@ class BatchTable(ScrollView, can_focus=True):
         self._scroll_to_cursor()
 
     def _scroll_to_cursor(self) -> None:
+        # ``force``: right after set_rows() no layout pass has shown the scrollbar yet,
+        # and an unforced scroll would be ignored until the next flush.
         visible = max(1, self.scrollable_content_region.height - 1)  # minus the header
         top = int(self.scroll_y)
         if self.cursor_row < top:
-            self.scroll_to(y=self.cursor_row, animate=False)
+            self.scroll_to(y=self.cursor_row, animate=False, force=True)
         elif self.cursor_row >= top + visible:
-            self.scroll_to(y=self.cursor_row - visible + 1, animate=False)
+            self.scroll_to(y=self.cursor_row - visible + 1, animate=False, force=True)
 
     def action_cursor_up(self) -> None:
         self.move_cursor(row=self.cursor_row - 1)
