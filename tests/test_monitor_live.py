@@ -63,6 +63,7 @@ def test_batches_appear_and_enter_shows_addresses_and_message_ids(live, db, stub
         await until(pilot, lambda: rows.row_count >= 1, "destinations")
         first = [str(cell) for cell in rows.get_row_at(0)]
         assert first[0].endswith("@example.test") and first[2] == "sent" and len(first[3]) > 8
+        assert first[4] == "1"  # attempts, from the ledger
         assert not any(len(cell) >= 86 for cell in first)  # no signed token on screen
     run(test)
 

@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-__all__ = ["WINDOW_TOKENS", "counts", "deliveries", "failure_groups", "retry", "skip"]
+__all__ = ["WINDOW_TOKENS", "attempts", "counts", "deliveries", "failure_groups", "retry", "skip"]
 
 #: How many of the latest deliveries the windowed reads (counts of finished rows,
 #: failure groups) cover when no ``since`` is given.
@@ -60,6 +60,14 @@ def deliveries(conn: psycopg.Connection[Any], queue: str, email: str, limit: int
              LIMIT %(limit)s""",
         {"queue": queue, "email": email, "limit": limit}).fetchall()
     return [dict(zip(_COLUMNS, row)) for row in rows]
+
+
+def attempts(conn: psycopg.Connection[Any], queue: str, tokens: Sequence[int]) -> dict[int, int]:
+    """Attempts so far of each of ``tokens`` on ``queue`` (a batch's rows: at most a
+    few hundred, read by primary key)."""
+    rows = conn.execute("SELECT token, attempts FROM deliveries WHERE job_type = %s AND token = ANY(%s)",
+                        (queue, list(tokens)[:1000])).fetchall()
+    return {int(token): int(n) for token, n in rows}
 
 
 def _timeout(conn: psycopg.Connection[Any]) -> None:

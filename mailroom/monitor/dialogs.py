@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -12,7 +13,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Static
 
-from mailroom.monitor.model import destinations
+from mailroom.monitor.ledger_source import LedgerUnavailable
+from mailroom.monitor.model import Destination, destinations
 
 if TYPE_CHECKING:
     from mailroom.monitor.app import MonitorApp
@@ -77,6 +79,7 @@ class BatchDetail(ModalScreen[None]):
             info.update(Text(f"batch {self.batch_id}: {exc}", style="bold red"))
             return
         rows = destinations(result)
+        await self._attempts(rows)
         table = self.query_one("#destinations", DataTable)
         for d in rows:
             table.add_row(d.address, d.action, d.status, d.message_id,
@@ -84,6 +87,20 @@ class BatchDetail(ModalScreen[None]):
         info.update(Text(f"batch {self.batch_id}: {len(rows)} destinations   (Esc to close)",
                          style="bold"))
         table.focus()
+
+    async def _attempts(self, rows: list[Destination]) -> None:
+        """Fill in attempts from the ledger (the supervisor does not count them)."""
+        ledger = self.app.ledger
+        tokens = [d.token for d in rows if d.token is not None and d.attempts is None]
+        if ledger is None or not tokens:
+            return
+        try:
+            found = await asyncio.to_thread(ledger.attempts, tokens)
+        except LedgerUnavailable:
+            return  # the column stays "-": the addresses and outcomes still show
+        for d in rows:
+            if d.token is not None and d.attempts is None:
+                d.attempts = found.get(d.token)
 
     def action_down(self) -> None:
         self.query_one("#destinations", DataTable).action_cursor_down()

@@ -96,6 +96,10 @@ class LedgerSource:
         """Counts by status x action, oldest queued age, expired leases."""
         return self.call(self._admin().counts, self.queue)
 
+    def attempts(self, tokens: list[int]) -> dict[int, int]:
+        """Attempts so far of each of ``tokens`` (a batch's rows)."""
+        return self.call(self._admin().attempts, self.queue, tokens)
+
     def deliveries(self, email: str, limit: int = 100) -> list[dict[str, Any]]:
         """Every delivery of ``email`` (newest first, at most ``limit``)."""
         return self.call(self._admin().deliveries, self.queue, email, limit=limit)

@@ -350,6 +350,7 @@ class Destination:
     message_id: str
     attempts: int | None
     error: str
+    token: int | None = None
 
 
 def destinations(result: Any) -> list[Destination]:
@@ -370,5 +371,6 @@ def destinations(result: Any) -> list[Destination]:
             message_id=as_str(d.get("message_id") or d.get("MessageId"), "", limit=120) or "",
             attempts=as_int(d.get("attempts")),
             error=as_str(d.get("error"), "", limit=300) or "",
+            token=as_int(d.get("token")),
         ))
     return out
