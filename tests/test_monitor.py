@@ -300,3 +300,15 @@ def test_a_refusal_from_the_supervisor_is_a_notice() -> None:
         await until(pilot, lambda: "forbidden" in _notices(app), "refusal shown")
         assert app.is_running
     scenario(test, operate=True)
+
+
+def test_a_flush_that_fires_while_the_app_closes_is_harmless() -> None:
+    # Under load the flush timer can fire once more while run_test (or a quit) tears the
+    # screen down; that raised NoMatches out of the app (seen as a flaky test).
+    async def main() -> None:
+        app = MonitorApp(None, None)
+        async with app.run_test():
+            pass
+        app._render(force=True)
+        app._reload_ledger()
+    asyncio.run(main())

@@ -8,6 +8,7 @@ from typing import Any
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer
 
@@ -153,7 +154,12 @@ class MonitorApp(OperatorActions, App[None]):
             self._render()
 
     def _render(self, force: bool = False) -> None:
-        header = self.query_one(HeaderBar)
+        try:
+            header = self.query_one(HeaderBar)
+        except NoMatches:
+            # A timer fired while the app closes (or before it composed): the
+            # widgets are gone, and the state will not be shown again.
+            return
         with self.batch_update():
             header.render_from(self)
             self._banner()
@@ -182,7 +188,10 @@ class MonitorApp(OperatorActions, App[None]):
     def _reload_ledger(self) -> None:
         if self.frozen:
             return
-        widget = self.query_one(f"#{self.current}")
+        try:
+            widget = self.query_one(f"#{self.current}")
+        except NoMatches:  # closing: see _render
+            return
         load = getattr(widget, "load", None)
         if load is not None:
             load()
