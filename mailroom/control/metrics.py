@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from mailroom import __version__, config
 from mailroom.control import protocol
+from mailroom.control.nonblocking import accept_pending, send_pending
 
 logger = logging.getLogger("mailroom.control")
 
@@ -250,18 +251,7 @@ class MetricsServer:
 
     def _accept(self, now: float) -> None:
         assert self._listener is not None
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                logger.warning("metrics: accept failed: %s", exc.strerror)
-                return
-            if len(self._conns) >= MAX_CONNECTIONS:
-                sock.close()
-                continue
-            sock.setblocking(False)
+        for sock in accept_pending(self._listener, lambda: len(self._conns) < MAX_CONNECTIONS, "metrics"):
             self._conns[sock] = _Conn(sock, now)
 
     def _drop(self, conn: _Conn) -> None:
@@ -308,13 +298,5 @@ class MetricsServer:
         self._flush(conn)
 
     def _flush(self, conn: _Conn) -> None:
-        while conn.outbuf:
-            try:
-                sent = conn.sock.send(conn.outbuf, socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._drop(conn)
-                return
-            del conn.outbuf[:sent]
-        self._drop(conn)  # one request per connection
+        if not send_pending(conn.sock, conn.outbuf) or not conn.outbuf:
+            self._drop(conn)  # gone, or answered: one request per connection

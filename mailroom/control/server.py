@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mailroom.control import protocol
+from mailroom.control.nonblocking import accept_pending, send_pending
 from mailroom.control.protocol import OPERATOR, VIEWER, ControlError
 from mailroom.control.sockfile import ControlSocketError, SocketInUse, bind_unix, default_socket_path, unlink_if_ours
 
@@ -231,19 +232,7 @@ class ControlServer:
     # -- connections -----------------------------------------------------------------
     def _accept(self) -> None:
         assert self._listener is not None
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # EMFILE and friends: leave the rest in the backlog for later.
-                logger.warning("control: accept failed: %s", exc.strerror)
-                return
-            if len(self._clients) >= MAX_CLIENTS:
-                sock.close()
-                continue
-            sock.setblocking(False)
+        for sock in accept_pending(self._listener, lambda: len(self._clients) < MAX_CLIENTS, "control"):
             try:
                 pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                               _CRED.size))
@@ -282,15 +271,11 @@ class ControlServer:
             self._flush(client)
 
     def _flush(self, client: _Client) -> None:
-        while client.outbuf and not client.closed:
-            try:
-                sent = client.sock.send(client.outbuf, socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._drop(client)
-                return
-            del client.outbuf[:sent]
+        if client.closed:
+            return
+        if not send_pending(client.sock, client.outbuf):
+            self._drop(client)
+            return
         if client.close_after_flush and not client.outbuf and not client.pending:
             self._drop(client)
 
