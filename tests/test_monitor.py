@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from monitor_fakes import FakeControlServer, client_factory
+from monitor_fakes import FakeControlServer
 
 from mailroom.monitor.app import MonitorApp
 from mailroom.monitor.dialogs import BatchDetail, Confirm
@@ -40,7 +40,7 @@ def scenario(test: Callable[..., Awaitable[None]], *, role: str = "operator", op
             path = os.path.join(tmp, "control.sock")
             server = FakeControlServer(path, role=role)
             await server.start()
-            app = MonitorApp(path, database_url, operate=operate, client_factory=client_factory())
+            app = MonitorApp(path, database_url, operate=operate)
             try:
                 async with app.run_test(size=size) as pilot:
                     await until(pilot, lambda: app.feed.connected and server.subscribed.is_set(),
@@ -302,13 +302,18 @@ def test_a_refusal_from_the_supervisor_is_a_notice() -> None:
     scenario(test, operate=True)
 
 
-def test_a_flush_that_fires_while_the_app_closes_is_harmless() -> None:
+def test_a_flush_or_a_ledger_result_that_arrives_while_the_app_closes_is_harmless() -> None:
     # Under load the flush timer can fire once more while run_test (or a quit) tears the
     # screen down; that raised NoMatches out of the app (seen as a flaky test).
     async def main() -> None:
         app = MonitorApp(None, None)
         async with app.run_test():
-            pass
+            panes = {name: app.query_one(f"#{name}") for name in ("ledger", "failures", "processes")}
         app._render(force=True)
         app._reload_ledger()
+        # The same for a ledger query's result that a thread worker hands back late.
+        panes["ledger"]._show_counts({})
+        panes["ledger"]._show_deliveries("jane@example.com", [])
+        panes["failures"]._show([])
+        panes["processes"]._show([])
     asyncio.run(main())

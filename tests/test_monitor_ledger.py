@@ -8,7 +8,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from monitor_fakes import ensure_admin
 from test_monitor import until
 
 from mailroom.ledger import fleet
@@ -67,7 +66,6 @@ def _fail(url: str, email: str, error: str) -> None:
 
 
 def ledger_scenario(url: str, test: Any, operate: bool = False) -> None:
-    ensure_admin()
 
     async def main() -> None:
         app = MonitorApp(None, url, operate=operate)

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from monitor_fakes import FakeControlServer, client_factory, ensure_admin
+from monitor_fakes import FakeControlServer
 from test_monitor import batch, until
 from test_monitor_ledger import _accounts, _fail
 
@@ -60,7 +60,6 @@ def _svg_text(svg: str) -> str:
 
 
 def test_screenshot_of_each_screen(db: str, tmp_path: Path) -> None:
-    ensure_admin()
     _accounts(db, ["jane@example.com", "bob@invalid.test", "carol@example.com"])
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("UPDATE deliveries SET status = 'sent', message_id = 'ses-0001', sent_at = now()"
@@ -79,7 +78,7 @@ def test_screenshot_of_each_screen(db: str, tmp_path: Path) -> None:
             server = FakeControlServer(os.path.join(tmp, "control.sock"))
             server.snapshot = SNAPSHOT
             await server.start()
-            app = MonitorApp(server.path, db, client_factory=client_factory())
+            app = MonitorApp(server.path, db)
             try:
                 async with app.run_test(size=(150, 42)) as pilot:
                     await until(pilot, lambda: app.feed.connected, "connected")

@@ -61,6 +61,8 @@ class FailuresPane(Vertical):
         self.app.call_from_thread(self._show, result)
 
     def _show(self, result: Any) -> None:
+        if not self.is_attached:
+            return  # the result of a thread worker arrived as the app closed
         info = self.query_one("#failures-info", Label)
         if isinstance(result, Exception):
             info.update(Text(f"ledger unavailable: {result}", style="bold red"))

@@ -71,6 +71,8 @@ class LedgerPane(Vertical):
         self.app.call_from_thread(self._show_counts, result)
 
     def _show_counts(self, result: Any) -> None:
+        if not self.is_attached:
+            return  # the result of a thread worker arrived as the app closed
         info = self.query_one("#ledger-info", Label)
         if isinstance(result, Exception):
             info.update(Text(f"ledger unavailable: {result}", style="bold red"))
@@ -128,6 +130,8 @@ class LedgerPane(Vertical):
         self.app.call_from_thread(self._show_deliveries, email, result)
 
     def _show_deliveries(self, email: str, result: Any) -> None:
+        if not self.is_attached:
+            return  # the result of a thread worker arrived as the app closed
         info = self.query_one("#search-info", Label)
         if isinstance(result, Exception):
             info.update(Text(f"{email}: ledger unavailable: {result}", style="bold red"))

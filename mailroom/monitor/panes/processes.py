@@ -75,6 +75,8 @@ class ProcessesPane(Vertical):
         self.app.call_from_thread(self._show, result)
 
     def _show(self, result: Any) -> None:
+        if not self.is_attached:
+            return  # the result of a thread worker arrived as the app closed
         info = self.query_one("#fleet-info", Label)
         if isinstance(result, Exception):
             info.update(Text(f"fleet: ledger unavailable: {result}", style="bold red"))
