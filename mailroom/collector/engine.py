@@ -309,8 +309,10 @@ class Collector:
                     deadlines.append(due_at)
             timeout = min(MAX_WAIT, min(deadlines) - now)
             self._select([conn.fileno()], timeout)
-            if self.sink.service(conn):
-                # Outcomes may have re-queued rows for a later attempt.
+            if self.sink.service(conn) and not self.backlog:
+                # Outcomes may have re-queued rows for a later attempt.  Not
+                # while a backlog is being claimed: the claims take what is due,
+                # and the drain that ends the backlog looks again.
                 due_at = self._due_at()
             # Also collects notifications that arrived while a query was running.
             got = sum(1 for _ in conn.notifies(timeout=0))
@@ -331,7 +333,9 @@ class Collector:
                 self.drain()
                 pending = 0
                 last_activity = time.monotonic()
-                due_at = self._due_at()
+                # With work left (the sink filled up first) the next drain comes
+                # as soon as the sink has room: no query for what is due until then.
+                due_at = None if self.backlog else self._due_at()
             elif now >= last_activity + s.healthcheck_interval / 1000:
                 conn.execute("SELECT 1")
                 log.debug("health check ok")
