@@ -77,6 +77,11 @@ inflight AS MATERIALIZED (
       FROM delivery_queue AS q
      WHERE (SELECT fresh FROM hint) AND (SELECT yes FROM full_ahead)
        AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL
+       -- Without xids there is nothing to read; said apart from the ANY as a
+       -- one-time test, because a plan cached while the queue was nearly empty
+       -- (and kept until the next ANALYZE) reads the queued index through and
+       -- filters the ANY on every row: the whole burst, at every claim of it.
+       AND cardinality((SELECT xip FROM hint)) > 0
        AND q.queued_by = ANY ((SELECT xip FROM hint)::xid8[])
        AND {behind_hint}
        AND q.next_attempt_at <= statement_timestamp()
