@@ -75,13 +75,16 @@ TARGETS: list[Target] = [
            ("drain limit 10", "100k collector, beside 1M"), 0.80),
     *(Target(f"sender, {name}: Sender / bare boto3 loop", ("sender", name), ("sender", f"{name}: bare boto3"),
              0.70) for name in ("50 rows/batch", "50 rows/batch, mixed", "10 rows/batch, mixed")),
-    # Issue 15 asks for 0.70.  Today's pipeline reaches 0.42-0.56 of its stages run
-    # side by side on the 2-core machine: per row it needs ~1.5x the CPU of the two
-    # stages (the supervisor's hop, pickled messages, an outcome write and a
-    # next_due_in query per batch), and on 2 cores it is CPU-bound.  The target
-    # guards today's level against regressions; raise it with the code.
+    # Issue 15's 0.70.  On the 2-core machine the pipeline is CPU-bound: it does
+    # the stages' work plus the supervisor's hop (pickled messages both ways), and
+    # its collector claims from a burst just inserted (statistics not yet
+    # analyzed) where the collector stage drains a copy.  0.81-0.88 measured
+    # (4.9-5.6 k destinations/s, bound by the sender stage), after outcomes that
+    # arrive together went into one statement, next_due_in stopped running per
+    # batch during a backlog, the claim lost its COMMIT round trip, and a claim
+    # step that a stale cached plan made read the whole queue is skipped when idle.
     Target("end to end / slowest stage", ("end to end", "supervisor"),
-           ("end to end", "slowest stage"), 0.33),
+           ("end to end", "slowest stage"), 0.70),
 ]
 
 

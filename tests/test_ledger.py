@@ -327,6 +327,34 @@ def test_stale_outcomes_do_not_clobber(conn: psycopg.Connection) -> None:
     assert_queue_matches(conn)
 
 
+def test_outcomes_of_several_claims_at_once(conn: psycopg.Connection) -> None:
+    """record_claims writes several claims' outcomes as if one after the other."""
+    old = claim(conn, 1)
+    assert tokens_of(old) == [1]
+    expire_leases(conn)
+    ledger.requeue_expired(conn, Q, 60_000, 5)
+    new = claim(conn, 3)  # 5 is skipped on the way
+    assert tokens_of(new) == [1, 8] and new.claimed_at != old.claimed_at
+    other = claim(conn, 1)
+    assert tokens_of(other) == [2]
+    # The old claim's late 'sent' first (a fact: it lands), then the new claim
+    # of the same token fails: in turn, that failure finds the row sent and
+    # changes nothing; 8 and 2 land in the same statement.
+    changed = ledger.record_claims(conn, Q, [
+        ([(1, Outcome("sent", "old-msg", None, None))], old.claimed_at),
+        ([(1, Outcome("failed", None, "late", None)), (8, Outcome("failed", None, "bad", None))],
+         new.claimed_at),
+        ([(2, Outcome("sent", "msg-2", None, None))], other.claimed_at),
+    ], max_attempts=5)
+    assert changed == 3
+    got = {r[0]: r[1:] for r in rows_of(conn, "SELECT token, status::text, message_id, last_error"
+                                              " FROM deliveries WHERE token IN (1, 2, 8)")}
+    assert got == {1: ("sent", "old-msg", "lease expired (attempt 1)"), 8: ("failed", None, "bad"),
+                   2: ("sent", "msg-2", None)}
+    assert ledger.record_claims(conn, Q, []) == 0
+    assert_queue_matches(conn)
+
+
 def test_release_and_emitted(conn: psycopg.Connection) -> None:
     c = claim(conn, 3)
     assert ledger.release(conn, Q, tokens_of(c), claimed_at=c.claimed_at) == 2

@@ -172,34 +172,47 @@ class Collector:
         conn = self.conn
         assert conn is not None
         limit = self.settings.batch_limit
-        emit_inside = self.sink.final_status == "emitted"
-        # begin=True: BEGIN travels with the claim (one round trip, not two);
-        # the COMMIT is the second, after the line is flushed in compatibility
-        # mode.  Same transaction as `with conn.transaction()`, spelled out.
-        try:
-            claim = ledger.claim(conn, self.settings.queue_name, limit,
-                                 lease_ms=self.settings.claim_timeout,
-                                 final_status=self.sink.final_status, begin=True)
-            line = self.signer.encode_batch(claim.rows) if claim.rows else b""
-            if emit_inside and claim.rows:
-                # The rows become 'emitted' only if this commit follows a flushed line.
-                self.sink.deliver(claim, line)
-            conn.commit()
-        except BaseException:
-            _rollback(conn)
-            raise
-        if not emit_inside and claim.rows:
+        if self.sink.final_status == "emitted":
+            return self._claim_emitted(conn, limit)
+        # Claimed mode: the claim is one statement, committed on its own in
+        # autocommit (one round trip); the batch is handed on once it is
+        # committed, and rows that could not be handed on are released.
+        claim = ledger.claim(conn, self.settings.queue_name, limit,
+                             lease_ms=self.settings.claim_timeout, final_status=self.sink.final_status)
+        if claim.rows:
             try:
-                self.sink.deliver(claim, line)
+                self.sink.deliver(claim, self.signer.encode_batch(claim.rows))
             except Exception:
                 ledger.release(conn, self.settings.queue_name, [r[5] for r in claim.rows],
                                claimed_at=claim.claimed_at)
                 raise
+        self._tally(claim)
+        return claim
+
+    def _claim_emitted(self, conn: psycopg.Connection, limit: int) -> ledger.Claim:
+        """Compatibility mode's claim: the rows become 'emitted' only if the
+        commit follows a flushed line."""
+        # begin=True: BEGIN travels with the claim (one round trip, not two);
+        # the COMMIT is the second, after the line is flushed.  Same
+        # transaction as `with conn.transaction()`, spelled out.
+        try:
+            claim = ledger.claim(conn, self.settings.queue_name, limit,
+                                 lease_ms=self.settings.claim_timeout,
+                                 final_status=self.sink.final_status, begin=True)
+            if claim.rows:
+                self.sink.deliver(claim, self.signer.encode_batch(claim.rows))
+            conn.commit()
+        except BaseException:
+            _rollback(conn)
+            raise
+        self._tally(claim)
+        return claim
+
+    def _tally(self, claim: ledger.Claim) -> None:
         if claim.rows:
             self.batches += 1
             self.rows += len(claim.rows)
             log.debug("batch of %d rows (%d skipped)", len(claim.rows), claim.skipped)
-        return claim
 
     def drain(self) -> int:
         """Claim until a claim comes back short (or the sink is full); return rows sent.
@@ -309,8 +322,10 @@ class Collector:
                     deadlines.append(due_at)
             timeout = min(MAX_WAIT, min(deadlines) - now)
             self._select([conn.fileno()], timeout)
-            if self.sink.service(conn):
-                # Outcomes may have re-queued rows for a later attempt.
+            if self.sink.service(conn) and not self.backlog:
+                # Outcomes may have re-queued rows for a later attempt.  Not
+                # while a backlog is being claimed: the claims take what is due,
+                # and the drain that ends the backlog looks again.
                 due_at = self._due_at()
             # Also collects notifications that arrived while a query was running.
             got = sum(1 for _ in conn.notifies(timeout=0))
@@ -331,7 +346,9 @@ class Collector:
                 self.drain()
                 pending = 0
                 last_activity = time.monotonic()
-                due_at = self._due_at()
+                # With work left (the sink filled up first) the next drain comes
+                # as soon as the sink has room: no query for what is due until then.
+                due_at = None if self.backlog else self._due_at()
             elif now >= last_activity + s.healthcheck_interval / 1000:
                 conn.execute("SELECT 1")
                 log.debug("health check ok")

@@ -24,6 +24,7 @@ from mailroom.ledger.operations import (
     mark_emitted,
     next_due_in,
     queue_stats,
+    record_claims,
     record_outcomes,
     release,
     renew,
@@ -34,5 +35,5 @@ from mailroom.ledger.operations import (
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
     "check_queue", "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
-    "queue_stats", "record_outcomes", "release", "renew", "requeue_expired", "status",
+    "queue_stats", "record_claims", "record_outcomes", "release", "renew", "requeue_expired", "status",
 ]

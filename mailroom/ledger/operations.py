@@ -73,7 +73,7 @@ from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind, Row
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
     "check_queue", "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
-    "record_outcomes", "release", "renew", "requeue_expired", "status",
+    "record_claims", "record_outcomes", "release", "renew", "requeue_expired", "status",
 ]
 
 #: The schema version (``schema_migrations``) this module's SQL needs.
@@ -225,25 +225,82 @@ def record_outcomes(conn: psycopg.Connection[Any], queue: str,
     (see the comment on ``ledger_sql.RECORD`` for what a stale outcome may change).
     Returns how many rows changed; stale or duplicate outcomes change nothing.
     """
-    tokens: list[int] = []
-    kinds: list[str] = []
-    message_ids: list[str | None] = []
-    errors: list[str | None] = []
-    retry_after: list[float | None] = []
-    for token, outcome in outcomes:
-        if outcome.kind not in _RECORDED_KINDS:
-            raise ValueError(f"unknown outcome kind {outcome.kind!r}")
-        tokens.append(token)
-        kinds.append(str(outcome.kind))  # the plain value, whatever psycopg does with enums
-        message_ids.append(outcome.message_id)
-        errors.append(outcome.error)
-        retry_after.append(outcome.retry_after)
-    if not tokens:
-        return 0
-    return _count(conn, ledger_sql.RECORD, dict(
-        queue=queue, tokens=tokens, kinds=kinds, message_ids=message_ids, errors=errors,
-        retry_after=retry_after, claimed_at=claimed_at, backoff_ms=backoff_ms,
-        max=max_attempts if max_attempts is not None else 2**31 - 1))
+    return record_claims(conn, queue, [(outcomes, claimed_at)], max_attempts=max_attempts,
+                         backoff_ms=backoff_ms)
+
+
+def record_claims(conn: psycopg.Connection[Any], queue: str,
+                  claims: Iterable[tuple[Iterable[tuple[int, Outcome]], dt.datetime | None]], *,
+                  max_attempts: int | None = None, backoff_ms: int = 30_000) -> int:
+    """:func:`record_outcomes` for several claims at once: ``claims`` pairs each
+    claim's outcomes with its ``Claim.claimed_at``.
+
+    Written as if each claim's outcomes were recorded in turn, in the order
+    given, but in as few statements as that allows (one, unless a token comes
+    twice): a statement's cost is mostly its own, not its rows', so a collector
+    catching up on outcomes writes them together.  Returns how many rows changed.
+    """
+    params = _RecordParams()
+    changed = 0
+    for outcomes, claimed_at in claims:
+        for token, outcome in outcomes:
+            if outcome.kind not in _RECORDED_KINDS:
+                raise ValueError(f"unknown outcome kind {outcome.kind!r}")
+            if token in params.seen:
+                # UPDATE ... FROM applies one of two rows joining the same delivery,
+                # not both in turn: a token's second outcome (a re-claim of the
+                # same row) goes in the next statement, after the first.
+                changed += params.run(conn, queue, max_attempts, backoff_ms)
+            params.add(token, outcome, claimed_at)
+    return changed + params.run(conn, queue, max_attempts, backoff_ms)
+
+
+#: Outcome statements of this many rows or more get a plan of their own.
+_PLANNED_FROM = 32
+
+
+class _RecordParams:
+    """The arrays of one ``ledger_sql.RECORD`` statement, filled row by row."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.seen: set[int] = set()
+        self.tokens: list[int] = []
+        self.kinds: list[str] = []
+        self.message_ids: list[str | None] = []
+        self.errors: list[str | None] = []
+        self.retry_after: list[float | None] = []
+        self.claimed_at: list[dt.datetime | None] = []
+
+    def add(self, token: int, outcome: Outcome, claimed_at: dt.datetime | None) -> None:
+        self.seen.add(token)
+        self.tokens.append(token)
+        self.kinds.append(str(outcome.kind))  # the plain value, whatever psycopg does with enums
+        self.message_ids.append(outcome.message_id)
+        self.errors.append(outcome.error)
+        self.retry_after.append(outcome.retry_after)
+        self.claimed_at.append(claimed_at)
+
+    def run(self, conn: psycopg.Connection[Any], queue: str, max_attempts: int | None,
+            backoff_ms: int) -> int:
+        """Execute the statement for the rows added so far (if any) and start over."""
+        if not self.tokens:
+            return 0
+        changed = _count(conn, ledger_sql.RECORD, dict(
+            queue=queue, tokens=self.tokens, kinds=self.kinds, message_ids=self.message_ids,
+            errors=self.errors, retry_after=self.retry_after, claimed_at=self.claimed_at,
+            backoff_ms=backoff_ms, max=max_attempts if max_attempts is not None else 2**31 - 1),
+            # From _PLANNED_FROM rows on, planned each time, never cached: a
+            # generic plan cannot see the arrays' length, guesses 10 outcomes and
+            # one delivery, and joins them by a nested loop that compares every
+            # outcome with every row (30 ms instead of 5 for 200 rows); the plan
+            # made for the actual arrays hashes them.  Below, making that plan
+            # costs more than the loop (1.7 ms instead of 1.25 for one row).
+            prepare=None if len(self.tokens) < _PLANNED_FROM else False)
+        self.clear()
+        return changed
 
 
 def _move_claimed(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence[int],
@@ -255,8 +312,9 @@ def _move_claimed(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence
     return _count(conn, ledger_sql.move_claimed_sql(assignments), params)
 
 
-def _count(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> int:
-    row = conn.execute(sql, params).fetchone()
+def _count(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any],
+           prepare: bool | None = None) -> int:
+    row = conn.execute(sql, params, prepare=prepare).fetchone()
     return int(row[0]) if row else 0
 
 

@@ -77,6 +77,11 @@ inflight AS MATERIALIZED (
       FROM delivery_queue AS q
      WHERE (SELECT fresh FROM hint) AND (SELECT yes FROM full_ahead)
        AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL
+       -- Without xids there is nothing to read; said apart from the ANY as a
+       -- one-time test, because a plan cached while the queue was nearly empty
+       -- (and kept until the next ANALYZE) reads the queued index through and
+       -- filters the ANY on every row: the whole burst, at every claim of it.
+       AND cardinality((SELECT xip FROM hint)) > 0
        AND q.queued_by = ANY ((SELECT xip FROM hint)::xid8[])
        AND {behind_hint}
        AND q.next_attempt_at <= statement_timestamp()
@@ -357,7 +362,8 @@ SELECT count(*) FROM changed"""
 
 # Which rows an outcome may change.
 #  * failed / retry: only the claim the outcome belongs to (status 'claimed'
-#    and, when the caller passes it, the same claimed_at).  After a lease
+#    and, when the caller passes it, the same claimed_at; each row carries its
+#    own, so one statement can record the outcomes of several claims).  After a lease
 #    expiry the row may have been re-queued and claimed by another worker; a
 #    stale failure written over that claim would turn the other worker's
 #    success into a loss (its 'sent' would then find the row not claimed).
@@ -390,8 +396,8 @@ changed AS (
                                                   LEAST(120, power(2, LEAST(GREATEST(d.attempts, 1), 31) - 1))
                                                   * %(backoff_ms)s) * interval '1 ms' END
       FROM unnest(%(tokens)s::bigint[], %(kinds)s::text[], %(message_ids)s::text[],
-                  %(errors)s::text[], %(retry_after)s::float8[])
-           AS o (token, kind, message_id, error, retry_after)
+                  %(errors)s::text[], %(retry_after)s::float8[], %(claimed_at)s::timestamptz[])
+           AS o (token, kind, message_id, error, retry_after, claimed_at)
      WHERE (SELECT count(*) FROM held) >= 0
        AND d.job_type = %(queue)s
        -- Redundant with the join, on purpose: as an index condition it fetches
@@ -402,8 +408,7 @@ changed AS (
        -- then keeps it as an index condition instead of a filter.
        AND d.token = ANY (ARRAY(SELECT unnest(%(tokens)s::bigint[])))
        AND d.token = o.token
-       AND (    (d.status = 'claimed'
-                 AND (%(claimed_at)s::timestamptz IS NULL OR d.claimed_at = %(claimed_at)s))
+       AND (    (d.status = 'claimed' AND (o.claimed_at IS NULL OR d.claimed_at = o.claimed_at))
              OR (o.kind = 'sent' AND d.status IN ('claimed', 'queued', 'failed')))
     RETURNING d.token, d.status, d.priority, d.next_attempt_at
 ),

@@ -49,6 +49,10 @@ def _boot(tag: str, settings: Settings) -> SignalFlag:
     return stop
 
 
+#: Outcomes written in one statement at most: enough to gather what arrives
+#: while a claim runs, few enough that one statement stays short.
+RECORD_ROWS = 1000
+
 #: Batches claimed ahead with ``MAILROOM_MAX_IN_FLIGHT=auto``: at most this many,
 #: and this many until the sender said what it needs.
 AUTO_MAX_IN_FLIGHT = 256
@@ -62,7 +66,8 @@ class PipeSink:
 
     Batches go to the supervisor as soon as their claim is committed (status
     ``claimed``); outcomes come back on the same pipe and are written to the ledger,
-    each confirmed to the supervisor once committed (:class:`~messages.Recorded`).
+    those that arrived together in one statement, confirmed to the supervisor once
+    committed (:class:`~messages.Recorded`).
     The number of batches without outcomes is bounded by ``max_in_flight``: what
     the sender asks for (:class:`~mailroom.supervisor.messages.Window`), within
     ``MAILROOM_MAX_IN_FLIGHT`` (auto: :data:`AUTO_MAX_IN_FLIGHT`).
@@ -166,19 +171,38 @@ class PipeSink:
             self.refresh_fleet(conn)
         applied = 0
         while self.pending:
-            message = self.pending[0]
-            # Autocommit: each statement is committed when it returns.
-            if isinstance(message, msg.RecordOutcomes):
-                ledger.record_outcomes(conn, self.queue, message.outcomes, claimed_at=message.claimed_at,
-                                       max_attempts=self.max_attempts, backoff_ms=self.retry_backoff_ms)
+            head = self.pending[0]
+            # Autocommit: each statement is committed when it returns, and
+            # confirmed at once (a later one may fail and be tried again).
+            if isinstance(head, msg.Release):
+                ledger.release(conn, self.queue, head.token_ids, claimed_at=head.claimed_at)
+                done: list[msg.RecordOutcomes | msg.Release] = [head]
             else:
-                ledger.release(conn, self.queue, message.token_ids, claimed_at=message.claimed_at)
-            self.pending.popleft()
-            self.in_flight.pop(message.batch_id, None)
-            applied += 1
-            self._post(msg.Recorded([message.batch_id]))
+                # The outcomes that arrived together, in one statement: its cost
+                # is mostly its own, not its rows' (see ledger.record_claims).
+                batches = self._outcomes_ahead()
+                ledger.record_claims(conn, self.queue, [(m.outcomes, m.claimed_at) for m in batches],
+                                     max_attempts=self.max_attempts, backoff_ms=self.retry_backoff_ms)
+                done = list(batches)
+            for message in done:
+                self.pending.popleft()
+                self.in_flight.pop(message.batch_id, None)
+            applied += len(done)
+            self._post(msg.Recorded([message.batch_id for message in done]))
         self.renew(conn)
         return applied
+
+    def _outcomes_ahead(self) -> list[msg.RecordOutcomes]:
+        """The outcome messages at the head of :attr:`pending`, up to
+        :data:`RECORD_ROWS` rows (at least one message)."""
+        found: list[msg.RecordOutcomes] = []
+        rows = 0
+        for message in self.pending:
+            if not isinstance(message, msg.RecordOutcomes) or (found and rows + len(message.outcomes) > RECORD_ROWS):
+                break
+            found.append(message)
+            rows += len(message.outcomes)
+        return found
 
     def refresh_fleet(self, conn: psycopg.Connection[Any]) -> None:
         """Keep this supervisor's row in the fleet table (one per supervisor: the pid
