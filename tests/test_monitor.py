@@ -317,3 +317,21 @@ def test_a_flush_or_a_ledger_result_that_arrives_while_the_app_closes_is_harmles
         panes["failures"]._show([])
         panes["processes"]._show([])
     asyncio.run(main())
+
+
+def test_a_frozen_live_table_scrolls_over_batches_the_state_has_evicted() -> None:
+    async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
+        for n in range(1, 41):
+            await server.event("batch.claimed", batch(n))
+        await until(pilot, lambda: len(row_keys(app)) == 40, "40 rows")
+        await pilot.press("f")
+        for n in range(41, MAX_BATCHES + 41):  # evicts b-1 .. b-40 from the state
+            await server.event("batch.claimed", batch(n))
+        await until(pilot, lambda: f"b-{MAX_BATCHES + 40}" in app.state.batches, "state moved on")
+        assert "b-1" not in app.state.batches and row_keys(app)[0] == "b-1"
+        await pilot.press("home", "pagedown", "end")  # draws rows gone from the state
+        await pilot.pause(0.1)
+        assert app.is_running and app.query_one("#live").selected_batch() == "b-40"
+        await pilot.press("f")
+        await until(pilot, lambda: row_keys(app)[0] == "b-41", "caught up")
+    scenario(test)

@@ -87,7 +87,9 @@ class LivePane(Vertical):
         # Following the tail (cursor on the last row) keeps following it.
         follow = table.row_count == 0 or table.cursor_row >= table.row_count - 1
         now = time.monotonic()
-        batches = state.batches
+        # A copy: while the screen is frozen the state keeps evicting batches, and
+        # the table may still draw any of the rows it was given (scrolling).
+        batches = dict(state.batches)
         table.set_rows(list(batches), lambda key: _cells(batches[key], now))
         if follow and table.row_count:
             table.move_cursor(row=table.row_count - 1)
