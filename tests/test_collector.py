@@ -106,6 +106,9 @@ def test_tokens_inserted_while_stopped_arrive_at_start(db, run_collector):
 
 def test_reconnects_after_backend_terminated(db, run_collector):
     collector = run_collector(db, batch_limit=5)
+    # Listening, not only connected: a backend terminated while the collector still sets
+    # its session up is a failed connection attempt, logged as such (CI saw that race).
+    wait_for(lambda: "listening on" in collector.log(), what="collector listening")
     pids = wait_for(lambda: backend_pids(db), what="collector connection")
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
