@@ -12,6 +12,8 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 
+from mailroom.config import Settings
+
 __all__ = ["main", "socket_path"]
 
 DEFAULT_WEB_PORT = 8566
@@ -43,10 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
     """Run the monitor (or its web server) with parsed ``args``; returns the exit code."""
-    queue = environ.get("MAILROOM_QUEUE_NAME") or "mailroom"
+    # The supervisor's defaults (config.Settings), read leniently: the monitor also
+    # runs where the workers' other variables are not set.
+    queue = environ.get("MAILROOM_QUEUE_NAME") or Settings.queue_name
     path = args.socket or socket_path(environ, queue)
     database_url = environ.get("MAILROOM_DATABASE_URL") or None
-    channel = environ.get("MAILROOM_CHANNEL_NAME") or "token_insert"
+    channel = environ.get("MAILROOM_CHANNEL_NAME") or Settings.channel_name
     if args.web:
         return _serve(args, path)
     from mailroom.monitor.app import MonitorApp

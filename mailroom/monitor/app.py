@@ -12,6 +12,7 @@ from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer
 
+from mailroom.config import Settings
 from mailroom.monitor.actions import OPERATOR_ACTIONS, OperatorActions
 from mailroom.monitor.batch_table import BatchTable
 from mailroom.monitor.dialogs import BatchDetail, HelpScreen
@@ -71,8 +72,8 @@ class MonitorApp(OperatorActions, App[None]):
             Binding(key, f"refuse('{action}')", show=False))),
     ]
 
-    def __init__(self, socket_path: str | None, database_url: str | None, *, queue: str = "mailroom",
-                 channel: str = "token_insert", operate: bool = False,
+    def __init__(self, socket_path: str | None, database_url: str | None, *,
+                 queue: str = Settings.queue_name, channel: str = Settings.channel_name, operate: bool = False,
                  client_factory: ClientFactory | None = None) -> None:
         super().__init__()
         self.queue = queue

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from mailroom.config import Settings
+
 log = logging.getLogger("mailroom.monitor")
 
 __all__ = ["LedgerSource", "LedgerUnavailable"]
@@ -32,7 +34,7 @@ class LedgerUnavailable(Exception):
 class LedgerSource:
     """Thread-safe access to the ledger of one queue."""
 
-    def __init__(self, url: str, queue: str, channel: str = "token_insert") -> None:
+    def __init__(self, url: str, queue: str, channel: str = Settings.channel_name) -> None:
         self.url = url
         self.queue = queue
         #: The collectors' LISTEN channel: a retry notifies it so they claim at once.

@@ -93,6 +93,6 @@ class LivePane(Vertical):
         table.set_rows(list(batches), lambda key: _cells(batches[key], now))
         if follow and table.row_count:
             table.move_cursor(row=table.row_count - 1)
-        elif selected is not None and selected in state.batches:
+        elif selected is not None and selected in batches:
             # Rows above may have been evicted: keep the cursor on the same batch.
             table.move_cursor(row=table.get_row_index(selected))
