@@ -34,9 +34,8 @@ from typing import Any
 from mailroom import config
 from mailroom._process import SignalFlag, backoff
 from mailroom.config import Settings
-from mailroom.control.sockfile import ControlSocketError
 from mailroom.supervisor import messages as msg
-from mailroom.supervisor.operator import Operator
+from mailroom.supervisor.operator import Operator, StartError
 from mailroom.supervisor.router import COLLECTOR, SENDER, Router
 
 logger = logging.getLogger("mailroom.supervisor")
@@ -368,11 +367,13 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until stopped; return the exit code."""
         try:
-            self.operator.start()
-        except ControlSocketError as exc:
-            logger.error("%s", exc)
-            return config.EXIT_CONFIG
-        try:
+            try:
+                self.operator.start()
+            except StartError as exc:
+                # A busy port or an unusable socket path is configuration: one line
+                # and exit 2, which the systemd unit does not restart.
+                logger.error("cannot start: %s", exc)
+                return config.EXIT_CONFIG
             return self._run()
         finally:
             self.operator.close()

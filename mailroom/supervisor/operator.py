@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailroom import __version__, wire
 from mailroom.control.metrics import Metrics, MetricsServer
-from mailroom.control.server import ControlServer, Request, default_socket_path
+from mailroom.control.server import ControlServer, ControlSocketError, Request, default_socket_path
 from mailroom.supervisor import messages as msg
 from mailroom.supervisor.router import COLLECTOR, SENDER, Batch
 from mailroom.vocabulary import Action, OutcomeKind, TokenOutcomes
@@ -35,6 +35,11 @@ RECENT_BATCHES = 500
 HOLD_SHARE_OF_LEASE = 0.5
 TICK_EVERY = 1.0
 RATE_WINDOW_S = 10.0
+
+
+class StartError(Exception):
+    """A listener the supervisor opens at start cannot be opened (a configuration
+    error: exit 2, never a restart loop); ``str()`` is one printable line."""
 
 
 class Operator:
@@ -56,19 +61,34 @@ class Operator:
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        """Open the control socket and the metrics listener (raises ControlSocketError)."""
+        """Open the metrics listener and the control socket; :class:`StartError` (one
+        printable line) when either cannot be opened, with nothing left open."""
         s = self.settings
-        path = s.control_socket if s.control_socket not in (None, "") else None
-        path = default_socket_path({**os.environ, **({"MAILROOM_CONTROL_SOCKET": path} if path else {})},
-                                   s.queue_name)
-        if path is not None:
-            hello = {"version": __version__, "pid": os.getpid(), "queue": s.queue_name}
-            self.control = ControlServer(path, s.control_group, self.handle, self.snapshot, hello,
-                                         on_command=self.metrics.command)
-            self.control.start()
-        if s.metrics_addr:
-            self.metrics_server = MetricsServer(s.metrics_addr, self.metrics.render)
-            self.metrics_server.start()
+        try:
+            # Metrics first: a busy port then fails before any socket file exists.
+            if s.metrics_addr:
+                self.metrics_server = MetricsServer(s.metrics_addr, self.metrics.render)
+                try:
+                    self.metrics_server.start()
+                except OSError as exc:
+                    self.metrics_server = None
+                    raise StartError(f"MAILROOM_METRICS_ADDR {s.metrics_addr}: cannot listen:"
+                                     f" {(exc.strerror or str(exc)).lower()}") from None
+            path = s.control_socket if s.control_socket not in (None, "") else None
+            path = default_socket_path({**os.environ, **({"MAILROOM_CONTROL_SOCKET": path} if path else {})},
+                                       s.queue_name)
+            if path is not None:
+                hello = {"version": __version__, "pid": os.getpid(), "queue": s.queue_name}
+                control = ControlServer(path, s.control_group, self.handle, self.snapshot, hello,
+                                        on_command=self.metrics.command)
+                control.start()
+                self.control = control
+        except ControlSocketError as exc:
+            self.close()
+            raise StartError(str(exc)) from None
+        except StartError:
+            self.close()
+            raise
 
     def servers(self) -> list[Any]:
         return [server for server in (self.control, self.metrics_server) if server is not None]
