@@ -17,6 +17,9 @@ Command line (``mailroom migrate ...``, see :func:`main`)::
     up [N] | down N | down --all | status | force V
 """
 
+# At the house's ~400 lines: golang-migrate's contract (file names, lock id, version
+# table, dirty flag) is kept whole in one module, beside the command line that drives it.
+
 from __future__ import annotations
 
 import argparse

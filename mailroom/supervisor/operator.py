@@ -14,17 +14,15 @@ import collections
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailroom import __version__, wire
 from mailroom.control.metrics import Metrics, MetricsServer
 from mailroom.control.server import ControlServer, ControlSocketError, Request, default_socket_path
 from mailroom.supervisor import messages as msg
 from mailroom.supervisor.router import COLLECTOR, SENDER, Batch
+from mailroom.supervisor.view import SupervisorView
 from mailroom.vocabulary import Action, OutcomeKind, TokenOutcomes
-
-if TYPE_CHECKING:
-    from mailroom.supervisor.arbiter import Supervisor
 
 logger = logging.getLogger("mailroom.supervisor")
 
@@ -45,7 +43,7 @@ class StartError(Exception):
 class Operator:
     """Commands, events and metrics for one supervisor (see the module docstring)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: SupervisorView) -> None:
         self.sup = supervisor
         self.settings = supervisor.settings
         self.metrics = Metrics(impl=wire.IMPL)
