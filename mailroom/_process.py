@@ -8,10 +8,12 @@
 - :func:`die_with_parent`: a forked worker gets SIGTERM when the supervisor dies.
 - :func:`backoff`: the one capped exponential delay formula, with equal jitter.
 - :func:`one_line`: an exception or a server message as one printable line.
+- :func:`add_version`: ``--version`` on a command-line parser.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -23,6 +25,15 @@ from types import FrameType
 from typing import Any
 
 DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version`` on ``parser``: prints ``PROG VERSION`` and exits 0, before anything
+    reads configuration or connects (argparse acts on it while parsing)."""
+    from mailroom import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
 
 
 def setup_logging(tag: str, level: str = "INFO") -> None:

@@ -1,9 +1,11 @@
 """Console scripts: ``mailroom``, ``mailroom-collector``, ``mailroom-sender``, ``mailroom-supervisor``.
 
-Each entry point validates its configuration first (one line on stderr and exit code
-:data:`mailroom.config.EXIT_CONFIG` on a bad value), sets up logging, then hands over
-to the module that does the work. Heavy modules are imported lazily so that, for
-example, the supervisor never imports psycopg or boto3.
+Each entry point parses its command line first, so ``-h/--help`` and ``--version``
+answer without any configuration and start nothing; then it validates its
+configuration (one line on stderr and exit code :data:`mailroom.config.EXIT_CONFIG`
+on a bad value), sets up logging, and hands over to the module that does the work.
+Heavy modules are imported lazily so that, for example, the supervisor never imports
+psycopg or boto3.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import sys
 from collections.abc import Collection, Sequence
 
 from mailroom import config
-from mailroom._process import one_line, setup_logging
+from mailroom._process import add_version, one_line, setup_logging
 
 PROG = "mailroom"
+_CONFIGURED = ("Configured by MAILROOM_* environment variables (README, Configure); "
+               "-h and --version need none of them.")
 
 
 def _fail(message: str, code: int) -> int:
@@ -44,55 +48,79 @@ def _settings(require: Collection[str], tag: str) -> config.Settings:
     return settings
 
 
-def collector_main() -> None:
+def _daemon_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_CONFIGURED)
+    add_version(parser)
+    return parser
+
+
+def collector_main(argv: Sequence[str] | None = None) -> None:
     """``mailroom-collector``: print batch lines on stdout (compatibility mode)."""
+    _daemon_parser("mailroom-collector", "Claim due deliveries from PostgreSQL and print them as batch"
+                   " lines on stdout (the original's pipe; pipe into mailroom-sender).").parse_args(argv)
     settings = _settings((config.DATABASE, config.SECRET), "PG")
     from mailroom.collector.stdout import run_stdout
 
     sys.exit(run_stdout(settings))
 
 
-def sender_main() -> None:
+def sender_main(argv: Sequence[str] | None = None) -> None:
     """``mailroom-sender``: read batch lines on stdin and send them through SES."""
+    _daemon_parser("mailroom-sender", "Read batch lines on stdin (from mailroom-collector) and send"
+                   " each through AWS SES.").parse_args(argv)
     settings = _settings((), "SES")
     from mailroom.sender.stdin import run_stdin
 
     sys.exit(run_stdin(settings))
 
 
-def supervisor_main() -> None:
+def supervisor_main(argv: Sequence[str] | None = None) -> None:
     """``mailroom-supervisor``: run collector and sender workers under one supervisor."""
+    _daemon_parser("mailroom-supervisor", "Run the collector and sender workers under one supervisor,"
+                   " with the control socket and metrics.").parse_args(argv)
     settings = _settings((config.DATABASE, config.SECRET), "SUP")
     from mailroom.supervisor import arbiter
 
     sys.exit(arbiter.run(settings))
 
 
+# Subcommands with a parser of their own (they need no database before parsing, or
+# bring their own): ``mailroom NAME ...`` hands them the rest of the command line.
+_DELEGATED = {
+    "migrate": "apply or revert database migrations (mailroom migrate --help)",
+    "ctl": "talk to a running supervisor (mailroom ctl --help)",
+    "demo": "everything on this machine (mailroom demo --help)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="mailroom administration")
-    sub = parser.add_subparsers(dest="command", required=True)
-    migrate = sub.add_parser("migrate", help="apply or revert database migrations", add_help=False)
-    migrate.add_argument("args", nargs=argparse.REMAINDER)
-    status = sub.add_parser("status", help="delivery ledger counts for the queue")
+    parser = argparse.ArgumentParser(prog=PROG, description="mailroom administration", epilog=_CONFIGURED)
+    add_version(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in _DELEGATED.items():  # listed in --help; main() hands them over first
+        sub.add_parser(name, help=text, add_help=False)
+    status = sub.add_parser("status", help="delivery ledger counts for the queue",
+                            description="Counts of the queue's deliveries by status and action.")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("ctl", help="talk to a running supervisor (mailroom ctl --help)", add_help=False)
-    sub.add_parser("demo", help="everything on this machine (mailroom demo --help)", add_help=False)
+    add_version(status)
     from mailroom.ledger import commands
 
-    for name, text in (("deliveries", "every delivery of an address"),
-                       ("retry", "put failed deliveries back in the queue"),
-                       ("skip", "mark queued deliveries skipped")):
-        commands.add_arguments(name, sub.add_parser(name, help=text))
-    monitor = sub.add_parser("monitor", help="the Textual monitor (live batches and the ledger)")
+    for name, (text, description) in commands.COMMANDS.items():
+        one = sub.add_parser(name, help=text, description=description)
+        commands.add_arguments(name, one)
+        add_version(one)
+    monitor = sub.add_parser("monitor", help="the Textual monitor (live batches and the ledger)",
+                             description="Watch and steer mailroom: the supervisor's socket and the ledger.")
     from mailroom.monitor import add_arguments
 
     add_arguments(monitor)
+    add_version(monitor)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``monitor``,
-    ``demo``."""
+    """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``unskip``,
+    ``monitor``, ``demo``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:  # its own parser; needs no database
         from mailroom.control import ctl
@@ -102,6 +130,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mailroom.demo.app import main as demo_main
 
         sys.exit(demo_main(argv[1:]))
+    if argv[:1] == ["migrate"]:  # its own parser, parsed before the database URL is needed
+        from mailroom.ledger import migrate
+
+        parsed = migrate.parse(argv[1:])
+        if isinstance(parsed, int):
+            sys.exit(parsed)
+        sys.exit(migrate.run(parsed, _settings((config.DATABASE,), "PG").database_url))
     args = _parser().parse_args(argv)
     if args.command == "monitor":
         # Needs neither database nor secret: either the socket or the ledger will do.
@@ -109,17 +144,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         sys.exit(run(args))
     settings = _settings((config.DATABASE,), "PG")
-    if args.command == "migrate":
-        from mailroom.ledger import migrate
+    if args.command == "status":
+        from mailroom.ledger import report
 
-        sys.exit(migrate.main(list(args.args), settings.database_url))
-    if args.command in ("deliveries", "retry", "skip"):
-        from mailroom.ledger import commands
+        sys.exit(report.main(settings, as_json=args.json))
+    from mailroom.ledger import commands
 
-        sys.exit(commands.main(args.command, args, settings))
-    from mailroom.ledger import report
-
-    sys.exit(report.main(settings, as_json=args.json))
+    sys.exit(commands.main(args.command, args, settings))
 
 
 if __name__ == "__main__":

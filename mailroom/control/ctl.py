@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
 from mailroom import config
+from mailroom._process import add_version
 from mailroom.control.client import ControlClient, ControlRefused, ControlUnavailable
 from mailroom.control.protocol import BATCH_STATES, MAX_BATCHES, PAUSABLE, TOPICS, WORKERS
 from mailroom.control.sockfile import default_socket_path
@@ -34,27 +35,32 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="talk to a running mailroom-supervisor")
     parser.add_argument("--socket", metavar="PATH", help="control socket (default: as the supervisor's)")
     parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    add_version(parser)
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sub.add_parser("hello", help="version, protocol, your role")
     sub.add_parser("status", help="workers, run state, in flight, rates, SES quota")
     p = sub.add_parser("batches", help="recent batches")
-    p.add_argument("--state", choices=BATCH_STATES)
+    p.add_argument("--state", choices=BATCH_STATES, help="only batches in this state")
     p.add_argument("--limit", type=int, default=None, help=f"at most {MAX_BATCHES}")
     p = sub.add_parser("batch", help="one batch, row by row")
-    p.add_argument("id")
+    p.add_argument("id", help="the batch id, as ctl batches shows it (19944-3)")
     for name in ("pause", "resume"):
         p = sub.add_parser(name, help=f"{name} claims or sending")
-        p.add_argument("what", choices=PAUSABLE)
+        p.add_argument("what", choices=PAUSABLE, help="claims (the collector) or sends (the sender)")
     p = sub.add_parser("drain", help="pause claims and wait until nothing is in flight")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="answer after at most SECONDS even if work is still in flight (default 300)")
     p = sub.add_parser("set-rate", help="send-rate limit (emails/s, capped at SES MaxSendRate)")
-    p.add_argument("per_second", type=float)
+    p.add_argument("per_second", type=float, metavar="PER_SECOND",
+                   help="recipients per second (0 < PER_SECOND <= the SES quota)")
     p = sub.add_parser("restart", help="restart a worker")
-    p.add_argument("worker", choices=WORKERS)
+    p.add_argument("worker", choices=WORKERS, help="which worker process")
     p = sub.add_parser("shutdown", help="stop the supervisor (graceful unless --now)")
-    p.add_argument("--now", action="store_true")
+    p.add_argument("--now", action="store_true",
+                   help="do not wait for the batches in flight (like a second SIGTERM)")
     p = sub.add_parser("subscribe", help="print events as JSON lines until interrupted")
-    p.add_argument("--topic", action="append", choices=sorted(TOPICS), dest="topics")
+    p.add_argument("--topic", action="append", choices=sorted(TOPICS), dest="topics",
+                   help="only this topic's events (repeatable; default all)")
     return parser
 
 

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mailroom._process import add_version
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -113,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="keep the database in DIR between runs (default: a temp directory)")
     parser.add_argument("--verbose", action="store_true",
                         help="show the supervisor's log (default: only when it fails)")
+    add_version(parser)
     return parser
 
 

@@ -35,12 +35,30 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
+#: ``mailroom NAME``: (one line for the command list, the description of its own --help).
+COMMANDS = {
+    "deliveries": ("every delivery of an address",
+                   "Every delivery of one address, newest first: status, attempts, MessageId, last error."),
+    "retry": ("put failed deliveries back in the queue",
+              "Put failed deliveries back in the queue with a fresh attempt budget (never a sent row)."),
+    "skip": ("mark queued deliveries skipped",
+             "Mark queued deliveries skipped and take them off the queue (not those being sent)."),
+}
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return int(text)
+
+
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     """The arguments of ``mailroom <name>``."""
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if name == "deliveries":
-        parser.add_argument("email")
-        parser.add_argument("--limit", type=int, default=100)
+        parser.add_argument("email", help="the address, as the user typed it")
+        parser.add_argument("--limit", type=_limit, default=100, metavar="N",
+                            help="at most N deliveries, the newest (default 100)")
         return
     parser.add_argument("--since", help="created at or after: ISO time, or a duration back (2h)")
     parser.add_argument("--error", help="the last error contains TEXT")

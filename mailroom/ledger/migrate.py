@@ -36,7 +36,7 @@ from pathlib import Path
 
 import psycopg
 
-from mailroom._process import one_line
+from mailroom._process import add_version, one_line
 from mailroom.config import redact
 
 __all__ = [
@@ -347,18 +347,35 @@ def _positive(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mailroom migrate", description="Apply the database schema migrations."
+        prog="mailroom migrate", description="Apply the database schema migrations.",
+        epilog="The database is MAILROOM_DATABASE_URL's."
     )
+    add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_up = commands.add_parser("up", help="apply all (or N) pending migrations")
-    p_up.add_argument("n", nargs="?", type=_positive, metavar="N")
+    p_up.add_argument("n", nargs="?", type=_positive, metavar="N", help="apply only the next N")
     p_down = commands.add_parser("down", help="revert N migrations, or --all")
-    p_down.add_argument("n", nargs="?", type=_positive, metavar="N")
+    p_down.add_argument("n", nargs="?", type=_positive, metavar="N", help="revert the last N")
     p_down.add_argument("--all", action="store_true", help="revert every migration")
     commands.add_parser("status", help="show the version and pending migrations")
     p_force = commands.add_parser("force", help="set the version, clean, running nothing")
     p_force.add_argument("version", type=int, metavar="V", help="-1 for no version")
     return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace | int:
+    """``mailroom migrate``'s command line, or the exit code when argparse has already
+    answered (0 after ``--help``/``--version``, 2 after a usage error)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "down" and args.all == (args.n is not None):
+            parser.error("down needs N or --all (not both)")
+        if args.command == "force" and args.version < _NIL:
+            parser.error("force: V must be >= -1")
+    except SystemExit as exc:  # argparse already printed the usage (or the help)
+        return exc.code if isinstance(exc.code, int) else 2
+    return args
 
 
 def main(argv: list[str], database_url: str) -> int:
@@ -367,16 +384,12 @@ def main(argv: list[str], database_url: str) -> int:
     Returns the exit code: 0 done, 1 database or migration error (one line on
     stderr), 2 bad usage.
     """
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.command == "down" and args.all == (args.n is not None):
-            parser.error("down needs N or --all (not both)")
-        if args.command == "force" and args.version < _NIL:
-            parser.error("force: V must be >= -1")
-    except SystemExit as exc:  # argparse already printed the usage
-        return exc.code if isinstance(exc.code, int) else 2
+    args = parse(argv)
+    return args if isinstance(args, int) else run(args, database_url)
 
+
+def run(args: argparse.Namespace, database_url: str) -> int:
+    """Carry out parsed ``mailroom migrate`` arguments (see :func:`main`)."""
     say = functools.partial(print, flush=True)
     try:
         if args.command == "up":

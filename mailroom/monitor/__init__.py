@@ -28,8 +28,11 @@ def socket_path(environ: Mapping[str, str], queue: str) -> str | None:
 
 def parser() -> argparse.ArgumentParser:
     """The ``mailroom monitor`` options."""
+    from mailroom._process import add_version
+
     p = argparse.ArgumentParser(prog="mailroom monitor", description="watch and steer mailroom")
     add_arguments(p)
+    add_version(p)
     return p
 
 
