@@ -22,6 +22,10 @@ from mailroom.vocabulary import TokenOutcomes
 
 #: Seconds between heartbeats; a worker silent for ``MAILROOM_WORKER_TIMEOUT`` is killed.
 HEARTBEAT_INTERVAL = 1.0
+#: Batches the collector claims ahead until the sender's first :class:`Window`
+#: arrives, and the least the sender ever asks for.
+FIRST_WINDOW = 4
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ready:
