@@ -67,6 +67,7 @@ class Settings:
     impl: str = ""
     control_socket: str | None = None   # None: the default path; "off": no socket
     control_group: str | None = None
+    control_owner: int | None = None    # clients: a uid trusted beside root and their own
     metrics_addr: str | None = None     # "host:port"; None: no metrics listener
     ses_output_max_files: int = 1_000
     ses_output_max_bytes: int = 100 * 1024 * 1024
@@ -266,6 +267,19 @@ def _group(raw: str) -> str:
     return name
 
 
+def user_id(raw: str) -> int:
+    """A user name or numeric uid as a uid; ``ValueError`` for an unknown name."""
+    import pwd
+
+    name = raw.strip()
+    if name.isdigit() and name.isascii():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ValueError(f"no such user {name!r}") from None
+
+
 def split_host_port(raw: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) as ``(host, port)``; ``ValueError`` if malformed."""
     text = raw.strip()
@@ -319,6 +333,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "log_level": ("MAILROOM_LOG_LEVEL", _log_level),
     "control_socket": ("MAILROOM_CONTROL_SOCKET", _control_socket),
     "control_group": ("MAILROOM_CONTROL_GROUP", _group),
+    "control_owner": ("MAILROOM_CONTROL_OWNER", user_id),
     "metrics_addr": ("MAILROOM_METRICS_ADDR", _host_port),
     # Read by mailroom.wire at import; validated here so a typo is one clear line.
     "impl": ("MAILROOM_IMPL", _impl),

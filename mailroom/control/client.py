@@ -3,6 +3,12 @@ and scripts) and :class:`AsyncControlClient` (asyncio, for the monitor).
 
 Replies and events share one connection: replies are matched to their request
 by ``id``, events are queued for :meth:`events` in arrival order.
+
+Before a word is sent, both check who serves the socket (``SO_PEERCRED``: the
+listening process's uid, whatever the file says): root, the client's own user, or
+the user named by ``MAILROOM_CONTROL_OWNER``. Anyone else may have put an impostor
+where the supervisor's socket should be, and would otherwise be told "pause" and
+answer "done" while the real supervisor runs uncontrolled.
 """
 
 from __future__ import annotations
@@ -11,15 +17,19 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import socket
+import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
+from mailroom import config
 from mailroom.control import protocol
 
-__all__ = ["AsyncControlClient", "ControlClient", "ControlRefused", "ControlUnavailable"]
+__all__ = ["AsyncControlClient", "ControlClient", "ControlRefused", "ControlUnavailable",
+           "UntrustedSocket", "trusted_uids"]
 
 #: The longest line a client accepts from the server (a ``batches`` reply is big).
 MAX_REPLY = 16 * 1024 * 1024
@@ -39,6 +49,44 @@ class ControlRefused(Exception):
 
 class ControlUnavailable(Exception):
     """No usable connection: nothing listens, permission denied, closed, timed out."""
+
+
+class UntrustedSocket(ControlUnavailable):
+    """The socket is served by a user the client does not trust; nothing was sent."""
+
+
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def trusted_uids(environ: Mapping[str, str] | None = None) -> frozenset[int]:
+    """Root, our own uid, and ``MAILROOM_CONTROL_OWNER`` when set (a user name or uid:
+    root running ``mailroom ctl`` against a supervisor that runs as ``mailroom``).
+    Raises :class:`ControlUnavailable` (one line) for an unknown user."""
+    environ = os.environ if environ is None else environ
+    uids = {0, os.getuid()}
+    raw = environ.get("MAILROOM_CONTROL_OWNER")
+    if raw is not None:
+        try:
+            uids.add(config.user_id(raw))
+        except ValueError as exc:
+            raise ControlUnavailable(f"MAILROOM_CONTROL_OWNER: {exc}") from None
+    return frozenset(uids)
+
+
+def check_peer(sock: socket.socket, path: str, trusted: frozenset[int]) -> None:
+    """Raise :class:`UntrustedSocket` unless the process serving ``sock`` runs as a
+    ``trusted`` uid (read with ``SO_PEERCRED``: a file's owner can be faked by a
+    rename, the listener's credentials cannot)."""
+    try:
+        pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    except OSError as exc:
+        raise UntrustedSocket(f"cannot tell who serves the control socket {path}:"
+                              f" {exc.strerror or exc}; not sending anything") from None
+    if uid not in trusted:
+        users = " or ".join(f"uid {u}" for u in sorted(trusted))
+        raise UntrustedSocket(f"refusing the control socket {path}: it is served by uid {uid} (pid {pid}),"
+                              f" not {users}; another user may have replaced it (if uid {uid} runs the"
+                              f" supervisor, set MAILROOM_CONTROL_OWNER={uid})")
 
 
 def _decode(line: bytes) -> dict[str, Any]:
@@ -68,9 +116,11 @@ class ControlClient:
     """A blocking client. ``timeout`` (seconds, ``None`` = forever) bounds each wait
     for a reply; :meth:`events` waits without a bound."""
 
-    def __init__(self, path: str, timeout: float | None = 10.0) -> None:
+    def __init__(self, path: str, timeout: float | None = 10.0,
+                 trusted: frozenset[int] | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        self.trusted = trusted_uids() if trusted is None else trusted
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._next_id = 1
@@ -106,6 +156,11 @@ class ControlClient:
             except OSError as exc:
                 sock.close()
                 raise _unavailable(self.path, exc) from None
+        try:
+            check_peer(sock, self.path, self.trusted)
+        except UntrustedSocket:
+            sock.close()
+            raise
         self._sock = sock
 
     def close(self) -> None:
@@ -184,8 +239,9 @@ class ControlClient:
 class AsyncControlClient:
     """An asyncio client: one connection, requests may overlap, events queue up."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, trusted: frozenset[int] | None = None) -> None:
         self.path = path
+        self.trusted = trusted_uids() if trusted is None else trusted
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -200,6 +256,12 @@ class AsyncControlClient:
             self._reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_REPLY)
         except OSError as exc:
             raise _unavailable(self.path, exc) from None
+        try:
+            check_peer(self._writer.get_extra_info("socket"), self.path, self.trusted)
+        except UntrustedSocket:
+            self._writer.close()
+            self._writer = self._reader = None
+            raise
         self._lost = None
         self._events = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._read_loop())

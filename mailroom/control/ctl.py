@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TextIO
 
 from mailroom import config
 from mailroom._process import add_version
-from mailroom.control.client import ControlClient, ControlRefused, ControlUnavailable
+from mailroom.control.client import ControlClient, ControlRefused, ControlUnavailable, trusted_uids
 from mailroom.control.protocol import BATCH_STATES, MAX_BATCHES, PAUSABLE, TOPICS, WORKERS
 from mailroom.control.sockfile import default_socket_path
 
@@ -147,7 +147,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str], out: TextIO | None = N
     # drain replies when nothing is in flight: wait as long as asked, and then some.
     timeout = (args.timeout or 600.0) + 10.0 if cmd == "drain" else 10.0
     try:
-        with ControlClient(path, timeout=timeout) as client:
+        # Nothing is sent to a socket served by anyone but root, us or MAILROOM_CONTROL_OWNER.
+        with ControlClient(path, timeout=timeout, trusted=trusted_uids(environ)) as client:
             if cmd == "subscribe":
                 return _subscribe(client, args, out)
             result = client.request(cmd, **request_args)

@@ -5,7 +5,8 @@
   else ``/tmp/mailroom-<uid>/<queue>.sock``; ``off`` disables the socket.
 - :func:`bind_unix`: a listening socket whose file is 0600 from the start (umask
   set before ``bind``), or 0660 with a group; a live owner raises :class:`SocketInUse`,
-  a stale file is removed.
+  a stale file is removed; a directory in which another user could replace the
+  socket is refused (:func:`untrusted_directory`).
 """
 
 from __future__ import annotations
@@ -60,25 +61,60 @@ def resolve_group(group: str) -> int:
 
 def _prepare_directory(directory: str, gid: int | None) -> None:
     """Create a missing parent 0700 (0710 with the socket's group, so its members can
-    reach the socket). An existing parent inside a sticky shared directory (``/tmp``)
-    must be ours and writable by no one else: otherwise another user could have made
-    it first and could replace the socket."""
+    reach the socket), then check that no other user can replace the socket in it
+    (:func:`untrusted_directory`)."""
+    created = True
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
-        info = os.lstat(directory)
-        if not stat.S_ISDIR(info.st_mode):
+        created = False
+        if not stat.S_ISDIR(os.lstat(os.path.realpath(directory)).st_mode):
             raise ControlSocketError(f"{directory} is not a directory") from None
-        parent = os.stat(os.path.dirname(os.path.abspath(directory)) or "/")
-        if parent.st_mode & stat.S_ISVTX and (info.st_uid != os.getuid() or info.st_mode & 0o022):
-            raise ControlSocketError(f"{directory} must belong to uid {os.getuid()} and be"
-                                     " writable by no one else") from None
-        return
     except FileNotFoundError:
-        os.makedirs(directory, 0o700, exist_ok=True)
-    if gid is not None:
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+        except OSError as exc:
+            raise ControlSocketError(f"cannot create the control socket directory {directory}:"
+                                     f" {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise ControlSocketError(f"cannot create the control socket directory {directory}:"
+                                 f" {exc.strerror or exc}") from None
+    if created and gid is not None:
         os.chown(directory, -1, gid)
         os.chmod(directory, 0o710)
+    problem = untrusted_directory(directory)
+    if problem is not None:
+        raise ControlSocketError(problem)
+
+
+def untrusted_directory(directory: str, uid: int | None = None) -> str | None:
+    """Why another local user could replace a socket in ``directory`` (one line that
+    names the directory and the fix), or None when no one but ``uid`` (default: ours)
+    and root can.
+
+    OpenSSH's StrictModes rule, applied to the directory and every ancestor: each
+    must belong to root or to ``uid`` and be writable by neither group nor others,
+    unless it is sticky (``/tmp``: others may add entries there, never remove or
+    rename ours). Whoever can write to one of them can unlink the socket, or move the
+    directory aside, and bind an impostor that a root ``mailroom ctl`` would obey.
+    """
+    uid = os.geteuid() if uid is None else uid
+    path = os.path.realpath(directory)
+    while True:
+        info = os.stat(path)
+        if info.st_uid not in (0, uid):
+            return (f"control socket directory {path} belongs to uid {info.st_uid}, not to uid {uid} or"
+                    f" root, so that user could replace the socket: use a directory of uid {uid}"
+                    " (MAILROOM_CONTROL_SOCKET) or chown it")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            who = {0o020: "group", 0o002: "others"}.get(info.st_mode & 0o022, "group and others")
+            return (f"control socket directory {path} is writable by {who}"
+                    f" (mode {stat.S_IMODE(info.st_mode):04o}), so another user could replace the socket:"
+                    f" chmod go-w {path}, or choose another directory (MAILROOM_CONTROL_SOCKET)")
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def probe(path: str, timeout: float = PROBE_TIMEOUT) -> dict[str, object] | None:
