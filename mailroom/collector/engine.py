@@ -23,6 +23,7 @@ from psycopg import sql
 
 from mailroom import config, ledger, wire
 from mailroom._process import backoff_delays, drain_fd, one_line
+from mailroom.collector.refused import Refusals, read_only, refused
 from mailroom.config import Settings
 from mailroom.vocabulary import DeliveryStatus
 
@@ -89,6 +90,7 @@ class Collector:
         self.rows = 0
         self.backlog = False
         self._requeued_at = -REQUEUE_EVERY
+        self.refusals = Refusals(log, "claims", "claims wait, what is held is kept")
 
     # -- connection -------------------------------------------------------------
     def connect(self) -> psycopg.Connection:
@@ -116,7 +118,9 @@ class Collector:
                 except BaseException:
                     conn.close()
                     raise
-                log.info("connected, listening on %s", self.settings.channel_name)
+                # Reconnecting is how a read-only refusal is retried: not news each time.
+                log.log(logging.DEBUG if self.refusals.active else logging.INFO,
+                        "connected, listening on %s", self.settings.channel_name)
                 self.conn = conn
                 return conn
             except psycopg.ProgrammingError as exc:
@@ -230,6 +234,7 @@ class Collector:
             self.sink.tick()
             claim = self.claim_once()
             total += len(claim.rows)
+            self.refusals.succeeded()
             if claim.picked < self.settings.batch_limit:
                 self.backlog = False
                 break
@@ -267,6 +272,18 @@ class Collector:
                 except psycopg.OperationalError as exc:
                     log.warning("database connection lost: %s", one_line(exc))
                     self._close()
+                except psycopg.Error as exc:
+                    # conn is None when connect() itself failed after connecting
+                    # (LISTEN refused on a standby): a refusal too, not a lost connection.
+                    if self.conn is not None and not refused(exc, self.conn):
+                        log.warning("database connection lost: %s", one_line(exc))
+                        self._close()
+                        continue
+                    delay = self.refusals.failed(exc)
+                    if read_only(exc):
+                        self._close()
+                    if self._sleep(delay):
+                        break
         except _Stopped:
             pass
         finally:

@@ -22,6 +22,7 @@ import psycopg
 
 from mailroom import ledger
 from mailroom._process import one_line, rss_bytes
+from mailroom.collector.refused import Refusals, refused
 from mailroom.config import Settings
 from mailroom.ledger import fleet
 from mailroom.supervisor import messages as msg
@@ -84,6 +85,7 @@ class PipeSink:
         self.rows = 0
         self.consumer_id: int | None = None
         self.fleet_at = -FLEET_EVERY
+        self.fleet_refusals = Refusals(logger, "the fleet heartbeat", "this consumer may show as stale")
 
     def ready(self) -> bool:
         return (self.claiming and not self.draining and not self.stopping
@@ -148,9 +150,17 @@ class PipeSink:
             self.stats_at = now
             self.stats = ledger.queue_stats(conn, self.queue)
             self.stats["rss"] = rss_bytes()
-        if now - self.fleet_at >= FLEET_EVERY:
+        if now - self.fleet_at >= FLEET_EVERY and now >= self.fleet_refusals.not_before:
             self.fleet_at = now
-            self.refresh_fleet(conn)
+            # The fleet table is for people looking: a refusal there (a read-only
+            # database) is logged once and retried, it never stops the collector.
+            try:
+                self.refresh_fleet(conn)
+                self.fleet_refusals.succeeded()
+            except psycopg.Error as exc:
+                if not refused(exc, conn):
+                    raise
+                self.fleet_refusals.failed(exc)
         applied = 0
         while self.pending:
             head = self.pending[0]
