@@ -9,6 +9,7 @@
 - :func:`backoff`: the one capped exponential delay formula, with equal jitter.
 - :func:`one_line`: an exception or a server message as one printable line.
 - :func:`add_version`: ``--version`` on a command-line parser.
+- :func:`name_process`: the name ``ps``, ``top`` and ``htop`` show.
 """
 
 from __future__ import annotations
@@ -52,6 +53,21 @@ def setup_logging(tag: str, level: str = "INFO") -> None:
     # botocore and psycopg are chatty at INFO/DEBUG; their warnings still show.
     for noisy in ("botocore", "boto3", "urllib3", "psycopg"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def name_process(title: str) -> None:
+    """Show this process as ``title`` in ``ps``/``htop`` and in ``/proc/PID/cmdline``.
+
+    Without it, forked workers keep the supervisor's command line and all three
+    processes read ``python3 .../mailroom-supervisor``: an operator could not tell
+    which one to look at. ``setproctitle`` also sets the kernel's short name
+    (``/proc/PID/comm``, what ``top`` shows by default and ``pkill`` matches).
+    """
+    try:
+        import setproctitle
+    except ImportError:  # a stripped-down install: the name is a convenience, not a need
+        return
+    setproctitle.setproctitle(title)
 
 
 def one_line(error: BaseException | str, *, named: bool = False) -> str:

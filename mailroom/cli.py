@@ -17,7 +17,7 @@ import sys
 from collections.abc import Collection, Sequence
 
 from mailroom import config
-from mailroom._process import add_version, one_line, setup_logging
+from mailroom._process import add_version, name_process, one_line, setup_logging
 
 PROG = "mailroom"
 _CONFIGURED = ("Configured by MAILROOM_* environment variables (README, Configure); "
@@ -58,6 +58,7 @@ def collector_main(argv: Sequence[str] | None = None) -> None:
     """``mailroom-collector``: print batch lines on stdout (compatibility mode)."""
     _daemon_parser("mailroom-collector", "Claim due deliveries from PostgreSQL and print them as batch"
                    " lines on stdout (the original's pipe; pipe into mailroom-sender).").parse_args(argv)
+    name_process("mailroom-collector")
     settings = _settings((config.DATABASE, config.SECRET), "PG")
     from mailroom.collector.stdout import run_stdout
 
@@ -68,6 +69,7 @@ def sender_main(argv: Sequence[str] | None = None) -> None:
     """``mailroom-sender``: read batch lines on stdin and send them through SES."""
     _daemon_parser("mailroom-sender", "Read batch lines on stdin (from mailroom-collector) and send"
                    " each through AWS SES.").parse_args(argv)
+    name_process("mailroom-sender")
     settings = _settings((), "SES")
     from mailroom.sender.stdin import run_stdin
 
@@ -78,6 +80,7 @@ def supervisor_main(argv: Sequence[str] | None = None) -> None:
     """``mailroom-supervisor``: run collector and sender workers under one supervisor."""
     _daemon_parser("mailroom-supervisor", "Run the collector and sender workers under one supervisor,"
                    " with the control socket and metrics.").parse_args(argv)
+    name_process("mailroom-supervisor")
     settings = _settings((config.DATABASE, config.SECRET), "SUP")
     from mailroom.supervisor import arbiter
 

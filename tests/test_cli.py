@@ -10,6 +10,7 @@ import subprocess
 
 import psycopg
 import pytest
+from collector_util import wait_for
 from pgutil import console_script
 from supervisor_util import supervisor_env
 
@@ -97,3 +98,21 @@ def test_every_argument_has_help_text():
                for name, parser in parsers for path, action in _walk(parser, name)
                if not action.help and action.help != argparse.SUPPRESS]
     assert missing == []
+
+
+# -- 7: processes you can tell apart --------------------------------------------------
+
+def cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
+def test_processes_are_named(db, base_env, stub, supervisors):
+    sup = supervisors(supervisor_env(base_env, db, stub.url))
+    assert wait_for(lambda: cmdline(sup.proc.pid) == "mailroom-supervisor", what="the supervisor's name")
+    for role in ("collector", "sender"):
+        pid = sup.worker(role)
+        # The supervisor logs the fork; the child names itself first thing after it.
+        wait_for(lambda pid=pid, role=role: cmdline(pid) == f"mailroom: {role}", timeout=10,
+                 what=f"{role} named: {cmdline(pid)!r}")
+    assert sup.stop() == 0

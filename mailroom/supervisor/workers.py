@@ -17,7 +17,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from mailroom import config
-from mailroom._process import SignalFlag, die_with_parent, one_line, setup_logging
+from mailroom._process import SignalFlag, die_with_parent, name_process, one_line, setup_logging
 from mailroom.collector import Collector
 from mailroom.collector.pipe import PipeSink
 from mailroom.config import Settings
@@ -26,7 +26,8 @@ from mailroom.supervisor import messages as msg
 logger = logging.getLogger("mailroom.workers")
 
 
-def _boot(tag: str, settings: Settings) -> SignalFlag:
+def _boot(role: str, tag: str, settings: Settings) -> SignalFlag:
+    name_process(f"mailroom: {role}")
     setup_logging(tag, settings.log_level)
     die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group: only the supervisor
@@ -41,7 +42,7 @@ def _boot(tag: str, settings: Settings) -> SignalFlag:
 
 def collector_worker(pipe: Connection, settings: Settings) -> int:
     """Entry point of the collector worker; returns its exit code."""
-    stop = _boot("PG", settings)
+    stop = _boot("collector", "PG", settings)
     sink = PipeSink(pipe, settings)
     def on_ready() -> None:
         pipe.send(msg.Ready())
@@ -73,7 +74,7 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
 
 def sender_worker(pipe: Connection, settings: Settings) -> int:
     """Entry point of the sender worker; returns its exit code."""
-    stop = _boot("SES", settings)
+    stop = _boot("sender", "SES", settings)
     from mailroom.sender import Sender
     from mailroom.sender.calls import WORKER_POLICY
     from mailroom.sender.driver import Driver, StopRequest
