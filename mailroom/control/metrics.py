@@ -5,6 +5,14 @@ the supervisor counts, from what it routes and what the workers' heartbeats say)
 with every metric of the list, known label combinations at 0. :class:`MetricsServer`
 serves ``GET /metrics`` from the supervisor's loop, like the control socket: no
 thread, non-blocking sockets, one request per connection, slow clients dropped.
+
+Local abuse must not starve a scrape (issue 20): a full table of connections does
+not turn new ones away, it evicts the oldest one still without a complete request
+(an idle or dribbling client: a scraper sends its request at once), and a new
+connection is read as soon as it is accepted, so a scrape is usually answered
+before anything can evict it.  Accepts are taken in slices per loop turn, so a
+flood of connections cannot push out one accepted in the same instant before its
+request is read.
 """
 
 from __future__ import annotations
@@ -168,7 +176,17 @@ class Metrics:
 #: A request's head may not be longer (bytes) and must arrive within this time.
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
-MAX_CONNECTIONS = 64
+#: Connections held at once; past it the oldest one still reading is evicted.
+#: Each is a descriptor of the supervisor's and a socket polled on every turn.
+MAX_CONNECTIONS = 128
+#: Seconds a connection may hold its slot before a newcomer can evict it: time
+#: for a client that just connected to send its request.
+MIN_HOLD = 0.5
+#: Connections accepted per turn of the loop (the rest wait in the backlog).
+ACCEPT_SLICE = MAX_CONNECTIONS // 2
+#: Listen backlog (the kernel caps it at net.core.somaxconn): hundreds of
+#: connections at once wait there instead of being reset.
+BACKLOG = 1024
 
 
 class _Conn:
@@ -204,7 +222,7 @@ class MetricsServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))
-            sock.listen(64)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
         except OSError:
             sock.close()
@@ -226,7 +244,9 @@ class MetricsServer:
     def readers(self) -> list[socket.socket]:
         """The listener and connections whose request is not complete yet."""
         found = [c.sock for c in self._conns.values() if not c.outbuf]
-        if self._listener is not None:
+        # Full, and nobody held long enough to evict: leave new connections in the
+        # backlog until the next turn (a listener polled but not accepted would spin).
+        if self._listener is not None and self._has_room(time.monotonic()):
             found.append(self._listener)
         return found
 
@@ -251,8 +271,42 @@ class MetricsServer:
 
     def _accept(self, now: float) -> None:
         assert self._listener is not None
-        for sock in accept_pending(self._listener, lambda: len(self._conns) < MAX_CONNECTIONS, "metrics"):
-            self._conns[sock] = _Conn(sock, now)
+        accepted = 0
+        while accepted < ACCEPT_SLICE and self._make_room(now):
+            # One at a time: room is made before each accept, never after it.
+            sock = next(accept_pending(self._listener, lambda: True, "metrics"), None)
+            if sock is None:
+                return
+            conn = self._conns[sock] = _Conn(sock, now)
+            self._read(conn)  # a scraper's request is usually there already
+            accepted += 1
+
+    def _victim(self, now: float) -> _Conn | None:
+        """The connection to evict for a new one: the oldest still reading its
+        request, once it had :data:`MIN_HOLD` to send it (None: nobody yet).
+
+        The dict keeps accept order, so the first one without output is the
+        oldest idle or partial one; if every connection is being answered (a
+        response waits for a peer that does not read) the oldest of those goes.
+        """
+        victim = next((c for c in self._conns.values() if not c.outbuf), None)
+        if victim is None:
+            victim = next(iter(self._conns.values()), None)
+        return victim if victim is not None and now - victim.started >= MIN_HOLD else None
+
+    def _has_room(self, now: float) -> bool:
+        return len(self._conns) < MAX_CONNECTIONS or self._victim(now) is not None
+
+    def _make_room(self, now: float) -> bool:
+        """Evict :meth:`_victim` if the table is full; False when nobody can go yet
+        (the next connections wait in the backlog)."""
+        if len(self._conns) < MAX_CONNECTIONS:
+            return True
+        victim = self._victim(now)
+        if victim is None:
+            return False
+        self._drop(victim)
+        return True
 
     def _drop(self, conn: _Conn) -> None:
         self._conns.pop(conn.sock, None)
