@@ -18,6 +18,9 @@ from monitor_fakes import FakeControlServer
 from mailroom.monitor.app import MonitorApp
 from mailroom.monitor.dialogs import BatchDetail, Confirm
 from mailroom.monitor.model import MAX_BATCHES
+from mailroom.monitor.panes.failures import FailuresPane
+from mailroom.monitor.panes.ledger import LedgerCountsPane
+from mailroom.monitor.panes.processes import ProcessesPane
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -310,12 +313,18 @@ def test_a_flush_or_a_ledger_result_that_arrives_while_the_app_closes_is_harmles
         async with app.run_test():
             panes = {name: app.query_one(f"#{name}") for name in ("ledger", "failures", "processes")}
         app._render(force=True)
-        app._reload_ledger()
-        # The same for a ledger query's result that a thread worker hands back late.
-        panes["ledger"]._show_counts({})
-        panes["ledger"]._show_deliveries("jane@example.com", [])
-        panes["failures"]._show([])
-        panes["processes"]._show([])
+        app.reload_ledger()
+        # The same for a ledger query's result that a thread worker hands back late
+        # (through LedgerPane._shown, as LedgerPane.fetch does), and a late timer's load.
+        ledger, failures, processes = panes["ledger"], panes["failures"], panes["processes"]
+        assert isinstance(ledger, LedgerCountsPane)
+        assert isinstance(failures, FailuresPane) and isinstance(processes, ProcessesPane)
+        ledger._shown(ledger._show_counts, {})
+        ledger._shown(lambda rows: ledger._show_deliveries("jane@example.com", rows), [])
+        failures._shown(failures._show, [])
+        processes._shown(processes._show, [])
+        for pane in (ledger, failures, processes):
+            pane.load()
     asyncio.run(main())
 
 
@@ -335,3 +344,20 @@ def test_a_frozen_live_table_scrolls_over_batches_the_state_has_evicted() -> Non
         await pilot.press("f")
         await until(pilot, lambda: row_keys(app)[0] == "b-41", "caught up")
     scenario(test)
+
+
+def test_esc_closes_the_search_box_without_shadowing_textuals_back() -> None:
+    # Esc was bound to an "action_back" of the app's own, which silently replaced
+    # Textual's App.action_back (pop a screen); it is "close_search" now.
+    assert "action_back" not in vars(MonitorApp)
+
+    async def main() -> None:
+        app = MonitorApp(None, None)
+        async with app.run_test() as pilot:
+            box = app.query_one("#search")
+            await pilot.press("slash")
+            assert app.current == "ledger" and box.has_class("shown") and box.has_focus
+            await pilot.press("escape")
+            assert not box.has_class("shown")
+            assert app.focused is app.query_one("#deliveries")
+    asyncio.run(main())

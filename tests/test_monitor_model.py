@@ -7,7 +7,8 @@ import datetime as dt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailroom.monitor.feed import BACKOFF_CAP_S, backoff_delay
+from mailroom._process import backoff
+from mailroom.monitor.feed import BACKOFF_BASE_S, BACKOFF_CAP_S
 from mailroom.monitor.model import MAX_BATCHES, MonitorState, as_epoch, as_int, destinations
 
 json_values = st.recursive(
@@ -54,7 +55,11 @@ def test_coercions() -> None:
     assert as_epoch("yesterday") is None and as_epoch([1]) is None
 
 
-def test_backoff_is_jittered_and_capped() -> None:
-    assert backoff_delay(0, rng=lambda: 0.0) == 0.125 and backoff_delay(0, rng=lambda: 1.0) == 0.25
-    assert backoff_delay(50, rng=lambda: 1.0) == BACKOFF_CAP_S
-    assert backoff_delay(50, rng=lambda: 0.0) == BACKOFF_CAP_S / 2
+def test_the_feeds_reconnect_backoff_is_jittered_and_capped() -> None:
+    # The feed's delays are the house's backoff (_process.backoff) with its own bounds.
+    assert backoff(0, BACKOFF_BASE_S, BACKOFF_CAP_S, jitter=False) == 0.25
+    assert backoff(50, BACKOFF_BASE_S, BACKOFF_CAP_S, jitter=False) == BACKOFF_CAP_S
+    first = [backoff(0, BACKOFF_BASE_S, BACKOFF_CAP_S) for _ in range(200)]
+    late = [backoff(50, BACKOFF_BASE_S, BACKOFF_CAP_S) for _ in range(200)]
+    assert all(0.125 <= d <= 0.25 for d in first) and len(set(first)) > 1
+    assert all(BACKOFF_CAP_S / 2 <= d <= BACKOFF_CAP_S for d in late) and len(set(late)) > 1

@@ -1,4 +1,4 @@
-"""The state-changing keys (uppercase) and their gating, as a mixin of the app.
+"""The state-changing keys (uppercase) and their gating: the app's base class.
 
 ``P`` pause/resume claims, ``D`` drain and ``L`` set rate go to the supervisor
 over the control socket; ``R`` retry and ``X`` skip go to the ledger.  Each needs
@@ -10,17 +10,20 @@ key shows a notice; nothing here raises into the app.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from textual import work
+from textual.app import App
 
+from mailroom._process import one_line
 from mailroom.monitor.dialogs import Confirm, Prompt
-from mailroom.monitor.ledger_source import LedgerUnavailable
-from mailroom.monitor.model import as_float
+from mailroom.monitor.feed import ControlFeed
+from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
+from mailroom.monitor.model import MonitorState, as_float
+from mailroom.monitor.panes.failures import FailuresPane
+from mailroom.monitor.panes.ledger import LedgerCountsPane
 from mailroom.monitor.widgets import num
-
-if TYPE_CHECKING:
-    from mailroom.monitor.app import MonitorApp
 
 __all__ = ["OPERATOR_ACTIONS", "OperatorActions"]
 
@@ -38,7 +41,7 @@ _LEDGER_ACTIONS = {"retry", "skip"}
 
 def _describe(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    message = getattr(exc, "message", None) or one_line(exc)
     return f"{code}: {message}" if code else message
 
 
@@ -54,10 +57,21 @@ def error_filter(group_error: str) -> str:
     return max(pieces, key=len) if pieces else group_error
 
 
-class OperatorActions:
-    """Mixin: P, D, L, R, X with their checks and confirmations."""
+class OperatorActions(App[None]):
+    """The app's P, D, L, R, X with their checks and confirmations (the app subclasses this)."""
 
-    def refusal(self: MonitorApp, action: str) -> str | None:  # type: ignore[misc]
+    # Set by the app's constructor.
+    operate: bool
+    feed: ControlFeed | None
+    ledger: LedgerSource | None
+    state: MonitorState
+    current: str
+
+    def reload_ledger(self) -> None:
+        """Query the ledger again for the pane shown (the app's; after a change)."""
+        raise NotImplementedError
+
+    def refusal(self, action: str) -> str | None:
         """Why ``action`` is not allowed now, or None when it is."""
         if not self.operate:
             return "read-only: start the monitor with --operate to change anything"
@@ -77,20 +91,46 @@ class OperatorActions:
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Disabled-but-shown (None) for a refused operator key; its refusal runs instead."""
         if action in _SOCKET_ACTIONS or action in _LEDGER_ACTIONS:
-            return None if self.refusal(action) else True  # type: ignore[attr-defined]
+            return None if self.refusal(action) else True
         if action == "refuse":
             target = str(parameters[0]) if parameters else ""
-            return self.refusal(target) is not None  # type: ignore[attr-defined]
+            return self.refusal(target) is not None
         return True
 
-    def action_refuse(self: MonitorApp, action: str) -> None:  # type: ignore[misc]
+    def action_refuse(self, action: str) -> None:
         """Say why an operator key did nothing."""
         self.notify(f"{action} refused: {self.refusal(action) or 'not allowed'}",
                     severity="warning", title="read-only")
 
+    # -- the two dialogs, chained the one way every key uses them
+
+    def confirm(self, question: str, then: Callable[[], object]) -> None:
+        """Ask ``question``; ``then`` runs on yes, nothing on no or Esc."""
+        def answered(yes: bool | None) -> None:
+            if yes:
+                then()
+        self.push_screen(Confirm(question), answered)
+
+    def prompt_then_confirm(self, prompt: str, value: str, noun: str, question: Callable[[float], str],
+                            then: Callable[[float], object]) -> None:
+        """Ask for a positive number, then confirm ``question(number)``, then ``then(number)``.
+
+        Esc on the prompt does nothing; an answer that is not a positive number is a
+        notice (``not a <noun>``) and nothing more.
+        """
+        def asked(answer: str | None) -> None:
+            if answer is None:
+                return
+            number = as_float(answer)
+            if number is None or number <= 0:
+                self.notify(f"not a {noun}: {answer!r}", severity="error")
+                return
+            self.confirm(question(number), lambda: then(number))
+        self.push_screen(Prompt(prompt, value), asked)
+
     # -- socket actions
 
-    def action_pause(self: MonitorApp) -> None:  # type: ignore[misc]
+    def action_pause(self) -> None:
         """P: pause claims, or resume them when paused."""
         verb = "resume" if self.state.paused_claims else "pause"
         tick = self.state.tick
@@ -98,44 +138,33 @@ class OperatorActions:
                     f"in flight: {num(tick.in_flight)}.\n"
                     + ("Batches in flight finish; no new rows are claimed."
                        if verb == "pause" else "Claims start again."))
-        self.push_screen(Confirm(question), lambda yes: yes and self._command(verb, what="claims"))
+        self.confirm(question, lambda: self._command(verb, what="claims"))
 
-    def action_drain(self: MonitorApp) -> None:  # type: ignore[misc]
+    def action_drain(self) -> None:
         """D: pause claims and wait until nothing is in flight."""
-        def asked(value: str | None) -> None:
-            timeout = as_float(value)
-            if value is None:
-                return
-            if timeout is None or timeout <= 0:
-                self.notify(f"not a timeout: {value!r}", severity="error")
-                return
-            question = (f"Drain? Claims stop; waits up to {timeout:g} s for the "
-                        f"{num(self.state.tick.in_flight)} batches in flight.")
-            self.push_screen(Confirm(question),
-                             lambda yes: yes and self._command("drain", timeout_s=timeout))
-        self.push_screen(Prompt("Drain: seconds to wait for in-flight batches", "60"), asked)
+        self.prompt_then_confirm(
+            "Drain: seconds to wait for in-flight batches", "60", "timeout",
+            lambda timeout: (f"Drain? Claims stop; waits up to {timeout:g} s for the "
+                             f"{num(self.state.tick.in_flight)} batches in flight."),
+            lambda timeout: self._command("drain", timeout_s=timeout))
 
-    def action_set_rate(self: MonitorApp) -> None:  # type: ignore[misc]
+    def action_set_rate(self) -> None:
         """L: set the send-rate limit (recipients per second)."""
         tick = self.state.tick
-        def asked(value: str | None) -> None:
-            rate = as_float(value)
-            if value is None:
-                return
-            if rate is None or rate <= 0:
-                self.notify(f"not a rate: {value!r}", severity="error")
-                return
-            question = (f"Set the send rate to {rate:g}/s?\n\nnow {num(tick.rate_limit, 1)}/s, "
-                        f"SES MaxSendRate {num(tick.max_send_rate, 1)}/s (the cap).")
-            self.push_screen(Confirm(question),
-                             lambda yes: yes and self._command("set_rate", per_second=rate))
-        self.push_screen(Prompt("Send-rate limit, recipients per second",
-                                "" if tick.rate_limit is None else f"{tick.rate_limit:g}"), asked)
+        self.prompt_then_confirm(
+            "Send-rate limit, recipients per second", "" if tick.rate_limit is None else f"{tick.rate_limit:g}",
+            "rate",
+            lambda rate: (f"Set the send rate to {rate:g}/s?\n\nnow {num(tick.rate_limit, 1)}/s, "
+                          f"SES MaxSendRate {num(tick.max_send_rate, 1)}/s (the cap)."),
+            lambda rate: self._command("set_rate", per_second=rate))
 
     @work(group="command")
-    async def _command(self: MonitorApp, cmd: str, **args: Any) -> None:  # type: ignore[misc]
+    async def _command(self, cmd: str, **args: Any) -> None:
+        feed = self.feed
         try:
-            result = await self.feed.request(cmd, **args)  # type: ignore[union-attr]
+            if feed is None:
+                raise ConnectionError("not connected to the supervisor")
+            result = await feed.request(cmd, **args)
         except Exception as exc:  # refused or disconnected: a notice, never a crash
             self.notify(f"{cmd} failed: {_describe(exc)}", severity="error")
             return
@@ -144,29 +173,26 @@ class OperatorActions:
 
     # -- ledger actions
 
-    def _selection(self: MonitorApp) -> tuple[str, dict[str, Any]] | None:  # type: ignore[misc]
-        from mailroom.monitor.panes.failures import FailuresPane
-        from mailroom.monitor.panes.ledger import LedgerPane
-
+    def _selection(self) -> tuple[str, dict[str, Any]] | None:
         if self.current == "failures":
             error = self.query_one(FailuresPane).selected_error()
             if error is not None:
                 return f"with the error {error[:80]!r}", {"error": error_filter(error)}
         if self.current == "ledger":
-            email = self.query_one(LedgerPane).email
+            email = self.query_one(LedgerCountsPane).email
             if email:
                 return f"of {email}", {"email": email}
         return None
 
-    def action_retry(self: MonitorApp) -> None:  # type: ignore[misc]
+    def action_retry(self) -> None:
         """R: requeue the failed rows of the selected group or address."""
         self._ledger_change("retry")
 
-    def action_skip(self: MonitorApp) -> None:  # type: ignore[misc]
+    def action_skip(self) -> None:
         """X: skip the queued rows of the selected group or address."""
         self._ledger_change("skip")
 
-    def _ledger_change(self: MonitorApp, op: str) -> None:  # type: ignore[misc]
+    def _ledger_change(self, op: str) -> None:
         selection = self._selection()
         if selection is None:
             self.notify(f"{op}: select a failure group (3) or look up an address (2, /) first",
@@ -174,26 +200,32 @@ class OperatorActions:
             return
         self._dry_run(op, *selection)
 
+    def _change(self, op: str, dry_run: bool, selection: dict[str, Any]) -> int:
+        """Run (or count, ``dry_run``) ``retry`` or ``skip`` in the ledger; raises LedgerUnavailable."""
+        ledger = self.ledger
+        if ledger is None:
+            raise LedgerUnavailable("no database: set MAILROOM_DATABASE_URL")
+        change = ledger.retry if op == "retry" else ledger.skip
+        return change(dry_run, **selection)
+
     @work(thread=True, group="ledger-change")
-    def _dry_run(self: MonitorApp, op: str, label: str, selection: dict[str, Any]) -> None:  # type: ignore[misc]
+    def _dry_run(self, op: str, label: str, selection: dict[str, Any]) -> None:
         try:
-            count = getattr(self.ledger, op)(True, **selection)
+            count = self._change(op, True, selection)
         except LedgerUnavailable as exc:
             self.call_from_thread(self.notify, f"{op}: {exc}", severity="error")
             return
         what = ("failed rows requeued (rows already sent are never resent)" if op == "retry"
                 else "queued rows marked skipped (never sent)")
         question = f"{op.capitalize()} {count} rows {label}?\n\nDry run: {count} {what}."
-        self.call_from_thread(
-            self.push_screen, Confirm(question),
-            lambda yes: yes and self._apply_change(op, label, selection))
+        self.call_from_thread(self.confirm, question, lambda: self._apply_change(op, label, selection))
 
     @work(thread=True, group="ledger-change")
-    def _apply_change(self: MonitorApp, op: str, label: str, selection: dict[str, Any]) -> None:  # type: ignore[misc]
+    def _apply_change(self, op: str, label: str, selection: dict[str, Any]) -> None:
         try:
-            count = getattr(self.ledger, op)(False, **selection)
+            count = self._change(op, False, selection)
         except LedgerUnavailable as exc:
             self.call_from_thread(self.notify, f"{op}: {exc}", severity="error")
             return
         self.call_from_thread(self.notify, f"{op}: {count} rows {label}")
-        self.call_from_thread(self._reload_ledger)
+        self.call_from_thread(self.reload_ledger)

@@ -6,10 +6,11 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import ContentSwitcher, DataTable, Footer
 
 from mailroom.config import Settings
@@ -19,9 +20,10 @@ from mailroom.monitor.dialogs import BatchDetail, HelpScreen
 from mailroom.monitor.feed import ClientFactory, ControlFeed, default_client_factory
 from mailroom.monitor.ledger_source import LedgerSource
 from mailroom.monitor.model import MonitorState
+from mailroom.monitor.panes.base import Pane
 from mailroom.monitor.panes.events import EventsPane
 from mailroom.monitor.panes.failures import FailuresPane
-from mailroom.monitor.panes.ledger import LedgerPane
+from mailroom.monitor.panes.ledger import LedgerCountsPane
 from mailroom.monitor.panes.live import LivePane
 from mailroom.monitor.panes.processes import ProcessesPane
 from mailroom.monitor.widgets import Banner, HeaderBar
@@ -39,7 +41,7 @@ FLUSH_INTERVAL_S = 0.25
 LEDGER_REFRESH_S = 5.0
 
 
-class MonitorApp(OperatorActions, App[None]):
+class MonitorApp(OperatorActions):
     """``mailroom monitor``.
 
     Args:
@@ -61,7 +63,8 @@ class MonitorApp(OperatorActions, App[None]):
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f", "freeze", "Freeze"),
         Binding("slash", "search", "Search", key_display="/"),
-        Binding("escape", "back", show=False),
+        # Not "back": that name is Textual's own App.action_back (pop a screen).
+        Binding("escape", "close_search", show=False),
         Binding("j", "cursor('down')", show=False),
         Binding("k", "cursor('up')", show=False),
         # Each state-changing key twice: the real action (shown, disabled unless
@@ -87,6 +90,8 @@ class MonitorApp(OperatorActions, App[None]):
         #: Flushes that changed something (tests wait on it).
         self.flushes = 0
         self._last_conn: tuple[Any, ...] = ()
+        #: The five panes by id, as the app drives them (filled by compose).
+        self.panes: dict[str, Pane] = {}
 
     # ------------------------------------------------------------ layout
 
@@ -94,12 +99,18 @@ class MonitorApp(OperatorActions, App[None]):
         yield HeaderBar(id="header")
         yield Banner(id="banner")
         with ContentSwitcher(initial="live"):
-            yield LivePane(id="live")
-            yield LedgerPane(id="ledger")
-            yield FailuresPane(id="failures")
-            yield ProcessesPane(id="processes")
-            yield EventsPane(id="events")
+            yield from self._build_panes()
         yield Footer()
+
+    def _build_panes(self) -> list[Widget]:
+        live, events = LivePane(id="live"), EventsPane(id="events")
+        ledger = LedgerCountsPane(self.ledger, self.queue, id="ledger")
+        failures = FailuresPane(self.ledger, self.queue, id="failures")
+        processes = ProcessesPane(self.ledger, self.queue, id="processes")
+        # Typed as Pane: each is checked here against what the app calls.
+        self.panes = {"live": live, "ledger": ledger, "failures": failures,
+                      "processes": processes, "events": events}
+        return [live, ledger, failures, processes, events]
 
     def on_mount(self) -> None:
         if self.feed is not None:
@@ -109,9 +120,9 @@ class MonitorApp(OperatorActions, App[None]):
             self.current = "ledger"
             self.query_one(ContentSwitcher).current = "ledger"
         self.set_interval(FLUSH_INTERVAL_S, self._apply_buffered)
-        self.set_interval(LEDGER_REFRESH_S, self._reload_ledger)
+        self.set_interval(LEDGER_REFRESH_S, self.reload_ledger)
         self._render(force=True)
-        self._reload_ledger()
+        self.reload_ledger()
         self._focus_table(self.current)
 
     def on_unmount(self) -> None:
@@ -181,21 +192,13 @@ class MonitorApp(OperatorActions, App[None]):
             banner.show(None)
 
     def _render_pane(self, pane: str) -> None:
-        widget = self.query_one(f"#{pane}")
-        render = getattr(widget, "render_from", None)
-        if render is not None:
-            render(self.state)
+        self.panes[pane].render_from(self.state)
 
-    def _reload_ledger(self) -> None:
-        if self.frozen:
-            return
-        try:
-            widget = self.query_one(f"#{self.current}")
-        except NoMatches:  # closing: see _render
-            return
-        load = getattr(widget, "load", None)
-        if load is not None:
-            load()
+    def reload_ledger(self) -> None:
+        """Query the ledger again for the pane shown (a pane with nothing there ignores it)."""
+        pane = self.panes.get(self.current)
+        if pane is not None and not self.frozen:
+            pane.load()  # a pane left by a closing app ignores it
 
     # ------------------------------------------------------------ keys
 
@@ -206,7 +209,7 @@ class MonitorApp(OperatorActions, App[None]):
         self.current = pane
         self.query_one(ContentSwitcher).current = pane
         self._render(force=True)
-        self._reload_ledger()
+        self.reload_ledger()
         self._focus_table(pane)
 
     def _focus_table(self, pane: str) -> None:
@@ -230,11 +233,11 @@ class MonitorApp(OperatorActions, App[None]):
         """`/`: the address lookup of the Ledger pane."""
         if self.current != "ledger":
             self.action_show("ledger")
-        self.query_one(LedgerPane).open_search()
+        self.query_one(LedgerCountsPane).open_search()
 
-    def action_back(self) -> None:
+    def action_close_search(self) -> None:
         """Esc on the main screen: close the search box."""
-        self.query_one(LedgerPane).close_search()
+        self.query_one(LedgerCountsPane).close_search()
 
     def action_cursor(self, direction: str) -> None:
         """`j`/`k`: move the cursor of the focused table."""
@@ -244,9 +247,9 @@ class MonitorApp(OperatorActions, App[None]):
 
     def on_batch_table_selected(self, event: BatchTable.Selected) -> None:
         """Enter on a batch of the Live table opens its detail."""
-        self.push_screen(BatchDetail(event.key))
+        self.push_screen(BatchDetail(event.key, self.feed, self.ledger))
 
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         """The command palette: screens, freeze, help, and the operator actions."""
         yield from super().get_system_commands(screen)
         for pane, title in PANES:

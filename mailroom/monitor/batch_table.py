@@ -193,7 +193,7 @@ class BatchTable(ScrollView, can_focus=True):
         if self._keys:
             self.post_message(self.Selected(self, self._keys[self.cursor_row]))
 
-    def _on_click(self, event: events.Click) -> None:
+    def on_click(self, event: events.Click) -> None:
         row = int(self.scroll_y) + event.y - 1
         if event.y >= 1 and 0 <= row < len(self._keys):
             if row == self.cursor_row:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
 from textual import on, work
@@ -13,11 +13,9 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Static
 
-from mailroom.monitor.ledger_source import LedgerUnavailable
+from mailroom.monitor.feed import ControlFeed
+from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
 from mailroom.monitor.model import Destination, destinations
-
-if TYPE_CHECKING:
-    from mailroom.monitor.app import MonitorApp
 
 __all__ = ["BatchDetail", "Confirm", "HelpScreen", "Prompt", "KEYMAP"]
 
@@ -51,11 +49,10 @@ class BatchDetail(ModalScreen[None]):
     BatchDetail DataTable { height: 1fr; }
     """
 
-    app: MonitorApp
-
-    def __init__(self, batch_id: str) -> None:
+    def __init__(self, batch_id: str, feed: ControlFeed | None, ledger: LedgerSource | None) -> None:
         super().__init__()
         self.batch_id = batch_id
+        self.feed, self.ledger = feed, ledger
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -70,7 +67,7 @@ class BatchDetail(ModalScreen[None]):
     @work(exclusive=True, group="batch-detail")
     async def _load(self) -> None:
         info = self.query_one("#detail-info", Label)
-        feed = self.app.feed
+        feed = self.feed
         try:
             if feed is None:
                 raise ConnectionError("no control socket")
@@ -90,7 +87,7 @@ class BatchDetail(ModalScreen[None]):
 
     async def _attempts(self, rows: list[Destination]) -> None:
         """Fill in attempts from the ledger (the supervisor does not count them)."""
-        ledger = self.app.ledger
+        ledger = self.ledger
         tokens = [d.token for d in rows if d.token is not None and d.attempts is None]
         if ledger is None or not tokens:
             return

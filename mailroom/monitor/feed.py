@@ -4,25 +4,28 @@ The feed never touches widgets.  It appends ``("snapshot", dict)`` and
 ``("event", dict)`` items to :attr:`ControlFeed.pending`; the app drains that
 buffer at most four times a second (see ``MonitorApp._apply_buffered``).  When the
 connection fails or closes it reconnects with jittered, capped exponential
-backoff, so a restarted supervisor is picked up again on its own.
+backoff, so a restarted supervisor is picked up again on its own (the house's one
+backoff formula and one-line errors, from :mod:`mailroom._process`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from mailroom._process import backoff, one_line
+
 log = logging.getLogger("mailroom.monitor")
 
-__all__ = ["ClientFactory", "ControlFeed", "backoff_delay", "default_client_factory"]
+__all__ = ["ClientFactory", "ControlFeed", "default_client_factory"]
 
 ClientFactory = Callable[[str], Any]
 
-#: Reconnect delays: BASE doubling up to CAP seconds, each drawn in [delay/2, delay].
+#: Reconnect delays: BASE doubling up to CAP seconds, each drawn in [delay/2, delay]
+#: ("equal jitter": a fleet of monitors does not hammer a restarting supervisor in lockstep).
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 10.0
 #: Items kept in the buffer between two flushes; beyond it the oldest are dropped
@@ -30,25 +33,11 @@ BACKOFF_CAP_S = 10.0
 MAX_PENDING = 20000
 
 
-def backoff_delay(attempt: int, base: float = BACKOFF_BASE_S, cap: float = BACKOFF_CAP_S,
-                  rng: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before reconnect number ``attempt`` (0-based): jittered, capped."""
-    delay = min(cap, base * (2 ** min(attempt, 16)))
-    # "Equal jitter": never less than half the delay, so a fleet of monitors
-    # does not hammer a restarting supervisor in lockstep.
-    return delay / 2 + rng() * delay / 2
-
-
 def default_client_factory(path: str) -> Any:
     """An ``AsyncControlClient`` for ``path`` (imported lazily: the control plane is optional)."""
     from mailroom.control.client import AsyncControlClient
 
     return AsyncControlClient(path)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class ControlFeed:
@@ -84,7 +73,7 @@ class ControlFeed:
             try:
                 client = self.factory(self.path)
             except Exception as exc:  # the client module is missing or broken
-                self.error = _one_line(exc)
+                self.error = one_line(exc, named=True)
                 log.warning("control client unavailable: %s", self.error)
                 return
             try:
@@ -102,10 +91,10 @@ class ControlFeed:
                 await self._close(client)
                 raise
             except Exception as exc:  # every failure of the peer means: reconnect
-                self.error = _one_line(exc)
+                self.error = one_line(exc, named=True)
             self.connected, self._client = False, None
             await self._close(client)
-            delay = backoff_delay(self.attempts)
+            delay = backoff(self.attempts, BACKOFF_BASE_S, BACKOFF_CAP_S)
             self.attempts += 1
             log.info("control socket %s: %s; retrying in %.1f s", self.path, self.error, delay)
             await asyncio.sleep(delay)
@@ -133,4 +122,4 @@ class ControlFeed:
         try:
             self._push("snapshot", await self.request("status"))
         except Exception as exc:
-            log.info("resync failed: %s", _one_line(exc))
+            log.info("resync failed: %s", one_line(exc, named=True))

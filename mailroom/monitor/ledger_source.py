@@ -118,9 +118,9 @@ class LedgerSource:
 
     def retry(self, dry_run: bool, **selection: Any) -> int:
         """Requeue failed rows of ``selection`` (or count them with ``dry_run``)."""
-        return self.call(self._admin().retry, self.queue, dry_run=dry_run, channel=self.channel,
-                         **selection)
+        return int(self.call(self._admin().retry, self.queue, dry_run=dry_run, channel=self.channel,
+                             **selection))
 
     def skip(self, dry_run: bool, **selection: Any) -> int:
         """Skip queued rows of ``selection`` (or count them with ``dry_run``)."""
-        return self.call(self._admin().skip, self.queue, dry_run=dry_run, **selection)
+        return int(self.call(self._admin().skip, self.queue, dry_run=dry_run, **selection))

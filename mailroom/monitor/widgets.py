@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from rich.text import Text
 from textual.widgets import Static
 
-if TYPE_CHECKING:
-    from mailroom.monitor.app import MonitorApp
+from mailroom.monitor.feed import ControlFeed
+from mailroom.monitor.model import MonitorState
 
-__all__ = ["Banner", "BigNumber", "HeaderBar", "age", "bar", "num", "when"]
+__all__ = ["Banner", "BigNumber", "HeaderBar", "HeaderSource", "age", "bar", "num", "when"]
+
+
+class HeaderSource(Protocol):
+    """What the header line shows (the app is one)."""
+
+    state: MonitorState
+    feed: ControlFeed | None
+    operate: bool
+    queue: str
+    frozen: bool
+
+    @property
+    def role_label(self) -> str: ...
 
 
 def num(value: Any, digits: int = 0) -> str:
@@ -107,7 +120,7 @@ class HeaderBar(Static):
 
     _shown: str | None = None
 
-    def render_from(self, app: MonitorApp) -> None:
+    def render_from(self, app: HeaderSource) -> None:
         """Rebuild the line from the app's state."""
         state, feed = app.state, app.feed
         text = Text()

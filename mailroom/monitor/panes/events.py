@@ -24,6 +24,9 @@ class EventsPane(Vertical):
         yield Log(id="event-log", max_lines=1000, auto_scroll=True)
         self._written = 0
 
+    def load(self) -> None:
+        """Nothing from the ledger: this pane is all live feed."""
+
     def render_from(self, state: MonitorState) -> None:
         """Append the events not written yet."""
         new = state.event_count - self._written

@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
-from textual import work
 from textual.app import ComposeResult
-from textual.containers import Vertical
 from textual.widgets import DataTable, Label
 
-from mailroom.monitor.ledger_source import LedgerUnavailable
+from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
 from mailroom.monitor.model import as_int, as_str
+from mailroom.monitor.panes.base import LedgerPane
 from mailroom.monitor.widgets import num, when
-
-if TYPE_CHECKING:
-    from mailroom.monitor.app import MonitorApp
 
 __all__ = ["FailuresPane"]
 
 
-class FailuresPane(Vertical):
+class FailuresPane(LedgerPane):
     """Failure groups: error, count, first and last seen, a sample address."""
 
     DEFAULT_CSS = """
     FailuresPane DataTable { height: 1fr; }
     FailuresPane Label { padding: 0 1; }
     """
-
-    app: MonitorApp
 
     def compose(self) -> ComposeResult:
         yield Label("failures: not loaded yet", id="failures-info")
@@ -44,27 +38,15 @@ class FailuresPane(Vertical):
             return None
         return as_str(self.groups[table.cursor_row].get("error"), limit=10000)
 
-    def load(self) -> None:
-        """Refresh the groups from the ledger, off the UI thread."""
-        if self.app.ledger is None:
-            self.query_one("#failures-info", Label).update(
-                "failures: MAILROOM_DATABASE_URL is not set")
-            return
-        self._load()
+    def no_ledger(self) -> None:
+        self.query_one("#failures-info", Label).update("failures: MAILROOM_DATABASE_URL is not set")
 
-    @work(thread=True, exclusive=True, group="ledger-failures")
-    def _load(self) -> None:
-        try:
-            result: Any = self.app.ledger.failure_groups()  # type: ignore[union-attr]
-        except LedgerUnavailable as exc:
-            result = exc
-        self.app.call_from_thread(self._show, result)
+    def queries(self, ledger: LedgerSource) -> None:
+        self.fetch("ledger-failures", LedgerSource.failure_groups, self._show)
 
-    def _show(self, result: Any) -> None:
-        if not self.is_attached:
-            return  # the result of a thread worker arrived as the app closed
+    def _show(self, result: list[dict[str, Any]] | LedgerUnavailable) -> None:
         info = self.query_one("#failures-info", Label)
-        if isinstance(result, Exception):
+        if isinstance(result, LedgerUnavailable):
             info.update(Text(f"ledger unavailable: {result}", style="bold red"))
             return
         groups = [g for g in result if isinstance(g, dict)] if isinstance(result, list) else []

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
-from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Label
 
-from mailroom.monitor.ledger_source import LedgerUnavailable
+from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
 from mailroom.monitor.model import as_float, as_int, as_str
+from mailroom.monitor.panes.base import LedgerPane
 from mailroom.monitor.widgets import age, num, when
 
-if TYPE_CHECKING:
-    from mailroom.monitor.app import MonitorApp
-
-__all__ = ["LedgerPane"]
+__all__ = ["LedgerCountsPane"]
 
 STATUSES = ("queued", "claimed", "sent", "emitted", "failed", "skipped")
 ACTIONS = ("activation", "password_recovery")
@@ -25,18 +22,16 @@ DELIVERY_COLUMNS = ("token", "action", "status", "attempts", "created", "claimed
                     "next attempt", "sent", "MessageId", "last error")
 
 
-class LedgerPane(Vertical):
+class LedgerCountsPane(LedgerPane):
     """The ledger's counts, and every delivery of one address."""
 
     DEFAULT_CSS = """
-    LedgerPane #counts { height: auto; max-height: 10; }
-    LedgerPane #search { display: none; }
-    LedgerPane #search.shown { display: block; }
-    LedgerPane #deliveries { height: 1fr; }
-    LedgerPane Label { padding: 0 1; }
+    LedgerCountsPane #counts { height: auto; max-height: 10; }
+    LedgerCountsPane #search { display: none; }
+    LedgerCountsPane #search.shown { display: block; }
+    LedgerCountsPane #deliveries { height: 1fr; }
+    LedgerCountsPane Label { padding: 0 1; }
     """
-
-    app: MonitorApp
 
     def compose(self) -> ComposeResult:
         yield Label("ledger: not loaded yet", id="ledger-info")
@@ -52,29 +47,19 @@ class LedgerPane(Vertical):
 
     # -- counts
 
-    def load(self) -> None:
-        """Refresh the counts (and the current search) from the ledger, off the UI thread."""
-        if self.app.ledger is None:
-            self.query_one("#ledger-info", Label).update(
-                "ledger: MAILROOM_DATABASE_URL is not set (live screens only)")
-            return
-        self._load_counts()
+    def no_ledger(self) -> None:
+        self.query_one("#ledger-info", Label).update(
+            "ledger: MAILROOM_DATABASE_URL is not set (live screens only)")
+
+    def queries(self, ledger: LedgerSource) -> None:
+        """The counts, and the current lookup again."""
+        self.fetch("ledger-counts", LedgerSource.counts, self._show_counts)
         if self.email:
             self._search(self.email)
 
-    @work(thread=True, exclusive=True, group="ledger-counts")
-    def _load_counts(self) -> None:
-        try:
-            result: Any = self.app.ledger.counts()  # type: ignore[union-attr]
-        except LedgerUnavailable as exc:
-            result = exc
-        self.app.call_from_thread(self._show_counts, result)
-
-    def _show_counts(self, result: Any) -> None:
-        if not self.is_attached:
-            return  # the result of a thread worker arrived as the app closed
+    def _show_counts(self, result: dict[str, Any] | LedgerUnavailable) -> None:
         info = self.query_one("#ledger-info", Label)
-        if isinstance(result, Exception):
+        if isinstance(result, LedgerUnavailable):
             info.update(Text(f"ledger unavailable: {result}", style="bold red"))
             return
         result = result if isinstance(result, dict) else {}
@@ -88,7 +73,7 @@ class LedgerPane(Vertical):
             values = [as_int(row.get(action), 0) or 0 for action in ACTIONS]
             table.add_row(status, *map(num, values), num(sum(values)))
         info.update(
-            f"queue {self.app.queue}   oldest queued {age(as_float(result.get('oldest_queued_s')))}"
+            f"queue {self.queue}   oldest queued {age(as_float(result.get('oldest_queued_s')))}"
             f"   expired leases {num(as_int(result.get('expired_leases')))}")
 
     # -- search
@@ -115,25 +100,19 @@ class LedgerPane(Vertical):
         if not email:
             return
         self.email = email
-        if self.app.ledger is None:
-            self.app.notify("no database: set MAILROOM_DATABASE_URL", severity="warning")
+        if self.ledger is None:
+            self.notify("no database: set MAILROOM_DATABASE_URL", severity="warning")
             return
         self.query_one("#search-info", Label).update(f"looking up {email} ...")
         self._search(email)
 
-    @work(thread=True, exclusive=True, group="ledger-search")
     def _search(self, email: str) -> None:
-        try:
-            result: Any = self.app.ledger.deliveries(email)  # type: ignore[union-attr]
-        except LedgerUnavailable as exc:
-            result = exc
-        self.app.call_from_thread(self._show_deliveries, email, result)
+        self.fetch("ledger-search", lambda ledger: ledger.deliveries(email),
+                   lambda result: self._show_deliveries(email, result))
 
-    def _show_deliveries(self, email: str, result: Any) -> None:
-        if not self.is_attached:
-            return  # the result of a thread worker arrived as the app closed
+    def _show_deliveries(self, email: str, result: list[dict[str, Any]] | LedgerUnavailable) -> None:
         info = self.query_one("#search-info", Label)
-        if isinstance(result, Exception):
+        if isinstance(result, LedgerUnavailable):
             info.update(Text(f"{email}: ledger unavailable: {result}", style="bold red"))
             return
         rows = [r for r in result if isinstance(r, dict)] if isinstance(result, list) else []

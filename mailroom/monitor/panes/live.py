@@ -81,6 +81,9 @@ class LivePane(Vertical):
         self.query_one("#spark-failed", Sparkline).data = list(state.failed_history) or [0.0]
         self._sync_table(state)
 
+    def load(self) -> None:
+        """Nothing from the ledger: this pane is all live feed."""
+
     def _sync_table(self, state: MonitorState) -> None:
         table = self.table
         selected = self.selected_batch()
