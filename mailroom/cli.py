@@ -118,12 +118,17 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(monitor)
     add_version(monitor)
+    from mailroom.templates import commands as template_commands
+
+    template_commands.add_arguments(sub.add_parser(
+        "templates", help="SES templates as files: push, pull, diff, check (mailroom templates --help)",
+        description="SES templates as files (MAILROOM_TEMPLATES_DIR, one folder per template)"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``unskip``,
-    ``monitor``, ``demo``."""
+    ``monitor``, ``templates``, ``demo``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:  # its own parser; needs no database
         from mailroom.control import ctl
@@ -146,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mailroom.monitor import run
 
         sys.exit(run(args))
+    if args.command == "templates":
+        # Needs SES (the sender's endpoint and credentials), no database.
+        from mailroom.templates import commands as template_commands
+
+        sys.exit(template_commands.main(args, _settings((), "SES")))
     settings = _settings((config.DATABASE,), "PG")
     if args.command == "status":
         from mailroom.ledger import report

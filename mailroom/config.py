@@ -72,6 +72,7 @@ class Settings:
     ses_output_max_files: int = 1_000
     ses_output_max_bytes: int = 100 * 1024 * 1024
     send_retry_backoff: int = 30_000
+    templates_dir: str = "./templates"
 
 
 def _text(raw: str) -> str:
@@ -326,6 +327,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ses_output_max_files": ("MAILROOM_SES_OUTPUT_MAX_FILES", _bounded_int(1_000_000)),
     "ses_output_max_bytes": ("MAILROOM_SES_OUTPUT_MAX_BYTES", _bounded_int(2**50)),
     "send_retry_backoff": ("MAILROOM_SEND_RETRY_BACKOFF", _bounded_int(_DAY_MS)),
+    "templates_dir": ("MAILROOM_TEMPLATES_DIR", _text),
     "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _bounded_int(1_000)),
     "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _auto_or(_bounded_int(1_000))),
     "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _bounded_int(_DAY_MS)),

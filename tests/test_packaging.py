@@ -44,6 +44,9 @@ def test_wheel_contains_the_extension_and_migrations(wheel):
     assert any(n.startswith("mailroom/wire/_wire.") and n.endswith(".so") for n in names), names
     for sql in ("0_init.up.sql", "0_init.down.sql", "1_deliveries.up.sql", "1_deliveries.down.sql"):
         assert f"mailroom/migrations/{sql}" in names
+    for name in ("activationv1", "passwordrecoveryv1"):  # the shipped SES templates
+        for part in ("subject.txt", "html.html", "text.txt"):
+            assert f"mailroom/shipped_templates/{name}/{part}" in names
     assert not any(n.endswith((".c", ".pyx")) for n in names)
 
 
@@ -53,12 +56,14 @@ def test_installed_package_uses_the_compiled_extension(wheel, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MAILROOM_IMPL"}
     env["PYTHONPATH"] = str(site)
     code = ("import mailroom, mailroom.wire as w, mailroom.ledger.migrate as m;"
-            "print(w.IMPL, mailroom.__file__, len(m.available()))")
+            "from mailroom.templates import files;"
+            "print(w.IMPL, mailroom.__file__, len(m.available()), files.shipped_dir())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    impl, location, migrations = proc.stdout.split()
+    impl, location, migrations, templates = proc.stdout.split()
     assert impl == "c" and location.startswith(str(site)) and int(migrations) >= 2
+    assert templates == str(site / "mailroom" / "shipped_templates")
     assert proc.stderr == ""            # no "extension not available" notice
 
 

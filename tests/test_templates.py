@@ -1,0 +1,163 @@
+"""SES templates as files: ``mailroom templates push|pull|diff|check`` against moto's server.
+
+The installed ``mailroom`` script is run as a process, against moto over HTTP
+(``MAILROOM_SES_ENDPOINT_URL``); what SES holds afterwards is read back with a
+boto3 client of the test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from pgutil import console_script
+from ses_emulator import AWS_ENV
+
+SHIPPED = Path(__file__).resolve().parents[1] / "templates"
+NAMES = ["activationv1", "passwordrecoveryv1"]
+
+
+@pytest.fixture
+def ses(moto):
+    """moto with the source verified and no template at all."""
+    moto.reset(templates=False)
+    return moto
+
+
+@pytest.fixture
+def env(base_env, tmp_path, ses):
+    """The command's environment: moto's endpoint, dummy credentials, a copy of the
+    shipped templates in a temp directory (MAILROOM_TEMPLATES_DIR)."""
+    values = dict(base_env)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        values.pop(name, None)
+    values.update(AWS_ENV)
+    values["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")
+    values["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-credentials")
+    values["MAILROOM_SES_ENDPOINT_URL"] = ses.url
+    shutil.copytree(SHIPPED, tmp_path / "templates")
+    values["MAILROOM_TEMPLATES_DIR"] = str(tmp_path / "templates")
+    return values
+
+
+def templates(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*console_script("mailroom"), "templates", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_shipped_templates_use_only_the_data_mailroom_sends_and_build_the_link_from_the_secret():
+    for name, variables in (("activationv1", {"login", "secret"}), ("passwordrecoveryv1", {"login", "secret", "code"})):
+        folder = SHIPPED / name
+        assert sorted(p.name for p in folder.iterdir()) == ["html.html", "subject.txt", "text.txt"]
+        for part in folder.iterdir():
+            text = part.read_text(encoding="utf-8")
+            used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", text))
+            assert used <= variables, (part, used)
+            if part.name != "subject.txt":
+                assert "token={{secret}}" in text
+        assert "{{code}}" in (folder / "text.txt").read_text() or name == "activationv1"
+        assert 'lang="en"' in (folder / "html.html").read_text()
+
+
+def test_push_creates_the_templates_then_a_second_push_changes_nothing(env, ses):
+    first = templates(env, "push")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "activationv1: created\npasswordrecoveryv1: created\n"
+    stored = ses.client().get_template(TemplateName="passwordrecoveryv1")["Template"]
+    shipped = SHIPPED / "passwordrecoveryv1"
+    assert stored["SubjectPart"] == (shipped / "subject.txt").read_text().rstrip("\n")
+    assert stored["HtmlPart"] == (shipped / "html.html").read_text()
+    assert stored["TextPart"] == (shipped / "text.txt").read_text()
+
+    second = templates(env, "push", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == [
+        {"template": "activationv1", "ok": True, "result": "unchanged"},
+        {"template": "passwordrecoveryv1", "ok": True, "result": "unchanged"}]
+
+    text = Path(env["MAILROOM_TEMPLATES_DIR"]) / "activationv1" / "text.txt"
+    text.write_text(text.read_text() + "Thanks.\n")
+    third = templates(env, "push", "activationv1")
+    assert (third.returncode, third.stdout) == (0, "activationv1: updated\n")
+    assert ses.client().get_template(TemplateName="activationv1")["Template"]["TextPart"].endswith("Thanks.\n")
+
+
+def test_pull_writes_what_ses_has_into_the_folders(env, ses, tmp_path):
+    ses.client().create_template(Template={"TemplateName": "activationv1", "SubjectPart": "Hi {{login}}",
+                                           "TextPart": "Open {{secret}}", "HtmlPart": "<p>{{secret}}</p>"})
+    pulled = tmp_path / "pulled"
+    result = templates(env, "pull", "--dir", str(pulled))
+    assert result.returncode == 1  # passwordrecoveryv1 is not in SES
+    assert result.stdout == (f"activationv1: written to {pulled / 'activationv1'}\n"
+                             "passwordrecoveryv1: not in SES\n")
+    assert (pulled / "activationv1" / "subject.txt").read_text() == "Hi {{login}}\n"
+    assert (pulled / "activationv1" / "text.txt").read_text() == "Open {{secret}}"
+    assert (pulled / "activationv1" / "html.html").read_text() == "<p>{{secret}}</p>"
+    assert not (pulled / "passwordrecoveryv1").exists()
+
+
+def test_diff_is_clean_after_a_push_and_shows_an_edit_with_exit_1(env):
+    assert templates(env, "push").returncode == 0
+    clean = templates(env, "diff")
+    assert (clean.returncode, clean.stdout) == (0, "activationv1: same\npasswordrecoveryv1: same\n")
+
+    text = Path(env["MAILROOM_TEMPLATES_DIR"]) / "passwordrecoveryv1" / "text.txt"
+    text.write_text(text.read_text().replace("enter this code", "type this code"))
+    dirty = templates(env, "diff")
+    assert dirty.returncode == 1
+    assert dirty.stdout.startswith("activationv1: same\n--- ses/passwordrecoveryv1/text.txt\n+++ ")
+    assert "\n-and enter this code when asked: {{code}}\n+and type this code when asked: {{code}}\n" in dirty.stdout
+    as_json = json.loads(templates(env, "diff", "--json").stdout)
+    assert [(r["template"], r["same"], sorted(r["diff"])) for r in as_json] == [
+        ("activationv1", True, []), ("passwordrecoveryv1", False, ["text"])]
+
+
+def test_diff_of_a_template_ses_does_not_have_exits_1(env):
+    result = templates(env, "diff", "activationv1")
+    assert (result.returncode, result.stdout) == (1, "activationv1: not in SES\n")
+
+
+def test_check_passes_for_the_shipped_templates(env):
+    assert templates(env, "push").returncode == 0
+    result = templates(env, "check")
+    assert (result.returncode, result.stdout) == (0, "activationv1: renders\npasswordrecoveryv1: renders\n")
+
+
+def test_check_names_the_template_and_the_variable_the_data_does_not_fill(env, ses):
+    assert templates(env, "push").returncode == 0
+    # Activation data has no code: a template that uses it cannot render.
+    ses.client().update_template(Template={"TemplateName": "activationv1", "SubjectPart": "Hi {{login}}",
+                                           "TextPart": "Code {{code}}: {{secret}}", "HtmlPart": ""})
+    result = templates(env, "check")
+    assert result.returncode == 1
+    assert result.stdout == ("activationv1: does not render: Attribute 'code' is not present in the rendering"
+                             " data.\npasswordrecoveryv1: renders\n")
+    as_json = json.loads(templates(env, "check", "--json", "activationv1").stdout)
+    assert as_json[0]["ok"] is False and "'code'" in as_json[0]["reason"]
+
+
+def test_check_with_no_template_in_ses_exits_1_naming_each(env):
+    result = templates(env, "check")
+    assert result.returncode == 1
+    assert result.stdout == "activationv1: does not exist in SES\npasswordrecoveryv1: does not exist in SES\n"
+
+
+def test_check_of_a_template_that_is_not_configured_is_a_usage_error(env):
+    result = templates(env, "check", "welcomev2")
+    assert result.returncode == 2
+    assert "welcomev2: not a configured template" in result.stderr
+
+
+def test_an_unreachable_ses_is_one_line_per_template(env, tmp_path):
+    from ses_emulator import free_port
+
+    env["MAILROOM_SES_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    result = templates(env, "push")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == NAMES
+    assert all("error: EndpointConnectionError" in line for line in lines), lines
