@@ -14,8 +14,10 @@ This module imports neither psycopg nor boto3: the supervisor holds no database
 connection, no SES client and no thread; the workers create theirs after the fork.
 """
 
-# A little over the house's ~400 lines: processes, signals, restarts and the stop
-# phases of one loop; batches and operator commands are already elsewhere.
+# Past the house's ~400 lines: processes, signals, restarts, the watchdog, the stop
+# phases of one loop and the emergency stop when that loop fails belong together
+# (each reads and changes the same worker slots); batches and operator commands
+# are already elsewhere (router.py, operator.py).
 
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ RESTART_CAP = 30.0
 HEALTHY_AFTER = 60.0
 #: After the stop message, how long a worker gets before SIGKILL.
 STOP_GRACE = 10.0
+#: The watchdog's SIGUSR1 makes a silent worker write every thread's stack to the
+#: log (faulthandler, registered in workers.py); SIGKILL follows this many seconds
+#: later. The dump is written by a C signal handler, GIL or not, in microseconds:
+#: the second is for a worker that is swapped out, not for the dump itself.
+STACK_DUMP_GRACE = 1.0
 #: Exit codes that mean "restarting will not help": halt with the same code.
 BOOT_ERRORS = {
     config.EXIT_CONFIG: "invalid configuration",
@@ -70,6 +77,7 @@ class Worker:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # from its last heartbeat
     restarts: int = 0
     restart_requested: bool = False  # stopped on purpose: start again at once
+    dump_asked_at: float | None = None  # the watchdog asked for its stack (SIGUSR1)
 
     @property
     def up(self) -> bool:
@@ -188,6 +196,7 @@ class Supervisor:
         worker.process, worker.pipe, worker.exited = process, parent_end, False
         worker.started_at = worker.last_seen = now
         worker.restart_at = None
+        worker.dump_asked_at = None
         logger.info("%s worker started (pid %d)", worker.role, process.pid)
         self.operator.on_worker("worker.started", worker.role, process.pid or 0, restarts=worker.restarts)
         if worker.role == COLLECTOR:
@@ -330,14 +339,30 @@ class Supervisor:
             for worker in self.workers.values():
                 if worker.exited and worker.restart_at is not None and now >= worker.restart_at:
                     self.spawn(worker)
-                elif worker.up and worker.process is not None and worker.process.pid \
-                        and now - worker.last_seen > self.settings.worker_timeout / 1000:
-                    logger.error("%s worker (pid %d) silent for %.0fs; killing it", worker.role,
-                                 worker.process.pid, now - worker.last_seen)
-                    os.kill(worker.process.pid, signal.SIGKILL)
-                    worker.last_seen = now
+                elif worker.up and worker.process is not None and worker.process.pid and (
+                        worker.dump_asked_at is not None  # once asked for its stack, it goes
+                        or now - worker.last_seen > self.settings.worker_timeout / 1000):
+                    self.watchdog(worker, worker.process.pid, now)
         else:
             self.advance_stop(now)
+
+    def watchdog(self, worker: Worker, pid: int, now: float) -> None:
+        """A silent worker: first its stack to the log (SIGUSR1), so the operator sees
+        the line it hung on, then SIGKILL (gunicorn's SIGABRT, without a core file).
+        Never a wait here: the kill comes on a later turn of the loop."""
+        try:
+            if worker.dump_asked_at is None:
+                logger.error("%s worker (pid %d) silent for %.0fs; its stack follows, then it is killed",
+                             worker.role, pid, now - worker.last_seen)
+                worker.dump_asked_at = now
+                os.kill(pid, signal.SIGUSR1)
+            elif now - worker.dump_asked_at >= STACK_DUMP_GRACE:
+                logger.error("killing the silent %s worker (pid %d)", worker.role, pid)
+                worker.dump_asked_at = None
+                worker.last_seen = now
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it died meanwhile: reaping tells why
+            pass
 
     def advance_stop(self, now: float) -> None:
         collector, sender = self.workers[COLLECTOR], self.workers[SENDER]
@@ -374,9 +399,40 @@ class Supervisor:
                 # and exit 2, which the systemd unit does not restart.
                 logger.error("cannot start: %s", exc)
                 return config.EXIT_CONFIG
-            return self._run()
+            try:
+                return self._run()
+            except Exception:
+                # A bug in the supervisor's own loop: the traceback, then no orphans
+                # (workers would otherwise run on without anyone routing their batches).
+                logger.exception("unexpected error in the supervisor; stopping the workers")
+                self.emergency_stop()
+                return config.EXIT_FAILURE
         finally:
             self.operator.close()
+
+    def emergency_stop(self) -> None:
+        """Stop the workers without the loop: the sender first, then the collector
+        (the staged stop's order), each told by EOF on its pipe ("supervisor is gone":
+        the sender abandons its calls, the collector releases what it holds) and by
+        SIGTERM, killed after :data:`STOP_GRACE`. Claimed rows that were in flight go
+        back to the queue when their lease expires, as after a SIGKILL."""
+        for role in (SENDER, COLLECTOR):
+            worker = self.workers[role]
+            if worker.pipe is not None:
+                worker.pipe.close()
+                worker.pipe = None
+            process = worker.process
+            if process is None or process.exitcode is not None or not process.pid:
+                continue
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            process.join(STOP_GRACE)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+            logger.info("%s worker (pid %d) stopped: %s", role, process.pid, describe_exit(process.exitcode))
 
     def _run(self) -> int:
         self.install_signals()

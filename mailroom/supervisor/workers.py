@@ -10,9 +10,11 @@ What each worker does on its pipe lives with its role: the collector's in
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 from multiprocessing.connection import Connection
 
@@ -30,6 +32,9 @@ def _boot(role: str, tag: str, settings: Settings) -> SignalFlag:
     name_process(f"mailroom: {role}")
     setup_logging(tag, settings.log_level)
     die_with_parent()
+    # The supervisor's watchdog sends SIGUSR1 before it SIGKILLs a silent worker:
+    # every thread's stack goes to stderr (the log), so the line it hung on is seen.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     # Ctrl-C in a terminal reaches the whole process group: only the supervisor
     # decides how to stop, it tells the workers through their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
