@@ -24,6 +24,7 @@ from psycopg import sql
 from mailroom import config, ledger, wire
 from mailroom._process import backoff_delays, drain_fd, one_line
 from mailroom.collector.refused import Refusals, read_only, refused
+from mailroom.collector.trigger import BatchTrigger
 from mailroom.config import Settings
 from mailroom.vocabulary import DeliveryStatus
 
@@ -303,42 +304,20 @@ class Collector:
         return None
 
     def _listen_loop(self) -> None:
-        """Wait for notifications and claim when a batch is due.
-
-        ``fixed`` mode is the original's rule: a batch is due at
-        ``batch_limit`` notifications or ``batch_timeout`` after the first one.
-        ``adaptive`` mode adds a third trigger: the pipeline is idle (nothing
-        handed on is still without its outcome).  On a quiet day that claims the
-        first notification at once; under load notifications pile up while
-        batches are in flight and are claimed together as soon as the pipeline
-        drains (Nagle's algorithm, with the limit and the timeout as upper bounds).
-        """
+        """Wait for notifications and claim when a batch is due (:class:`BatchTrigger`),
+        when rows re-queued for a later attempt come due, or while a backlog is left;
+        run a health check on a connection quiet for ``healthcheck_interval``."""
         conn = self.conn
         assert conn is not None
         s = self.settings
-        adaptive = s.batch_mode == "adaptive"
-        pending = 0                 # notifications counted since the last claim
-        first_at = 0.0              # monotonic time of the first of them
+        trigger = BatchTrigger(s.batch_limit, s.batch_timeout / 1000, adaptive=s.batch_mode == "adaptive")
+        health_every = s.healthcheck_interval / 1000
         last_activity = time.monotonic()
         # Rows left queued because the sink was full count as due: they are
         # claimed as soon as the sink has room again.
         due_at = self._due_at()
         while not self.should_stop():
-            now = time.monotonic()
-            deadlines = [last_activity + s.healthcheck_interval / 1000]
-            # With the sink full there is no point in waking for claims: the sink's
-            # descriptor wakes us when room frees up (no busy loop on a due batch).
-            if self.sink.ready():
-                if self.backlog:
-                    deadlines.append(now)
-                if pending:
-                    deadlines.append(first_at + s.batch_timeout / 1000)
-                    if adaptive and self.sink.idle():
-                        deadlines.append(now)
-                if due_at is not None:
-                    deadlines.append(due_at)
-            timeout = min(MAX_WAIT, min(deadlines) - now)
-            self._select([conn.fileno()], timeout)
+            self._select([conn.fileno()], self._wait(trigger, due_at, last_activity + health_every))
             if self.sink.service(conn) and not self.backlog:
                 # Outcomes may have re-queued rows for a later attempt.  Not
                 # while a backlog is being claimed: the claims take what is due,
@@ -348,29 +327,41 @@ class Collector:
             got = sum(1 for _ in conn.notifies(timeout=0))
             now = time.monotonic()
             if got:
-                if not pending:
-                    first_at = now
-                pending += got
+                trigger.notified(got, now)
                 last_activity = now
             if self.should_stop():
                 return
-            batch_due = pending and (pending >= s.batch_limit or now >= first_at + s.batch_timeout / 1000
-                                     or (adaptive and self.sink.idle()))
             retry_due = due_at is not None and now >= due_at
             if retry_due:
                 self._requeued_at = -REQUEUE_EVERY
-            if (batch_due or retry_due or self.backlog) and self.sink.ready():
+            if (trigger.due(now, self.sink.idle()) or retry_due or self.backlog) and self.sink.ready():
                 self.drain()
-                pending = 0
+                trigger.claimed()
                 last_activity = time.monotonic()
                 # With work left (the sink filled up first) the next drain comes
                 # as soon as the sink has room: no query for what is due until then.
                 due_at = None if self.backlog else self._due_at()
-            elif now >= last_activity + s.healthcheck_interval / 1000:
+            elif now >= last_activity + health_every:
                 conn.execute("SELECT 1")
                 log.debug("health check ok")
                 last_activity = now
                 due_at = self._due_at()
+
+    def _wait(self, trigger: BatchTrigger, due_at: float | None, health_at: float) -> float:
+        """Seconds the loop may wait for the database or the sink before it has work."""
+        now = time.monotonic()
+        deadlines = [health_at]
+        # With the sink full there is no point in waking for claims: the sink's
+        # descriptor wakes us when room frees up (no busy loop on a due batch).
+        if self.sink.ready():
+            if self.backlog:
+                deadlines.append(now)
+            batch_at = trigger.deadline(now, self.sink.idle())
+            if batch_at is not None:
+                deadlines.append(batch_at)
+            if due_at is not None:
+                deadlines.append(due_at)
+        return min(MAX_WAIT, min(deadlines) - now)
 
     def _due_at(self) -> float | None:
         assert self.conn is not None
