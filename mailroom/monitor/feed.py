@@ -13,16 +13,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from mailroom._process import backoff, one_line
 
 log = logging.getLogger("mailroom.monitor")
 
-__all__ = ["ClientFactory", "ControlFeed", "default_client_factory"]
+__all__ = ["ClientFactory", "ControlConnection", "ControlFeed", "default_client_factory"]
 
-ClientFactory = Callable[[str], Any]
+
+class ControlConnection(Protocol):
+    """What the feed uses of a control client (:class:`~mailroom.control.client.AsyncControlClient`)."""
+
+    async def connect(self) -> dict[str, Any]: ...
+    async def subscribe(self, topics: list[str] | None = None) -> dict[str, Any]: ...
+    def events(self) -> AsyncIterator[dict[str, Any]]: ...
+    async def request(self, cmd: str, **args: object) -> dict[str, Any]: ...
+    async def close(self) -> None: ...
+
+
+ClientFactory = Callable[[str], ControlConnection]
 
 #: Reconnect delays: BASE doubling up to CAP seconds, each drawn in [delay/2, delay]
 #: ("equal jitter": a fleet of monitors does not hammer a restarting supervisor in lockstep).
@@ -33,7 +44,7 @@ BACKOFF_CAP_S = 10.0
 MAX_PENDING = 20000
 
 
-def default_client_factory(path: str) -> Any:
+def default_client_factory(path: str) -> ControlConnection:
     """An ``AsyncControlClient`` for ``path`` (imported lazily: the control plane is optional)."""
     from mailroom.control.client import AsyncControlClient
 
@@ -53,7 +64,7 @@ class ControlFeed:
         self.attempts = 0
         self.connections = 0
         self.dropped = 0
-        self._client: Any = None
+        self._client: ControlConnection | None = None
 
     @property
     def role(self) -> str | None:
@@ -100,7 +111,7 @@ class ControlFeed:
             await asyncio.sleep(delay)
 
     @staticmethod
-    async def _close(client: Any) -> None:
+    async def _close(client: ControlConnection) -> None:
         try:
             await client.close()
         except Exception:  # closing a broken connection may fail too; nothing to do
