@@ -19,7 +19,7 @@ from mailroom import __version__
 SCRIPTS = ("mailroom", "mailroom-supervisor", "mailroom-collector", "mailroom-sender")
 # Every `mailroom` subcommand, and a few of the levels below.
 SUBCOMMANDS = (["migrate"], ["migrate", "up"], ["status"], ["ctl"], ["ctl", "status"], ["ctl", "set-rate"],
-               ["demo"], ["deliveries"], ["retry"], ["skip"], ["monitor"])
+               ["demo"], ["deliveries"], ["retry"], ["skip"], ["unskip"], ["monitor"])
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -116,3 +116,87 @@ def test_processes_are_named(db, base_env, stub, supervisors):
         wait_for(lambda pid=pid, role=role: cmdline(pid) == f"mailroom: {role}", timeout=10,
                  what=f"{role} named: {cmdline(pid)!r}")
     assert sup.stop() == 0
+
+
+# -- 2: a command cannot empty the queue by accident ----------------------------------
+
+def mailroom(db: str, *args: str, stdin: int | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(bare_env(), MAILROOM_DATABASE_URL=db, MAILROOM_IMPL="python")  # no wire warning line
+    return subprocess.run([*console_script("mailroom"), *args], env=env, stdin=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def add_accounts(db: str, n: int, prefix: str = "user") -> None:
+    """n accounts, each with a queued activation (the schema's triggers)."""
+    with psycopg.connect(db) as conn:
+        conn.execute("INSERT INTO accounts (email, login) SELECT %s || i || '@example.com', %s || i"
+                     " FROM generate_series(1, %s) AS i", (prefix, prefix, n))
+
+
+def statuses(db: str) -> dict[str, int]:
+    with psycopg.connect(db) as conn:
+        found = dict(conn.execute("SELECT status::text, count(*) FROM deliveries GROUP BY 1").fetchall())
+        found["in queue"] = conn.execute("SELECT count(*) FROM delivery_queue").fetchone()[0]
+    return found
+
+
+def test_bulk_changes_need_a_filter_or_all(db):
+    add_accounts(db, 3)
+    before = statuses(db)
+    for command in ("skip", "retry", "unskip"):
+        refused = mailroom(db, command)
+        assert refused.returncode == 2 and refused.stdout == "", refused
+        assert refused.stderr.count("\n") == 1 and "--all" in refused.stderr, refused.stderr
+    assert statuses(db) == before == {"queued": 3, "in queue": 3}
+
+
+def test_absurd_since_is_one_line(db):
+    for command in ("skip", "retry", "unskip"):
+        done = mailroom(db, command, "--since", "9999999999h")
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "--since" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unskip_brings_back_only_what_an_operator_skipped(db):
+    add_accounts(db, 4)
+    with psycopg.connect(db) as conn:  # the collector's own skip of one (its token expired)
+        token = conn.execute("UPDATE deliveries SET status = 'skipped', last_error = 'token expired'"
+                             " WHERE token = (SELECT min(token) FROM deliveries) RETURNING token").fetchone()[0]
+        conn.execute("DELETE FROM delivery_queue WHERE token = %s", (token,))
+    skipped = mailroom(db, "skip", "--all")
+    assert (skipped.returncode, skipped.stdout) == (0, "skipped 3 queued deliveries of queue mailroom\n")
+    assert statuses(db) == {"skipped": 4, "in queue": 0}
+    dry = mailroom(db, "unskip", "--all", "--dry-run")
+    assert dry.stdout == "would queue again 3 operator-skipped deliveries of queue mailroom\n"
+    back = mailroom(db, "unskip", "--email", "user2@example.com")
+    assert back.stdout == "queued again 1 operator-skipped deliveries of queue mailroom\n", back
+    back = mailroom(db, "unskip", "--all")
+    assert (back.returncode, back.stdout) == (0, "queued again 2 operator-skipped deliveries of queue mailroom\n")
+    assert statuses(db) == {"skipped": 1, "queued": 3, "in queue": 3}
+
+
+def on_a_terminal(db: str, answer: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mailroom ARGS`` with a terminal as stdin, ``answer`` already typed into it (a
+    command that asks when it should not blocks and times out)."""
+    main, tty = os.openpty()
+    try:
+        os.write(main, answer.encode())
+        return mailroom(db, *args, stdin=tty, timeout=30)
+    finally:
+        os.close(tty)
+        os.close(main)
+
+
+def test_on_a_terminal_a_bulk_change_asks_first(db):
+    add_accounts(db, 3)
+    declined = on_a_terminal(db, "n\n", "skip", "--all")
+    assert declined.returncode == 1 and "skip 3 queued deliveries of queue mailroom? [y/N]" in declined.stderr
+    assert statuses(db) == {"queued": 3, "in queue": 3}
+    one = on_a_terminal(db, "", "skip", "--email", "user1@example.com")  # one row: no question
+    assert (one.returncode, one.stdout) == (0, "skipped 1 queued deliveries of queue mailroom\n"), one
+    accepted = on_a_terminal(db, "y\n", "skip", "--since", "1h")
+    assert (accepted.returncode, accepted.stdout) == (0, "skipped 2 queued deliveries of queue mailroom\n")
+    scripted = on_a_terminal(db, "", "unskip", "--all", "--yes")
+    assert (scripted.returncode, scripted.stdout) == (0, "queued again 3 operator-skipped deliveries of queue"
+                                                         " mailroom\n")
+    assert statuses(db) == {"queued": 3, "in queue": 3}

@@ -18,8 +18,8 @@ index is added for it here. Instead:
   :data:`WINDOW_TOKENS` deliveries, or, with ``since``, from the first token
   created at that time on (found by a binary search on the key: token ids grow
   with time), under a :data:`STATEMENT_TIMEOUT_MS` statement timeout. A scan of
-  the whole ledger happens only for ``retry`` without any filter, which an
-  operator asks for explicitly.
+  the whole ledger happens only for ``retry``/``unskip`` without any filter,
+  which an operator asks for explicitly (``--all`` on the command line).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-__all__ = ["WINDOW_TOKENS", "attempts", "counts", "deliveries", "failure_groups", "retry", "skip"]
+__all__ = ["SKIPPED_BY_OPERATOR", "WINDOW_TOKENS", "attempts", "counts", "deliveries", "failure_groups",
+           "retry", "skip", "unskip"]
 
 #: How many of the latest deliveries the windowed reads (counts of finished rows,
 #: failure groups) cover when no ``since`` is given.
@@ -41,6 +42,9 @@ STATEMENT_TIMEOUT_MS = 5_000
 #: Token ids grow with time, but a long transaction may commit an older
 #: ``created_at`` after a newer id: search this much earlier, then filter exactly.
 _SINCE_SLACK = dt.timedelta(minutes=10)
+#: The last error of a row :func:`skip` skipped: what :func:`unskip` looks for (the
+#: collector's own skips carry their reason: token expired, account missing, ...).
+SKIPPED_BY_OPERATOR = "skipped by an operator"
 _ACTION = "CASE d.priority WHEN 0 THEN 'password_recovery' ELSE 'activation' END"
 _ADDRESS = r"""regexp_replace(d.last_error, '[^\s<>(),;:"'']+@[^\s<>(),;:"'']+', '<address>', 'g')"""
 _COLUMNS = ("token", "action", "status", "attempts", "created_at", "claimed_at", "next_attempt_at",
@@ -218,30 +222,49 @@ def retry(conn: psycopg.Connection[Any], queue: str, *, since: dt.datetime | Non
     record of what happened. ``channel`` (the collectors' LISTEN channel) is
     notified so a waiting collector claims them at once. ``dry_run`` only counts.
     """
-    found = _filters(conn, queue, since, error, email, tokens)
+    return _requeue(conn, queue, _filters(conn, queue, since, error, email, tokens),
+                    sql.SQL("d.status = 'failed'"), sql.SQL("attempts = 0"), dry_run, channel)
+
+
+def unskip(conn: psycopg.Connection[Any], queue: str, *, since: dt.datetime | None = None,
+           email: str | None = None, tokens: Sequence[int] | None = None,
+           dry_run: bool = False, channel: str | None = None) -> int:
+    """Put rows :func:`skip` took off the queue back in it (filters as for :func:`retry`);
+    how many. Only operator skips: a row the collector skipped (token expired, account
+    missing) would only be skipped again. Attempts stay as they were; the row is due
+    now and its last error (the skip's mark) is cleared."""
+    return _requeue(conn, queue, _filters(conn, queue, since, None, email, tokens),
+                    sql.SQL("d.status = 'skipped' AND d.last_error = {}").format(sql.Literal(SKIPPED_BY_OPERATOR)),
+                    sql.SQL("last_error = NULL"), dry_run, channel)
+
+
+def _requeue(conn: psycopg.Connection[Any], queue: str, found: tuple[sql.Composable, dict[str, Any]] | None,
+             which: sql.Composable, change: sql.Composable, dry_run: bool, channel: str | None) -> int:
+    """Rows matching ``found`` (from :func:`_filters`) and ``which`` (on ``d``) back to
+    ``queued``, due now, with ``change`` (more SET assignments) and a queue row; how many."""
     if found is None:
         return 0
     where, params = found
     if dry_run:
-        query = sql.SQL("SELECT count(*) FROM deliveries AS d WHERE {} AND d.status = 'failed'").format(where)
+        query = sql.SQL("SELECT count(*) FROM deliveries AS d WHERE {} AND {}").format(where, which)
         row = conn.execute(query, params).fetchone()
         return int(row[0]) if row else 0
-    # Lock order as everywhere in the ledger: queue rows (a failed row rarely has
-    # one left) before deliveries. The UPDATE rechecks status under its row lock.
+    # Lock order as everywhere in the ledger: queue rows (a finished row rarely has
+    # one left) before deliveries. The UPDATE rechecks the status under its row lock.
     query = sql.SQL("""
         WITH candidates AS MATERIALIZED (
-            SELECT d.token FROM deliveries AS d WHERE {where} AND d.status = 'failed'),
+            SELECT d.token FROM deliveries AS d WHERE {where} AND {which}),
         held AS MATERIALIZED (
             SELECT q.token FROM delivery_queue AS q
              WHERE q.job_type = %(queue)s AND q.token = ANY (ARRAY(SELECT token FROM candidates))
              ORDER BY q.token FOR UPDATE),
         changed AS (
             UPDATE deliveries AS d
-               SET status = 'queued', attempts = 0, next_attempt_at = statement_timestamp()
+               SET status = 'queued', {change}, next_attempt_at = statement_timestamp()
              WHERE (SELECT count(*) FROM held) >= 0
                AND d.job_type = %(queue)s
                AND d.token = ANY (ARRAY(SELECT token FROM candidates))
-               AND d.status = 'failed'
+               AND {which}
             RETURNING d.token, d.priority, d.next_attempt_at),
         requeued AS (
             INSERT INTO delivery_queue (job_type, token, priority, next_attempt_at)
@@ -249,7 +272,7 @@ def retry(conn: psycopg.Connection[Any], queue: str, *, since: dt.datetime | Non
             ON CONFLICT (job_type, token) DO UPDATE
                SET priority = EXCLUDED.priority, next_attempt_at = EXCLUDED.next_attempt_at,
                    claimed_at = NULL, queued_by = EXCLUDED.queued_by)
-        SELECT count(*) FROM changed""").format(where=where)
+        SELECT count(*) FROM changed""").format(where=where, which=which, change=change)
     row = conn.execute(query, params).fetchone()
     changed = int(row[0]) if row else 0
     if changed and channel:
@@ -278,7 +301,7 @@ def skip(conn: psycopg.Connection[Any], queue: str, *, since: dt.datetime | None
     query = sql.SQL("""
         WITH held AS MATERIALIZED ({open_rows} ORDER BY q.token FOR UPDATE OF q SKIP LOCKED),
         changed AS (
-            UPDATE deliveries AS d SET status = 'skipped', last_error = 'skipped by an operator'
+            UPDATE deliveries AS d SET status = 'skipped', last_error = %(mark)s
              WHERE d.job_type = %(queue)s AND d.token = ANY (ARRAY(SELECT token FROM held))
                AND d.status = 'queued'
             RETURNING d.token),
@@ -287,5 +310,5 @@ def skip(conn: psycopg.Connection[Any], queue: str, *, since: dt.datetime | None
              WHERE q.ctid = ANY (ARRAY(SELECT id FROM held))
                AND q.token = ANY (ARRAY(SELECT token FROM changed)))
         SELECT count(*) FROM changed""").format(open_rows=open_rows)
-    row = conn.execute(query, params).fetchone()
+    row = conn.execute(query, dict(params, mark=SKIPPED_BY_OPERATOR)).fetchone()
     return int(row[0]) if row else 0

@@ -27,7 +27,10 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     raw = text.strip()
     if re.fullmatch(r"(\d+(?:\.\d+)?[smhdw])+", raw):
         seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(raw))
-        return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=seconds)
+        try:
+            return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=seconds)
+        except OverflowError:  # 9999999999h: before year 1
+            raise ValueError(f"{text!r} reaches back before the year 1") from None
     try:
         moment = dt.datetime.fromisoformat(raw)
     except ValueError:
@@ -43,7 +46,13 @@ COMMANDS = {
               "Put failed deliveries back in the queue with a fresh attempt budget (never a sent row)."),
     "skip": ("mark queued deliveries skipped",
              "Mark queued deliveries skipped and take them off the queue (not those being sent)."),
+    "unskip": ("put deliveries skipped by an operator back in the queue",
+               "Undo mailroom skip: rows it skipped are queued again, due now."),
 }
+#: What each changing command changes: (rows it picks, would-verb, verb).
+_CHANGES = {"retry": ("failed", "would queue again", "queued again"),
+            "skip": ("queued", "would skip", "skipped"),
+            "unskip": ("operator-skipped", "would queue again", "queued again")}
 
 
 def _limit(text: str) -> int:
@@ -60,11 +69,18 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--limit", type=_limit, default=100, metavar="N",
                             help="at most N deliveries, the newest (default 100)")
         return
-    parser.add_argument("--since", help="created at or after: ISO time, or a duration back (2h)")
-    parser.add_argument("--error", help="the last error contains TEXT")
-    parser.add_argument("--email", help="this address only")
-    parser.add_argument("--token", type=int, action="append", dest="tokens", help="this token (repeatable)")
+    parser.add_argument("--since", metavar="WHEN",
+                        help="created at or after WHEN: an ISO time (no zone = UTC) or a duration back (2h, 1d)")
+    if name != "unskip":  # an operator skip's last error is the skip's own mark
+        parser.add_argument("--error", metavar="TEXT", help="the last error contains TEXT")
+    parser.add_argument("--email", help="this address only (as typed: see README, The ledger)")
+    parser.add_argument("--token", type=int, action="append", dest="tokens", metavar="ID",
+                        help="this token (repeatable)")
+    parser.add_argument("--all", action="store_true",
+                        help="no filter: every row this command changes (refused without a filter or --all)")
     parser.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    parser.add_argument("--yes", action="store_true",
+                        help="do not ask on a terminal before changing more than one row (for scripts)")
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -86,8 +102,21 @@ def _show_deliveries(rows: list[dict[str, Any]], email: str, out: TextIO) -> Non
         print(line, file=out)
 
 
+def _filtered(args: argparse.Namespace) -> bool:
+    return any(getattr(args, key, None) is not None for key in ("since", "error", "email", "tokens"))
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; only ``y``/``yes`` goes ahead (end of input is a no)."""
+    print(question, end=" ", file=sys.stderr, flush=True)
+    try:
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+    except KeyboardInterrupt:
+        return False
+
+
 def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
-    """Run ``mailroom deliveries|retry|skip``; returns the exit code."""
+    """Run ``mailroom deliveries|retry|skip|unskip``; returns the exit code."""
     since = None
     try:
         if getattr(args, "since", None):
@@ -96,6 +125,12 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
         print(f"mailroom: --since: {exc}", file=sys.stderr)
         return config.EXIT_CONFIG
     queue = settings.queue_name
+    if name in _CHANGES and not (_filtered(args) or args.all):
+        # Without a filter these change every row of their kind: never by accident.
+        print(f"mailroom: {name} changes every {_CHANGES[name][0]} delivery of queue {queue} without a filter:"
+              " give --since, --email, --token" + (", --error" if name != "unskip" else "") + " or --all",
+              file=sys.stderr)
+        return config.EXIT_CONFIG
     try:
         with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
             operations.check_schema(conn)
@@ -106,12 +141,25 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
                 else:
                     _show_deliveries(rows, args.email, out)
                 return config.EXIT_OK
-            filters = dict(since=since, error=args.error, email=args.email, tokens=args.tokens,
-                           dry_run=args.dry_run)
-            if name == "retry":
-                n = admin.retry(conn, queue, channel=settings.channel_name, **filters)
-            else:
-                n = admin.skip(conn, queue, **filters)
+            def change(dry_run: bool) -> int:
+                if name == "retry":
+                    return admin.retry(conn, queue, since=since, error=args.error, email=args.email,
+                                       tokens=args.tokens, dry_run=dry_run, channel=settings.channel_name)
+                if name == "skip":
+                    return admin.skip(conn, queue, since=since, error=args.error, email=args.email,
+                                      tokens=args.tokens, dry_run=dry_run)
+                return admin.unskip(conn, queue, since=since, email=args.email, tokens=args.tokens,
+                                    dry_run=dry_run, channel=settings.channel_name)
+
+            dry_run = args.dry_run
+            if not dry_run and not args.yes and sys.stdin.isatty():
+                n = change(dry_run=True)
+                conn.rollback()  # no transaction left open while a person reads the question
+                if n > 1 and not _confirm(f"mailroom: {name} {n:,} {_CHANGES[name][0]} deliveries"
+                                          f" of queue {queue}? [y/N]"):
+                    print(f"mailroom: {name}: nothing changed", file=sys.stderr)
+                    return config.EXIT_FAILURE
+            n = change(dry_run=dry_run)
             conn.commit()
     except operations.SchemaError as exc:
         print(f"mailroom: {exc}", file=sys.stderr)
@@ -119,10 +167,9 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
     except psycopg.Error as exc:
         print(f"mailroom: database: {config.redact(one_line(exc), settings.database_url)}", file=sys.stderr)
         return config.EXIT_FAILURE
-    verb = {"retry": ("would queue again", "queued again"), "skip": ("would skip", "skipped")}[name]
+    what, would, did = _CHANGES[name]
     if args.json:
         print(json.dumps({"command": name, "dry_run": args.dry_run, "rows": n}), file=out)
     else:
-        what = "failed" if name == "retry" else "queued"
-        print(f"{verb[0] if args.dry_run else verb[1]} {n} {what} deliveries of queue {queue}", file=out)
+        print(f"{would if args.dry_run else did} {n} {what} deliveries of queue {queue}", file=out)
     return config.EXIT_OK
