@@ -138,6 +138,32 @@ def test_ctrl_c_stops_everything_in_order():
     assert left == set(), [(pid, _proc_text(pid, "cmdline"), _proc_text(pid, "stat")) for pid in left]
 
 
+def test_sigkill_of_the_demo_leaves_nothing():
+    """``kill -9`` runs no cleanup in the demo: the supervisor follows it (PR_SET_PDEATHSIG),
+    the watchdog stops the server and removes the temp directory and control socket."""
+    proc = _start(90)
+    seen: list[str] = []
+    try:
+        supervisor = int(_read_until(proc, r"mailroom-supervisor pid (\d+)", seen).group(1))
+        workdir = _read_until(proc, r"directory (/\S+)", seen).group(1)
+        _read_until(proc, r"created +\d+ +sent +[1-9]", seen)    # running: emails are going out
+        running = processes_of(workdir, {supervisor})
+        assert len(running) >= 6 and supervisor in running, running  # server, supervisor, workers, watchdog
+        assert Path(workdir, "control.sock").exists()
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while (processes_of(workdir, running) or Path(workdir).exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gone_after = 30 - (deadline - time.monotonic())
+    finally:
+        proc.kill()
+    left = processes_of(workdir, running)
+    assert left == set(), [(pid, _proc_text(pid, "cmdline"), _proc_text(pid, "stat")) for pid in left]
+    assert not Path(workdir).exists()
+    print(f"everything of the killed demo gone {gone_after:.1f} s after SIGKILL")
+
+
 _PILOT = r'''
 import asyncio, json, os, sys, threading
 from mailroom.demo.app import Demo, _parser

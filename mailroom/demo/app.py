@@ -6,7 +6,8 @@ real ``mailroom-supervisor`` as a subprocess, and a traffic generator; then the 
 foreground, or without it (``--no-monitor``, or the monitor not installed) one status line a
 second.  ``q`` in the monitor, Ctrl-C, SIGTERM or ``--seconds N`` stop everything in the
 reverse order (traffic, supervisor with its in-flight batches, SES, PostgreSQL), remove the
-temp directory and print what happened.
+temp directory and print what happened.  A demo killed outright (``kill -9``) leaves
+nothing either: see :mod:`mailroom.demo.watchdog`.
 """
 
 # A little over the house's ~400 lines: the demo's one sequence (start, watch, stop
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailroom._process import add_version
+from mailroom.demo import watchdog
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -141,6 +143,7 @@ class Demo:
         self.server: EmbeddedPostgres | None = None
         self.ses: LocalSes | None = None
         self.supervisor: subprocess.Popen[bytes] | None = None
+        self.watchdog: subprocess.Popen[bytes] | None = None
         self.traffic: Traffic | None = None
         self.database_url = ""
         self.after = 0                   # tokens above this id are this run's
@@ -167,6 +170,8 @@ class Demo:
         data = self.args.data.resolve() if self.args.data else self.workdir / "pg"
         if self.args.data:
             data.parent.mkdir(parents=True, exist_ok=True)
+        # Before the server exists: from now on a killed demo leaves nothing running.
+        self.watchdog = watchdog.spawn(self.workdir, data)
         server = self.server = EmbeddedPostgres(data, durable=self.args.data is not None)
         self.database_url = server.start()
         print(f"demo: PostgreSQL {self.database_url} (data {data})", flush=True)
@@ -217,10 +222,14 @@ class Demo:
             # the supervisor drop its in-flight batches).
             self.supervisor = subprocess.Popen(_supervisor_argv(), env=env, stdin=subprocess.DEVNULL,
                                                stdout=log, stderr=log, start_new_session=True,
-                                               cwd=self.workdir)
+                                               cwd=self.workdir, preexec_fn=watchdog.follow_parent)
         finally:
             if log is not None:
                 log.close()
+        if self.watchdog is not None and self.watchdog.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.watchdog.stdin.write(f"supervisor {self.supervisor.pid}\n".encode())
+                self.watchdog.stdin.flush()
         print(f"demo: mailroom-supervisor pid {self.supervisor.pid}", flush=True)
 
     def problem(self) -> str | None:
@@ -254,12 +263,18 @@ class Demo:
         with _step("PostgreSQL"):
             if self.server is not None:
                 self.server.stop()
-        with _step("reaping"):
-            _reap_children()
         with _step("temp directory"):
             if self.supervisor_log.exists():
                 self.log_tail = self.supervisor_log.read_text(errors="replace").splitlines()[-20:]
             shutil.rmtree(self.workdir, ignore_errors=True)
+        with _step("watchdog"):
+            # Everything is stopped: EOF tells it so; it finds nothing left and exits.
+            if self.watchdog is not None:
+                if self.watchdog.stdin is not None:
+                    self.watchdog.stdin.close()
+                self.watchdog.wait(30)
+        with _step("reaping"):
+            _reap_children()
         return code, summary
 
     def _stop_supervisor(self) -> int | None:

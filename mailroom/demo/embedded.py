@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -28,6 +29,7 @@ import pwd
 import socket
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "available", "bin_dir"]
@@ -36,6 +38,10 @@ __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "available", "bin_dir"]
 SERVER_USER = "embedded_postgres"
 _SUPERUSER = "postgres"
 _START_TIMEOUT_S = 60
+#: Serialises creating :data:`SERVER_USER` (only root does); O_NOFOLLOW refuses a
+#: symlink planted in the sticky, world-writable directory.
+_USERADD_LOCK = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(),
+                             "mailroom-embedded-postgres-user.lock")
 
 _log = logging.getLogger("mailroom.demo")
 
@@ -77,9 +83,21 @@ def _ensure_server_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(SERVER_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        SERVER_USER], check=True, capture_output=True, timeout=60)
-        return pwd.getpwnam(SERVER_USER)
+        pass
+    # Two first runs at once (two demos, test workers) would both run useradd: the
+    # second fails on /etc/passwd's lock or on the name just taken.  One at a time,
+    # and the second finds the user the first created.
+    fd = os.open(_USERADD_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            return pwd.getpwnam(SERVER_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                            SERVER_USER], check=True, capture_output=True, timeout=60)
+            return pwd.getpwnam(SERVER_USER)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _make_searchable(path: Path) -> None:
