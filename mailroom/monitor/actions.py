@@ -17,6 +17,7 @@ from textual import work
 from textual.app import App
 
 from mailroom._process import one_line
+from mailroom.control.client import ControlRefused
 from mailroom.monitor.dialogs import Confirm, Prompt
 from mailroom.monitor.feed import ControlFeed
 from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
@@ -40,9 +41,9 @@ _LEDGER_ACTIONS = {"retry", "skip"}
 
 
 def _describe(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    message = getattr(exc, "message", None) or one_line(exc)
-    return f"{code}: {message}" if code else message
+    if isinstance(exc, ControlRefused):  # the supervisor's error code and message
+        return f"{exc.code}: {one_line(exc.message)}"
+    return one_line(exc)
 
 
 def error_filter(group_error: str) -> str:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailroom.config import Settings
+
+if TYPE_CHECKING:  # imported where a connection is made (see the operations below)
+    import psycopg
 
 log = logging.getLogger("mailroom.monitor")
 
@@ -39,10 +42,10 @@ class LedgerSource:
         self.queue = queue
         #: The collectors' LISTEN channel: a retry notifies it so they claim at once.
         self.channel = channel
-        self._conn: Any = None
+        self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
 
-    def _connection(self) -> Any:
+    def _connection(self) -> psycopg.Connection[Any]:
         import psycopg
 
         if self._conn is None or self._conn.closed:
@@ -85,30 +88,32 @@ class LedgerSource:
             self.close_locked()
 
     # -- the operations the screens use
-
-    @staticmethod
-    def _admin() -> Any:
-        try:
-            from mailroom.ledger import admin
-        except ImportError as exc:
-            raise LedgerUnavailable("mailroom.ledger.admin is not installed") from exc
-        return admin
+    # Each imports the ledger's functions where it runs: a monitor without a database
+    # (live screens only) never loads them, nor psycopg under them.
 
     def counts(self) -> dict[str, Any]:
         """Counts by status x action, oldest queued age, expired leases."""
-        return self.call(self._admin().counts, self.queue)
+        from mailroom.ledger import admin
+
+        return self.call(admin.counts, self.queue)
 
     def attempts(self, tokens: list[int]) -> dict[int, int]:
         """Attempts so far of each of ``tokens`` (a batch's rows)."""
-        return self.call(self._admin().attempts, self.queue, tokens)
+        from mailroom.ledger import admin
+
+        return self.call(admin.attempts, self.queue, tokens)
 
     def deliveries(self, email: str, limit: int = 100) -> list[dict[str, Any]]:
         """Every delivery of ``email`` (newest first, at most ``limit``)."""
-        return self.call(self._admin().deliveries, self.queue, email, limit=limit)
+        from mailroom.ledger import admin
+
+        return self.call(admin.deliveries, self.queue, email, limit=limit)
 
     def failure_groups(self, limit: int = 50) -> list[dict[str, Any]]:
         """Failed rows grouped by error."""
-        return self.call(self._admin().failure_groups, self.queue, limit=limit)
+        from mailroom.ledger import admin
+
+        return self.call(admin.failure_groups, self.queue, limit=limit)
 
     def consumers(self) -> list[dict[str, Any]]:
         """Every consumer of the queue on any host (the fleet)."""
@@ -118,9 +123,12 @@ class LedgerSource:
 
     def retry(self, dry_run: bool, **selection: Any) -> int:
         """Requeue failed rows of ``selection`` (or count them with ``dry_run``)."""
-        return int(self.call(self._admin().retry, self.queue, dry_run=dry_run, channel=self.channel,
-                             **selection))
+        from mailroom.ledger import admin
+
+        return self.call(admin.retry, self.queue, dry_run=dry_run, channel=self.channel, **selection)
 
     def skip(self, dry_run: bool, **selection: Any) -> int:
         """Skip queued rows of ``selection`` (or count them with ``dry_run``)."""
-        return int(self.call(self._admin().skip, self.queue, dry_run=dry_run, **selection))
+        from mailroom.ledger import admin
+
+        return self.call(admin.skip, self.queue, dry_run=dry_run, **selection)
