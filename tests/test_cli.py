@@ -5,6 +5,7 @@ ctl's output, process names)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 
@@ -200,3 +201,37 @@ def test_on_a_terminal_a_bulk_change_asks_first(db):
     assert (scripted.returncode, scripted.stdout) == (0, "queued again 3 operator-skipped deliveries of queue"
                                                          " mailroom\n")
     assert statuses(db) == {"queued": 3, "in queue": 3}
+
+
+# -- 3: addresses are looked up as people type them -----------------------------------
+
+def test_address_spellings():
+    from mailroom.addresses import normalise, spellings
+
+    assert normalise("  Jane@Bücher.DE. ") == "Jane@xn--bcher-kva.de"
+    assert normalise("no address") == "no address"
+    tried = spellings("USER1@EXAMPLE.COM")
+    assert tried[0] == "USER1@example.com" and "user1@example.com" in tried and "USER1@EXAMPLE.COM" in tried
+    assert {"jane@bücher.de", "jane@xn--bcher-kva.de"} <= set(spellings("JANE@XN--BCHER-KVA.DE"))
+    assert spellings("a@exa mple.com") == ["a@exa mple.com"]  # not IDNA: only lower-cased
+
+
+def test_addresses_are_found_as_typed(db):
+    with psycopg.connect(db) as conn:
+        conn.execute("INSERT INTO accounts (email, login) VALUES ('user1@example.com', 'u1'),"
+                     " ('jane@bücher.de', 'jane'), ('Bob@Example.org', 'bob'), ('user2@example.com', 'u2')")
+        token_of = dict(conn.execute("SELECT a.login, t.id FROM accounts a JOIN tokens t ON t.account = a.id"))
+    for typed, login in (("USER1@EXAMPLE.COM", "u1"), (" user1@Example.Com ", "u1"),
+                          ("jane@XN--BCHER-KVA.DE", "jane"), ("Jane@Bücher.de", "jane"),
+                          ("Bob@EXAMPLE.ORG", "bob"), ("BOB@example.org", "bob")):  # the last two: by a scan
+        shown = mailroom(db, "deliveries", "--json", typed)
+        assert shown.returncode == 0, shown
+        assert [row["token"] for row in json.loads(shown.stdout)] == [token_of[login]], (typed, shown.stdout)
+    assert mailroom(db, "deliveries", "Nobody@EXAMPLE.org").stdout == "no deliveries for Nobody@example.org\n"
+    skipped = mailroom(db, "skip", "--email", "USER1@EXAMPLE.COM")
+    assert skipped.stdout == "skipped 1 queued deliveries of queue mailroom\n", skipped
+    with psycopg.connect(db) as conn:
+        conn.execute("UPDATE deliveries SET status = 'failed' WHERE token IN (SELECT t.id FROM tokens t"
+                     " JOIN accounts a ON a.id = t.account WHERE a.login = 'jane')")
+    retried = mailroom(db, "retry", "--email", "JANE@xn--bcher-kva.DE", "--dry-run")
+    assert retried.stdout == "would queue again 1 failed deliveries of queue mailroom\n", retried

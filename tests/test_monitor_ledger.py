@@ -98,6 +98,18 @@ def test_slash_shows_every_delivery_of_an_address(db: str) -> None:
     ledger_scenario(db, test)
 
 
+def test_slash_finds_an_address_as_typed(db: str) -> None:
+    _accounts(db, ["jane@example.com", "bob@example.com"])
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        await until(pilot, lambda: app.query_one("#counts").row_count == 6, "counts")
+        await pilot.press("slash")
+        await pilot.press(*"JANE@Example.COM", "enter")
+        table = app.query_one("#deliveries")
+        await until(pilot, lambda: table.row_count == 1, "jane's delivery, typed in capitals")
+    ledger_scenario(db, test)
+
+
 def test_failure_group_retry_with_dry_run_count(db: str) -> None:
     _accounts(db, ["a@x.test", "b@x.test", "c@x.test"])
     _fail(db, "a@x.test", "MessageRejected: Email address is not verified")

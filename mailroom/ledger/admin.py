@@ -11,7 +11,8 @@ claim or an outcome changes (that keeps those updates HOT: see the migration), s
 index is added for it here. Instead:
 
 - by address: ``accounts.email`` (unique) -> ``tokens.account`` -> the
-  ``deliveries`` key: a few index probes;
+  ``deliveries`` key: a few index probes, one per spelling of the address as
+  typed (:func:`accounts_of`), a bounded scan of ``accounts`` only when none is stored;
 - open rows (queued, claimed) are read from ``delivery_queue``, which only holds
   open work;
 - finished rows are read over a bounded window of the key: the latest
@@ -31,7 +32,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-__all__ = ["SKIPPED_BY_OPERATOR", "WINDOW_TOKENS", "attempts", "counts", "deliveries", "failure_groups",
+from mailroom.addresses import spellings
+
+__all__ = ["SKIPPED_BY_OPERATOR", "WINDOW_TOKENS", "accounts_of", "attempts", "counts", "deliveries", "failure_groups",
            "retry", "skip", "unskip"]
 
 #: How many of the latest deliveries the windowed reads (counts of finished rows,
@@ -52,18 +55,40 @@ _COLUMNS = ("token", "action", "status", "attempts", "created_at", "claimed_at",
 
 
 def deliveries(conn: psycopg.Connection[Any], queue: str, email: str, limit: int = 100) -> list[dict[str, Any]]:
-    """Every delivery of ``email`` (exact match) on ``queue``, newest first."""
+    """Every delivery of ``email`` on ``queue``, newest first; ``email`` as a person
+    typed it (:func:`mailroom.addresses.spellings`)."""
     rows = conn.execute(
         f"""SELECT d.token, {_ACTION}, d.status::text, d.attempts, d.created_at, d.claimed_at,
                    d.next_attempt_at, d.sent_at, d.message_id, d.last_error
-              FROM accounts AS a
-              JOIN tokens AS t ON t.account = a.id
+              FROM tokens AS t
               JOIN deliveries AS d ON d.token = t.id AND d.job_type = %(queue)s
-             WHERE a.email = %(email)s
+             WHERE t.account = ANY (%(accounts)s::bigint[])
              ORDER BY d.created_at DESC, d.token DESC
              LIMIT %(limit)s""",
-        {"queue": queue, "email": email, "limit": limit}).fetchall()
+        {"queue": queue, "accounts": accounts_of(conn, email), "limit": limit}).fetchall()
     return [dict(zip(_COLUMNS, row)) for row in rows]
+
+
+def accounts_of(conn: psycopg.Connection[Any], email: str) -> list[int]:
+    """The accounts whose address is ``email`` as a person typed it.
+
+    First the spellings of :func:`mailroom.addresses.spellings`, one probe each of the
+    unique index. Only when none is stored, a case-insensitive comparison of every
+    account (the address stored with capitals in its domain, or a local part in
+    other capitals), under :data:`STATEMENT_TIMEOUT_MS`: a scan of ``accounts``, paid
+    only by a lookup that would otherwise find nothing.
+    """
+    tried = spellings(email)
+    found = [int(r[0]) for r in conn.execute("SELECT id FROM accounts WHERE email = ANY (%s::text[])", (tried,))]
+    if found:
+        return found
+    saved = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
+    _timeout(conn)
+    found = [int(r[0]) for r in conn.execute("SELECT id FROM accounts WHERE lower(email) = ANY (%s::text[])",
+                                             ([t.lower() for t in tried],))]
+    if saved is not None:  # the caller's own statements (a retry, a skip) keep the caller's
+        conn.execute("SELECT set_config('statement_timeout', %s, true)", (saved[0],))
+    return found
 
 
 def attempts(conn: psycopg.Connection[Any], queue: str, tokens: Sequence[int]) -> dict[int, int]:
@@ -195,9 +220,9 @@ def _filters(conn: psycopg.Connection[Any], queue: str, since: dt.datetime | Non
         parts.append(sql.SQL("d.token = ANY (%(tokens)s::bigint[])"))
         params["tokens"] = list(tokens)
     if email is not None:
-        parts.append(sql.SQL("d.token IN (SELECT t.id FROM tokens AS t JOIN accounts AS a"
-                             " ON a.id = t.account WHERE a.email = %(email)s)"))
-        params["email"] = email
+        parts.append(sql.SQL("d.token IN (SELECT t.id FROM tokens AS t"
+                             " WHERE t.account = ANY (%(accounts)s::bigint[]))"))
+        params["accounts"] = accounts_of(conn, email)
     if since is not None:
         floor = token_floor(conn, queue, since)
         if floor is None:

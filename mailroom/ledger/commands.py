@@ -14,6 +14,7 @@ import psycopg
 
 from mailroom import config
 from mailroom._process import one_line
+from mailroom.addresses import normalise
 from mailroom.config import Settings
 from mailroom.ledger import admin, operations
 
@@ -65,7 +66,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     """The arguments of ``mailroom <name>``."""
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if name == "deliveries":
-        parser.add_argument("email", help="the address, as the user typed it")
+        parser.add_argument("email", help="the address as typed (the domain's case and IDNA form do not matter)")
         parser.add_argument("--limit", type=_limit, default=100, metavar="N",
                             help="at most N deliveries, the newest (default 100)")
         return
@@ -73,7 +74,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                         help="created at or after WHEN: an ISO time (no zone = UTC) or a duration back (2h, 1d)")
     if name != "unskip":  # an operator skip's last error is the skip's own mark
         parser.add_argument("--error", metavar="TEXT", help="the last error contains TEXT")
-    parser.add_argument("--email", help="this address only (as typed: see README, The ledger)")
+    parser.add_argument("--email", help="this address only, as typed (the domain's case and IDNA form do not matter)")
     parser.add_argument("--token", type=int, action="append", dest="tokens", metavar="ID",
                         help="this token (repeatable)")
     parser.add_argument("--all", action="store_true",
@@ -89,7 +90,7 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 def _show_deliveries(rows: list[dict[str, Any]], email: str, out: TextIO) -> None:
     if not rows:
-        print(f"no deliveries for {email}", file=out)
+        print(f"no deliveries for {normalise(email)}", file=out)
         return
     for r in rows:
         when = r["sent_at"] or r["claimed_at"] or r["created_at"]
