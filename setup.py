@@ -47,12 +47,25 @@ class optional_build_ext(build_ext):
         )
 
 
+#: What the C file includes or Cython reads besides the .pyx: a change rebuilds.
+DEPENDS = [os.path.join("ext", name) for name in (
+    "base64url.pxi", "cpythonx.pxd", "hmac.pxi", "openssl.pxd", "sha256.h", "sha256.pxd",
+    "simd.h", "simd.pxd", "text.pxi",
+)]
+#: ``MAILROOM_BUILD=portable``: build without OpenSSL's deprecated SHA256_Transform and
+#: without SIMD (ext/sha256.h says why it exists); tests/test_wire.py builds it so.
+PORTABLE = os.environ.get("MAILROOM_BUILD", "").strip().lower() == "portable"
+
+
 def extensions() -> list:
+    macros = [("MAILROOM_PORTABLE", "1")] if PORTABLE else [("OPENSSL_SUPPRESS_DEPRECATED", "1")]
     common = dict(
         name=EXTENSION,
         libraries=["crypto"],
+        include_dirs=["ext"],
+        depends=DEPENDS,
         extra_compile_args=["-O3"],
-        define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", "1")],
+        define_macros=macros,
     )
     if os.path.exists(os.path.join(HERE, PYX)):
         from Cython.Build import cythonize
@@ -60,6 +73,9 @@ def extensions() -> list:
         return cythonize(
             [Extension(sources=[PYX], **common)],
             language_level=3,
+            include_path=["ext"],
+            # A portable build writes its C file apart: the default build's stays as is.
+            build_dir=os.path.join("build", "portable") if PORTABLE else None,
             compiler_directives={"boundscheck": False, "wraparound": False},
         )
     return [Extension(sources=[C_SOURCE], **common)]

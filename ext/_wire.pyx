@@ -8,6 +8,11 @@ Speed comes from doing each row in C: the HMAC keyed states are computed once pe
 Signer, so a signature is two SHA-256 compressions on prepared blocks; base64url and
 RFC 4180 quoting write straight into the output ``bytes``.  Error paths may run Python
 code: they build their messages with the shared helpers of ``mailroom.wire._base``.
+
+Layout (as asyncpg's): this file holds the two public entry points and the row
+reading; the C-level parts are the .pxi files it includes; the .pxd files declare the
+C it calls (CPython, OpenSSL, and the small C helpers of sha256.h and simd.h).  ext/
+is not a package: setup.py puts it on the include paths of Cython and of the C compiler.
 """
 
 cimport cython
@@ -16,42 +21,34 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_New
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport uint64_t
-from libc.string cimport memchr, memcpy, memset
+from libc.string cimport memchr, memcpy
 
-# ext/_wire.pxd: OpenSSL and CPython declarations, C helpers (see the note at its top).
-from _wire cimport *
+from cpythonx cimport (
+    PyErr_Clear, as_long, bytearray_data, bytearray_size, bytes_data, bytes_size,
+    decode_utf8, is_bool, is_bytearray, is_bytes, is_exact_list, is_exact_tuple, is_int,
+    is_list, is_str, is_tuple, new_bytes, new_str, resize_bytes, seq_item, seq_size,
+    str_data, str_utf8, tuple_set,
+)
+from openssl cimport CRYPTO_memcmp, OPENSSL_cleanse
+from sha256 cimport SHA256_IMPL
 
 from mailroom.wire._base import (
     E_ACTION, E_AFTER_QUOTE, E_FIELD_COUNT, E_LINE_BREAK, E_QUOTE_IN_FIELD,
     E_UNTERMINATED, E_UTF8, bad_row_item, check_token, wire_error,
 )
 
+# The implementation, a C-level part each (declarations in the .pxd files beside them):
+include "text.pxi"       # str access, RFC 4180 quoting, the field scanner
+include "hmac.pxi"       # HMAC-SHA256 on precomputed keyed states
+include "base64url.pxi"  # the 86-character token, both ways
+
 __all__ = ["Signer", "decode_line"]
 
-cdef const char *_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-cdef unsigned char _CLASSES[256]  # CH_* class of each byte
-cdef unsigned char _VALUE[256]  # base64url value of each byte, 255 when not in the alphabet
-cdef char _PAIRS[4096][2]  # the two base64url characters of each 12-bit value
+#: Which SHA-256 compression this build uses: "openssl" or "portable" (ext/sha256.h).
+_SHA256 = SHA256_IMPL.decode("ascii")
+
 cdef object _ONE = 1
 cdef object _TWO = 2
-
-
-cdef void _init_tables() noexcept:
-    cdef int i
-    memset(_CLASSES, CH_PLAIN, 256)
-    _CLASSES[b','] = CH_COMMA
-    _CLASSES[b'"'] = CH_QUOTE
-    _CLASSES[b'\r'] = CH_BREAK
-    _CLASSES[b'\n'] = CH_BREAK
-    memset(_VALUE, 255, 256)
-    for i in range(64):
-        _VALUE[<unsigned char>_ALPHABET[i]] = i
-    for i in range(4096):
-        _PAIRS[i][0] = _ALPHABET[i >> 6]
-        _PAIRS[i][1] = _ALPHABET[i & 63]
-
-
-_init_tables()
 
 
 cdef inline int _action(PyObject *o) noexcept:
@@ -83,21 +80,6 @@ cdef inline const unsigned char *_secret(PyObject *o) noexcept:
     return NULL
 
 
-cdef inline const char *_text(PyObject *o, Py_ssize_t *size, Py_ssize_t index, str item) except NULL:
-    """UTF-8 of an object known to be a str; raise the shared row error if it has
-    surrogates.  ``index`` -1 stands for the arguments of sign()/verify().
-    """
-    cdef const char *text
-    if is_compact_ascii(o):  # most emails and logins: the characters are the UTF-8
-        size[0] = str_length(o)
-        return <const char *>str_data(o)
-    text = str_utf8(o, size)
-    if text == NULL:
-        PyErr_Clear()
-        raise bad_row_item(None if index < 0 else index, item, <object>o)
-    return text
-
-
 cdef tuple _generic_row(Py_ssize_t index, object row):
     """Items 0-4 of a row that is neither a tuple nor a list (len() then indexing)."""
     try:
@@ -107,6 +89,61 @@ cdef tuple _generic_row(Py_ssize_t index, object row):
     if size < 5:
         raise bad_row_item(index, "row", row)
     return (row[0], row[1], row[2], row[3], row[4])
+
+
+cdef struct Row:
+    # One row of a batch, its items borrowed from the row object.
+    TokenInput token  # action, secret, code
+    const char *email
+    const char *login
+    Py_ssize_t email_len
+    Py_ssize_t login_len
+    unsigned char raw[64]  # the token's bytes, once signed
+
+
+cdef int _read_row(PyObject *items, Py_ssize_t index, Row *r) except -1:
+    """Check a tuple or list row and point ``r`` at its items (no Python code runs,
+    but to raise the shared row error)."""
+    cdef PyObject *o
+    cdef int i
+    if seq_size(items) < 5:
+        raise bad_row_item(index, "row", <object>items)
+    # Check in the pure-Python order so that both raise the same error.
+    o = seq_item(items, 0)
+    r.token.action = _action(o)
+    if r.token.action == 0:
+        raise bad_row_item(index, "action", <object>o)
+    for i in range(1, 3):
+        o = seq_item(items, i)
+        if not is_str(o):
+            raise bad_row_item(index, ("email", "login")[i - 1], <object>o)
+    o = seq_item(items, 3)
+    r.token.secret = _secret(o)
+    if r.token.secret == NULL:
+        raise bad_row_item(index, "secret", <object>o)
+    o = seq_item(items, 4)
+    if o != <PyObject *>None and not is_str(o):
+        raise bad_row_item(index, "code", <object>o)
+    r.email = _text(seq_item(items, 1), &r.email_len, index, "email")
+    r.login = _text(seq_item(items, 2), &r.login_len, index, "login")
+    if o == <PyObject *>None:
+        r.token.code, r.token.code_len = b"", 0
+    else:
+        r.token.code = _text(o, &r.token.code_len, index, "code")
+    return 0
+
+
+cdef inline char *_write_row(char *p, const Row *r) noexcept nogil:
+    """Write a signed row's five fields; return the end."""
+    p[0] = <char>(48 + r.token.action)  # '1' or '2'
+    p[1] = b','
+    p = put_field(p + 2, r.email, r.email_len)
+    p[0] = b','
+    p = put_field(p + 1, r.login, r.login_len)
+    p[0] = b','
+    p = b64url_64(r.raw, p + 1)
+    p[0] = b','
+    return put_field(p + 1, r.token.code, r.token.code_len)
 
 
 @cython.auto_pickle(False)  # never serialise key material
@@ -152,8 +189,9 @@ cdef class Signer:
                 raise bad_row_item(None, "code", code)
             text = _text(<PyObject *>code, &size, -1, "code")
         cdef char chars[86]
-        hmac_token(&self._key, act, sec, text, size, raw)
-        b64url_64(raw, chars, _PAIRS, _ALPHABET)
+        cdef TokenInput t = TokenInput(act, sec, text, size)
+        hmac_token(&self._key, &t, raw)
+        b64url_64(raw, chars)
         return PyUnicode_DecodeASCII(chars, 86, NULL)
 
     def encode_batch(self, rows):
@@ -166,20 +204,12 @@ cdef class Signer:
             rows = list(rows)
         cdef PyObject *seq = <PyObject *>rows
         cdef PyObject *row
-        cdef PyObject *items
-        cdef PyObject *o
         cdef Py_ssize_t index = 0, used = 0, need, capacity
-        cdef Py_ssize_t email_len, login_len, code_len
-        cdef const char *email
-        cdef const char *login
-        cdef const char *code
-        cdef const unsigned char *secret
-        cdef int action
-        cdef Py_ssize_t i
+        cdef int n, j
+        cdef Row pair[2]
+        cdef tuple holder  # keeps a generic row's items alive while they are borrowed
         cdef char *p
-        cdef unsigned char raw[64]
-        cdef tuple holder
-        # Room for typical rows (~150 bytes); grown by doubling when a row needs more.
+        # Room for typical rows (~150 bytes); grown by doubling when rows need more.
         capacity = seq_size(seq) * 176 + 16
         cdef PyObject *out = new_bytes(NULL, capacity)
         if out == NULL:
@@ -190,57 +220,39 @@ cdef class Signer:
             while index < seq_size(seq):
                 row = seq_item(seq, index)
                 if is_tuple(row) or is_list(row):
-                    if seq_size(row) < 5:
-                        raise bad_row_item(index, "row", <object>row)
-                    items = row
+                    _read_row(row, index, &pair[0])
                 else:
                     holder = _generic_row(index, <object>row)
-                    items = <PyObject *>holder
-                # Check in the pure-Python order so that both raise the same error.
-                o = seq_item(items, 0)
-                action = _action(o)
-                if action == 0:
-                    raise bad_row_item(index, "action", <object>o)
-                for i in range(1, 3):
-                    o = seq_item(items, i)
-                    if not is_str(o):
-                        raise bad_row_item(index, ("email", "login")[i - 1], <object>o)
-                o = seq_item(items, 3)
-                secret = _secret(o)
-                if secret == NULL:
-                    raise bad_row_item(index, "secret", <object>o)
-                o = seq_item(items, 4)
-                if o != <PyObject *>None and not is_str(o):
-                    raise bad_row_item(index, "code", <object>o)
-                email = _text(seq_item(items, 1), &email_len, index, "email")
-                login = _text(seq_item(items, 2), &login_len, index, "login")
-                if o == <PyObject *>None:
-                    code, code_len = b"", 0
+                    _read_row(<PyObject *>holder, index, &pair[0])
+                # Rows go in pairs so that their hashes interleave (simd.h).  The second
+                # is taken only when reading it runs no Python code, which could free
+                # what the first one's pointers borrow.
+                n = 1
+                if index + 1 < seq_size(seq):
+                    row = seq_item(seq, index + 1)
+                    if is_tuple(row) or is_list(row):
+                        _read_row(row, index + 1, &pair[1])
+                        n = 2
+                if n == 2:
+                    hmac_token_pair(&self._key, &pair[0].token, pair[0].raw, &pair[1].token, pair[1].raw)
                 else:
-                    code = _text(o, &code_len, index, "code")
-
+                    hmac_token(&self._key, &pair[0].token, pair[0].raw)
                 # Worst case: every text byte a doubled quote, plus quotes and commas.
-                need = 2 * (email_len + login_len + code_len) + 2 + 3 * 3 + 87 + 2
+                need = 0
+                for j in range(n):
+                    need += 2 * (pair[j].email_len + pair[j].login_len + pair[j].token.code_len) + 2 + 3 * 3 + 87 + 2
                 if used + need > capacity:
                     capacity = max(2 * capacity, used + need)
                     if resize_bytes(&out, capacity) < 0:
                         raise MemoryError()
                 p = bytes_data(out) + used
-                if index:
-                    p[0] = b','
-                    p += 1
-                p[0] = <char>(48 + action)  # '1' or '2'
-                p[1] = b','
-                p = put_field(p + 2, email, email_len, _CLASSES)
-                p[0] = b','
-                p = put_field(p + 1, login, login_len, _CLASSES)
-                p[0] = b','
-                hmac_token(&self._key, action, secret, code, code_len, raw)
-                p = b64url_64(raw, p + 1, _PAIRS, _ALPHABET)
-                p[0] = b','
-                p = put_field(p + 1, code, code_len, _CLASSES)
+                for j in range(n):
+                    if index + j:
+                        p[0] = b','
+                        p += 1
+                    p = _write_row(p, &pair[j])
                 used = p - bytes_data(out)
-                index += 1
+                index += n
             bytes_data(out)[used] = b'\n'  # `need` kept one byte spare for it
             if resize_bytes(&out, used + 1) < 0:
                 raise MemoryError()
@@ -272,9 +284,10 @@ cdef class Signer:
             return None
         if size != 86:
             return None
-        if not b64url_decode_86(chars, raw, _VALUE):
+        if not b64url_decode_86(chars, raw):
             return None
-        hmac_token(&self._key, act, raw, text, code_len, expected)
+        cdef TokenInput t = TokenInput(act, <const unsigned char *>raw, text, code_len)
+        hmac_token(&self._key, &t, expected)
         if CRYPTO_memcmp(raw + 32, expected + 32, 32) != 0:
             return None
         return <bytes>(<char *>raw)[:32]
@@ -377,7 +390,7 @@ def decode_line(line):
             else:
                 _field_error(data, count // 5 + 1, field, start, content_at, at)
         elif field == 4:
-            if at - content_at != 86 or not is_base64url(s + content_at, 86, _VALUE):
+            if at - content_at != 86 or not is_base64url(s + content_at, 86):
                 _field_error(data, count // 5 + 1, field, start, content_at, at)
             text = new_str(86, 127)  # ASCII: the bytes are the characters
             if text == NULL:
