@@ -6,7 +6,11 @@ them, both implementations must agree byte for byte and error for error.
 
 from __future__ import annotations
 
+import fcntl
+import importlib.machinery
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +39,61 @@ def compiled_module():
     return _wire
 
 
-@pytest.fixture(params=["python", "c"])
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def portable_module(tmp_path_factory):
+    """The extension built with MAILROOM_BUILD=portable (no deprecated OpenSSL call, no
+    SIMD: ext/sha256.h), loaded from a build directory beside the installed one.
+
+    Built once per session from a copy of the sources (nothing is written to the
+    tree); the pytest-xdist workers share the build through a lock.
+    """
+    if compiled_module() is None:
+        pytest.skip("compiled extension mailroom.wire._wire is not built: no portable build either")
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's directory, above each worker's own
+    build = shared / "wire-portable"
+    with open(shared / "wire-portable.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        found = sorted(build.glob("out/mailroom/wire/_wire.*.so"))
+        if not found:
+            source = build / "src"
+            shutil.rmtree(build, ignore_errors=True)
+            for part in ("ext", "mailroom"):
+                shutil.copytree(ROOT / part, source / part,
+                                ignore=shutil.ignore_patterns("*.c", "*.so", "__pycache__"))
+            # setup.py alone, without pyproject.toml: build_ext needs no metadata, and the
+            # setuptools running the tests may be older than the one pip builds with.
+            shutil.copy(ROOT / "setup.py", source / "setup.py")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
+            done = subprocess.run(
+                [sys.executable, "setup.py", "build_ext", "--build-lib", str(build / "out"),
+                 "--build-temp", str(build / "tmp")],
+                cwd=source, env={**env, "MAILROOM_BUILD": "portable"}, capture_output=True, text=True,
+                timeout=600)
+            found = sorted(build.glob("out/mailroom/wire/_wire.*.so"))
+            assert found, done.stdout[-3000:] + done.stderr[-3000:]
+    name = "mailroom.wire._wire"  # its init function's name; not put in sys.modules
+    loader = importlib.machinery.ExtensionFileLoader(name, str(found[0]))
+    spec = importlib.util.spec_from_file_location(name, found[0], loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    assert module._SHA256 == "portable"
+    return module
+
+
+@pytest.fixture(params=["python", "c", "c-portable"])
 def impl(request):
-    """Each implementation module in turn."""
+    """Each implementation module in turn ("c-portable": the compiled one built with
+    MAILROOM_BUILD=portable, the fallback kept for when OpenSSL drops SHA256_Transform)."""
     if request.param == "python":
         return _wire_py
+    if request.param == "c-portable":
+        return request.getfixturevalue("portable_module")
     module = compiled_module()
     if module is None:
         pytest.skip("compiled extension mailroom.wire._wire is not built")
@@ -157,6 +211,17 @@ def test_rows_as_lists_generators_and_sequences(impl):
     assert signer.encode_batch(r for r in QUOTING_ROWS) == expected
     assert signer.encode_batch(tuple(Row(r) for r in QUOTING_ROWS)) == expected
     assert signer.encode_batch([r[:3] + (bytearray(r[3]), r[4]) for r in QUOTING_ROWS]) == expected
+    # The compiled loop signs rows in pairs, taking the second only when it is a tuple
+    # or list: every mix of kinds and every length, even and odd, one long code among them.
+    rows = [(1, "a@b", "ann", bytes(range(32)), None), (2, "c@d", "cy", bytes(32), "12345"),
+            (2, "e@f", "eve", bytes(range(1, 33)), "x" * 40), (1, "g@h", "gil", bytes(range(2, 34)), "1")] * 2
+    for size in range(len(rows) + 1):
+        each = [signer.encode_batch([row]).rstrip(b"\n") for row in rows[:size]]
+        joined = b",".join(each) + b"\n"
+        for generic in (set(), {0}, {1}, {0, 2, 4}, set(range(size))):
+            mixed = [Row(row) if i in generic else list(row) if i % 3 == 2 else row
+                     for i, row in enumerate(rows[:size])]
+            assert signer.encode_batch(mixed) == joined, (size, generic)
 
 
 def test_large_fields_grow_the_buffer(impl):
@@ -390,8 +455,7 @@ def _import_wire(env_value: str | None, hide_extension: bool = False) -> subproc
     if hide_extension:
         code += "sys.modules['mailroom.wire._wire'] = None\n"  # makes `import mailroom.wire._wire` fail
     code += "from mailroom import wire; import mailroom.wire; print(wire.IMPL, wire.FALLBACK is not None)\n"
-    root = str(Path(__file__).resolve().parent.parent)
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True)
 
 
 def test_implementation_choice():
