@@ -2,6 +2,8 @@
 
 - :mod:`~mailroom.ledger.operations`: what the workers run (claim, record outcomes,
   release, lease expiry, status), re-exported here: ``ledger.claim(...)``.
+- :mod:`~mailroom.ledger.connection`: a connection's schema and queue checks and
+  session settings (re-exported too), and how statements run on it.
 - :mod:`~mailroom.ledger.sql`: the statements those operations run.
 - :mod:`~mailroom.ledger.migrate`: ``mailroom migrate``, golang-migrate compatible.
 - :mod:`~mailroom.ledger.report`: ``mailroom status``.
@@ -10,17 +12,13 @@
   puts them on the command line (``mailroom deliveries|retry|skip``).
 """
 
+from mailroom.ledger.connection import REQUIRED_VERSION, SchemaError, check_queue, check_schema, configure_session
 from mailroom.ledger.operations import (
-    REQUIRED_VERSION,
     STATUSES,
     Claim,
     Outcome,
     Row,
-    SchemaError,
-    check_queue,
-    check_schema,
     claim,
-    configure_session,
     mark_emitted,
     next_due_in,
     queue_stats,

@@ -16,7 +16,7 @@ from mailroom import config
 from mailroom._process import one_line
 from mailroom.addresses import normalise
 from mailroom.config import Settings
-from mailroom.ledger import admin, operations
+from mailroom.ledger import admin, connection
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -134,7 +134,7 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
         return config.EXIT_CONFIG
     try:
         with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
-            operations.check_schema(conn)
+            connection.check_schema(conn)
             if name == "deliveries":
                 rows = admin.deliveries(conn, queue, args.email, args.limit)
                 if args.json:
@@ -162,7 +162,7 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
                     return config.EXIT_FAILURE
             n = change(dry_run=dry_run)
             conn.commit()
-    except operations.SchemaError as exc:
+    except connection.SchemaError as exc:
         print(f"mailroom: {exc}", file=sys.stderr)
         return config.EXIT_SCHEMA
     except psycopg.Error as exc:

@@ -1,7 +1,8 @@
 """The delivery ledger: every operation the workers run against it.
 
 The statements themselves, with the reasons for their shape, are in
-:mod:`mailroom.ledger_sql`; this module runs them and holds the policy.
+:mod:`mailroom.ledger.sql`; this module runs them and holds the policy, and
+:mod:`mailroom.ledger.connection` the checks and settings of a connection.
 
 One ``deliveries`` row per (queue, token) moves through these states::
 
@@ -50,37 +51,29 @@ The claim is PREPAREd once per connection and EXECUTEd; ``claim(begin=True)``
 sends BEGIN in the same simple query, so a claim costs one round trip.
 
 Every function takes a psycopg 3 (sync) connection owned by the caller and
-leaves transaction control to it, except :func:`configure_session` and
+leaves transaction control to it, except
+:func:`~mailroom.ledger.connection.configure_session` and
 ``claim(begin=True)``.  Times are taken with ``statement_timestamp()`` rather
 than ``now()`` so a caller that keeps a transaction open does not work with a
 stale clock.
 """
 
-# Past the house's ~400 lines until its statements move to ledger/sql.py, as the
-# docstring says they are (issue 18, item 5).
-
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
-from psycopg import pq
 
 from mailroom.ledger import sql as ledger_sql
+from mailroom.ledger.connection import count, execute_prepared
 from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind, Row
 
 __all__ = [
-    "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
-    "check_queue", "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
+    "STATUSES", "Claim", "Outcome", "Row", "claim", "mark_emitted", "next_due_in", "queue_stats",
     "record_claims", "record_outcomes", "release", "renew", "requeue_expired", "status",
 ]
-
-#: The schema version (``schema_migrations``) this module's SQL needs.
-REQUIRED_VERSION = 2  # 2: the consumers table (the fleet)
 
 #: Every ``delivery_status``, in lifecycle order.
 STATUSES = tuple(status.value for status in DeliveryStatus)
@@ -95,10 +88,6 @@ _RECORDED_KINDS = frozenset({OutcomeKind.SENT, OutcomeKind.EMITTED, OutcomeKind.
 _HINT_TTL_S = 1.0
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-class SchemaError(Exception):
-    """The database schema is missing, too old or dirty for this mailroom."""
 
 
 class Claim(NamedTuple):
@@ -131,7 +120,8 @@ def claim(conn: psycopg.Connection[Any], queue: str, limit: int, *, lease_ms: in
     mode, where the caller commits only once the line is flushed) with
     ``attempts + 1``; ``jobs.last_seq`` rises to the highest token picked.
     ``lease_ms`` is the lease the rows are held under; :func:`requeue_expired`
-    enforces it.  Use a connection set up by :func:`configure_session`.
+    enforces it.  Use a connection set up by
+    :func:`~mailroom.ledger.connection.configure_session`.
 
     ``begin=True`` opens a transaction in the same round trip as the claim;
     the caller then commits or rolls back.
@@ -141,39 +131,11 @@ def claim(conn: psycopg.Connection[Any], queue: str, limit: int, *, lease_ms: in
     if limit < 1 or lease_ms < 1:
         raise ValueError("limit and lease_ms must be >= 1")
     sql = ledger_sql.claim_sql(queue, limit, final_status, _HINT_TTL_S, _RANGES_FROM)
-    head, *rows = _execute_prepared(conn, sql, begin)
+    head, *rows = execute_prepared(conn, sql, begin)
     if not head[0]:
         return Claim([], 0, 0, None)
     claimed_at = _EPOCH + dt.timedelta(microseconds=head[5])
     return Claim(rows, head[0], head[0] - len(rows), claimed_at)
-
-
-# Statements PREPAREd on each connection.  A server-side prepared statement
-# (rather than psycopg's) can be EXECUTEd in one simple query with BEGIN.
-_prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-
-
-def _execute_prepared(conn: psycopg.Connection[Any], sql: str, begin: bool,
-                      retry: bool = True) -> list[Any]:
-    name = "mailroom_" + hashlib.sha1(sql.encode()).hexdigest()[:20]
-    known = _prepared.setdefault(conn, set())
-    if name not in known:
-        conn.execute(f"PREPARE {name} AS {sql}", prepare=False)
-        known.add(name)
-    try:
-        cur = conn.execute(("BEGIN; " if begin else "") + f"EXECUTE {name}", prepare=False)
-    except psycopg.errors.InvalidSqlStatementName:
-        # Deallocated behind our back (DISCARD ALL): prepare it again, unless
-        # the failure broke a transaction that is not ours to roll back.
-        known.clear()
-        if begin:
-            conn.rollback()
-        if not retry or conn.info.transaction_status != pq.TransactionStatus.IDLE:
-            raise
-        return _execute_prepared(conn, sql, begin, retry=False)
-    if begin:
-        cur.nextset()
-    return cur.fetchall()
 
 
 def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
@@ -186,7 +148,7 @@ def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
     alone rather than waited for, which also rules out deadlocking with such a
     writer.  Returns how many rows changed.
     """
-    return _count(conn, ledger_sql.REQUEUE_EXPIRED,
+    return count(conn, ledger_sql.REQUEUE_EXPIRED,
                   {"queue": queue, "lease_ms": lease_ms, "max": max_attempts})
 
 
@@ -209,7 +171,7 @@ def renew(conn: psycopg.Connection[Any], queue: str,
         stamps.extend([claimed_at] * len(token_ids))
     if not tokens:
         return 0
-    return _count(conn, ledger_sql.RENEW, {"queue": queue, "tokens": tokens, "claimed_at": stamps})
+    return count(conn, ledger_sql.RENEW, {"queue": queue, "tokens": tokens, "claimed_at": stamps})
 
 
 def record_outcomes(conn: psycopg.Connection[Any], queue: str,
@@ -291,7 +253,7 @@ class _RecordParams:
         """Execute the statement for the rows added so far (if any) and start over."""
         if not self.tokens:
             return 0
-        changed = _count(conn, ledger_sql.RECORD, dict(
+        changed = count(conn, ledger_sql.RECORD, dict(
             queue=queue, tokens=self.tokens, kinds=self.kinds, message_ids=self.message_ids,
             errors=self.errors, retry_after=self.retry_after, claimed_at=self.claimed_at,
             backoff_ms=backoff_ms, max=max_attempts if max_attempts is not None else 2**31 - 1),
@@ -306,33 +268,26 @@ class _RecordParams:
         return changed
 
 
-def _move_claimed(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence[int],
-                  claimed_at: dt.datetime | None, assignments: str) -> int:
-    """Change rows of one claim that are still ``claimed``; how many changed."""
-    if not token_ids:
-        return 0
-    params = {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at}
-    return _count(conn, ledger_sql.move_claimed_sql(assignments), params)
-
-
-def _count(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any],
-           prepare: bool | None = None) -> int:
-    row = conn.execute(sql, params, prepare=prepare).fetchone()
-    return int(row[0]) if row else 0
-
-
 def release(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence[int], *,
             claimed_at: dt.datetime | None = None) -> int:
     """Return claimed rows never handed to SES (clean shutdown) to the queue,
     giving the claim's attempt back since nothing was tried; how many changed."""
-    assignments = "status = 'queued', attempts = GREATEST(d.attempts - 1, 0)"
-    return _move_claimed(conn, queue, token_ids, claimed_at, assignments)
+    return _move_claimed(conn, ledger_sql.RELEASE, queue, token_ids, claimed_at)
 
 
 def mark_emitted(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence[int], *,
                  claimed_at: dt.datetime | None = None) -> int:
     """Mark claimed rows ``emitted``: their batch line was flushed to stdout."""
-    return _move_claimed(conn, queue, token_ids, claimed_at, "status = 'emitted'")
+    return _move_claimed(conn, ledger_sql.MARK_EMITTED, queue, token_ids, claimed_at)
+
+
+def _move_claimed(conn: psycopg.Connection[Any], sql: str, queue: str, token_ids: Sequence[int],
+                  claimed_at: dt.datetime | None) -> int:
+    """Change rows of one claim that are still ``claimed`` (``sql``: a
+    :func:`~mailroom.ledger.sql.move_claimed_sql` statement); how many changed."""
+    if not token_ids:
+        return 0
+    return count(conn, sql, {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at})
 
 
 def next_due_in(conn: psycopg.Connection[Any], queue: str, lease_ms: int) -> float | None:
@@ -344,27 +299,7 @@ def next_due_in(conn: psycopg.Connection[Any], queue: str, lease_ms: int) -> flo
     one probe of the claimed index; only when nothing is due does it read the
     queued rows, which are then just those waiting for a retry.
     """
-    row = conn.execute(
-        """
-        SELECT CASE
-                   -- Not EXISTS: its planner may seq-scan for a "common" row;
-                   -- ORDER BY + LIMIT walks the queued index from its start.
-                   WHEN (SELECT true FROM delivery_queue
-                          WHERE job_type = %(queue)s AND claimed_at IS NULL
-                            AND next_attempt_at <= statement_timestamp()
-                          ORDER BY priority, token LIMIT 1)
-                   THEN 0
-                   ELSE EXTRACT(EPOCH FROM LEAST(
-                            (SELECT min(next_attempt_at) FROM delivery_queue
-                              WHERE job_type = %(queue)s AND claimed_at IS NULL),
-                            (SELECT min(claimed_at) FROM delivery_queue
-                              WHERE job_type = %(queue)s AND claimed_at IS NOT NULL)
-                            + %(lease_ms)s * interval '1 millisecond'
-                        ) - statement_timestamp())
-               END::float8
-        """,
-        {"queue": queue, "lease_ms": lease_ms},
-    ).fetchone()
+    row = conn.execute(ledger_sql.NEXT_DUE_IN, {"queue": queue, "lease_ms": lease_ms}).fetchone()
     return None if row is None or row[0] is None else max(0.0, row[0])
 
 
@@ -393,80 +328,10 @@ def status(conn: psycopg.Connection[Any], queue: str) -> dict[str, Any]:
     """
     result: dict[str, Any] = dict.fromkeys(STATUSES, 0)
     result["oldest_queued_s"] = None
-    for name, count, age in conn.execute(
-        "SELECT status::text, count(*),"
-        "       EXTRACT(EPOCH FROM statement_timestamp() - min(created_at))::float8"
-        "  FROM deliveries WHERE job_type = %s GROUP BY status", (queue,),
-    ):
-        result[name] = int(count)
+    for name, rows, age in conn.execute(ledger_sql.STATUS_COUNTS, {"queue": queue}):
+        result[name] = int(rows)
         if name == "queued":
             result["oldest_queued_s"] = max(0.0, age)
-    row = conn.execute("SELECT last_seq FROM jobs WHERE job_type = %s", (queue,)).fetchone()
+    row = conn.execute(ledger_sql.LAST_SEQ, {"queue": queue}).fetchone()
     result["last_seq"] = None if row is None else row[0]
     return result
-
-
-def check_schema(conn: psycopg.Connection[Any]) -> None:
-    """Raise :class:`SchemaError` unless the database is migrated for this code:
-    ``schema_migrations`` at :data:`REQUIRED_VERSION` or later, clean, and the
-    ledger's tables."""
-    found = conn.execute(
-        "SELECT to_regclass('schema_migrations') IS NOT NULL,"
-        "       to_regclass('deliveries') IS NOT NULL AND to_regclass('delivery_queue') IS NOT NULL"
-    ).fetchone()
-    assert found is not None
-    row = None
-    if found[0]:
-        row = conn.execute("SELECT version, dirty FROM schema_migrations LIMIT 1").fetchone()
-    if row is None or row[0] < 0:
-        raise SchemaError("the database has no mailroom schema: run `mailroom migrate up`")
-    version, dirty = row
-    if dirty:
-        raise SchemaError(
-            f"the database schema is dirty at version {version} (a migration failed): see "
-            "`mailroom migrate status`, fix it with `mailroom migrate force V`, then migrate up"
-        )
-    if version < REQUIRED_VERSION or not found[1]:
-        raise SchemaError(
-            f"the database schema is at version {version}, this mailroom needs "
-            f"{REQUIRED_VERSION}: run `mailroom migrate up`"
-        )
-
-
-def check_queue(conn: psycopg.Connection[Any], queue: str) -> None:
-    """Raise :class:`SchemaError` unless ``queue`` is a ``jobs.job_type`` with its row.
-
-    Compared as text: casting an unknown name to the ``job_type`` enum would be an
-    error in every claim, and the worker would be restarted in a loop."""
-    row = conn.execute("SELECT EXISTS (SELECT FROM jobs WHERE job_type::text = %s)",
-                       (queue,)).fetchone()
-    if not row or not row[0]:
-        raise SchemaError(f"MAILROOM_QUEUE_NAME: queue {queue!r} is not in jobs"
-                          " (add it to the job_type type and the jobs table, or fix the name)")
-
-
-def configure_session(conn: psycopg.Connection[Any]) -> None:
-    """Per-connection settings for the collector's connection; call once after connecting.
-
-    * ``synchronous_commit = off``: a commit returns before its WAL is flushed,
-      so a PostgreSQL crash (not a mailroom crash) can forget the last few
-      hundred ms of ledger updates.  Every such loss leaves a row *less*
-      advanced than what happened (queued instead of claimed, claimed instead
-      of sent), which ends in a resend, never in a lost email; the database
-      stays consistent.  The application's own token inserts are not affected.
-    * ``enable_seqscan = off``, ``enable_bitmapscan = off``: statements here
-      are cached as generic plans, made once; one made while the queue was
-      small could otherwise read and sort the whole backlog at every claim
-      once a burst arrives.  Every statement here is built for index scans.
-    * ``jit = off``: compiling these short statements costs more than running them.
-
-    A SET is undone if its transaction rolls back: on a connection that is not
-    in autocommit mode and was idle, the transaction is committed here.
-    """
-    idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
-    conn.execute("SET synchronous_commit = off")
-    conn.execute("SET enable_seqscan = off")
-    conn.execute("SET enable_bitmapscan = off")
-    conn.execute("SET jit = off")
-    if not conn.autocommit and idle:
-        conn.commit()

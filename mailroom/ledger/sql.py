@@ -17,7 +17,11 @@ from __future__ import annotations
 import functools
 import hashlib
 
-__all__ = ["RECORD", "RENEW", "REQUEUE_EXPIRED", "claim_sql", "move_claimed_sql"]
+__all__ = [
+    "CHECK_QUEUE", "LAST_SEQ", "MARK_EMITTED", "NEXT_DUE_IN", "QUEUE_STATS", "RECORD", "RELEASE", "RENEW",
+    "REQUEUE_EXPIRED", "SCHEMA_TABLES", "SCHEMA_VERSION", "SESSION_SETTINGS", "STATUS_COUNTS",
+    "claim_sql", "move_claimed_sql",
+]
 
 # The claim, one statement: atomic, one round trip.  Each step is bounded by
 # the rows picked whatever the statistics say (they lag behind bursts, and the
@@ -480,6 +484,13 @@ changed AS (
 """
 
 
+#: Return claimed rows never handed to SES to the queue, giving the claim's
+#: attempt back since nothing was tried (clean shutdown, a failed hand-over).
+RELEASE = move_claimed_sql("status = 'queued', attempts = GREATEST(d.attempts - 1, 0)")
+#: Compatibility mode: the rows' batch line was flushed to stdout.
+MARK_EMITTED = move_claimed_sql("status = 'emitted'")
+
+
 #: Renew the leases of claims still in flight: one statement for all of them.
 #: The lease is ``delivery_queue.claimed_at`` (what requeue_expired and
 #: next_due_in read); the claim's identity is ``deliveries.claimed_at`` (what
@@ -530,3 +541,65 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM delivery_queue
                         ORDER BY q.priority, q.token LIMIT 1)
                  FROM (VALUES (0::smallint), (1::smallint)) AS p (priority))))
 """
+
+
+#: Seconds until something of the queue needs the collector (0: a queued row is
+#: due now), NULL if nothing will: the earlier of the next retry's
+#: ``next_attempt_at`` and the oldest claim's lease expiry.  The "due now" probe
+#: stops at the first due row of the queued index and the lease side is one probe
+#: of the claimed index; only when nothing is due does it read the queued rows,
+#: which are then just those waiting for a retry.
+NEXT_DUE_IN = """
+SELECT CASE
+           -- Not EXISTS: its planner may seq-scan for a "common" row;
+           -- ORDER BY + LIMIT walks the queued index from its start.
+           WHEN (SELECT true FROM delivery_queue
+                  WHERE job_type = %(queue)s AND claimed_at IS NULL
+                    AND next_attempt_at <= statement_timestamp()
+                  ORDER BY priority, token LIMIT 1)
+           THEN 0
+           ELSE EXTRACT(EPOCH FROM LEAST(
+                    (SELECT min(next_attempt_at) FROM delivery_queue
+                      WHERE job_type = %(queue)s AND claimed_at IS NULL),
+                    (SELECT min(claimed_at) FROM delivery_queue
+                      WHERE job_type = %(queue)s AND claimed_at IS NOT NULL)
+                    + %(lease_ms)s * interval '1 millisecond'
+                ) - statement_timestamp())
+       END::float8
+"""
+
+
+# -- status and checks: once per connection, or for a dashboard ------------------
+
+#: Rows of a queue per status, and the age of the oldest of each: one pass over
+#: the queue's whole ledger (``mailroom status``, never a hot loop).
+STATUS_COUNTS = """
+SELECT status::text, count(*),
+       EXTRACT(EPOCH FROM statement_timestamp() - min(created_at))::float8
+  FROM deliveries WHERE job_type = %(queue)s GROUP BY status
+"""
+
+#: The queue's claim mark.
+LAST_SEQ = "SELECT last_seq FROM jobs WHERE job_type = %(queue)s"
+
+#: Whether the migrations table exists, and whether the ledger's tables do.
+SCHEMA_TABLES = """
+SELECT to_regclass('schema_migrations') IS NOT NULL,
+       to_regclass('deliveries') IS NOT NULL AND to_regclass('delivery_queue') IS NOT NULL
+"""
+
+#: golang-migrate's one row: the version and whether a migration failed half-way.
+SCHEMA_VERSION = "SELECT version, dirty FROM schema_migrations LIMIT 1"
+
+#: Compared as text: casting an unknown name to the ``job_type`` enum would be an
+#: error in every claim, and the worker would be restarted in a loop.
+CHECK_QUEUE = "SELECT EXISTS (SELECT FROM jobs WHERE job_type::text = %(queue)s)"
+
+#: The collector's session settings, one statement each (the reasons are in
+#: :func:`mailroom.ledger.connection.configure_session`).
+SESSION_SETTINGS = (
+    "SET synchronous_commit = off",
+    "SET enable_seqscan = off",
+    "SET enable_bitmapscan = off",
+    "SET jit = off",
+)
