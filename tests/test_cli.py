@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 
 import psycopg
@@ -235,3 +236,70 @@ def test_addresses_are_found_as_typed(db):
                      " JOIN accounts a ON a.id = t.account WHERE a.login = 'jane')")
     retried = mailroom(db, "retry", "--email", "JANE@xn--bcher-kva.DE", "--dry-run")
     assert retried.stdout == "would queue again 1 failed deliveries of queue mailroom\n", retried
+
+
+# -- 4: ctl speaks to people ----------------------------------------------------------
+
+LOCAL_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")
+
+
+def ctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*console_script("mailroom"), "ctl", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_ctl_status_and_batch_for_people(db, base_env, moto, supervisors):
+    env = supervisor_env(base_env, db, moto.url)
+    sup = supervisors(env)
+    sup.worker("sender")
+    add_accounts(db, 3)
+    wait_for(lambda: statuses(db).get("sent") == 3, what="3 sent")
+
+    shown = ctl(env, "status")
+    assert (shown.returncode, shown.stderr) == (0, ""), shown
+    lines = shown.stdout.splitlines()
+    assert not any(c in shown.stdout for c in "{}[]") and "tick" not in shown.stdout, shown.stdout
+    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in lines if not line.startswith((" ", "workers")))
+    assert fields["state"] == "running" and fields["paused"] == "claims no, sending no"
+    assert fields["sent"].endswith("3 since start") and fields["rate limit"] == "100,000 recipients/s"
+    # Labels aligned: every value starts in the same column.
+    assert len({len(line) - len(line[len(label):].lstrip()) for label, line in
+                ((line.split("  ")[0], line) for line in lines if not line.startswith((" ", "workers")))}) == 1
+    workers = [line for line in lines if line.startswith("  ")]
+    assert [w.split()[0] for w in workers] == ["collector", "sender"], shown.stdout
+    for line in workers:
+        assert f"pid {sup.worker(line.split()[0])}" in line and " up " in line and LOCAL_ISO.search(line)
+        assert re.search(r"RSS \d+\.\d MiB", line), line
+
+    for args in (["--json", "status"], ["status", "--json"]):
+        assert json.loads(ctl(env, *args).stdout)["counters"]["sent"] == 3
+
+    listed = json.loads(ctl(env, "batches", "--json").stdout)["batches"]
+    batch_id = listed[-1]["batch"]
+    assert batch_id in ctl(env, "batches").stdout
+    one = ctl(env, "batch", batch_id)
+    assert one.returncode == 0 and "{" not in one.stdout, one
+    with psycopg.connect(db) as conn:
+        sent = conn.execute("SELECT a.email, d.message_id FROM deliveries d JOIN tokens t ON t.id = d.token"
+                            " JOIN accounts a ON a.id = t.account").fetchall()
+    rows = {line.split()[0]: line.split()[1:] for line in one.stdout.splitlines() if "@" in line}
+    shown_rows = {address: (cells[1], cells[2]) for address, cells in rows.items()}
+    in_batch = len(listed[-1].get("destinations", [])) or listed[-1]["rows"]
+    assert len(shown_rows) == in_batch > 0
+    for address, message_id in sent:
+        if address in shown_rows:
+            assert shown_rows[address] == ("sent", message_id)
+
+
+def test_ctl_without_a_supervisor_says_what_to_check(tmp_path):
+    path = str(tmp_path / "control.sock")
+    for args in (["status"], ["status", "--json"]):
+        gone = ctl(dict(bare_env(), MAILROOM_CONTROL_SOCKET=path), *args)
+        assert gone.returncode == 2 and gone.stdout == "" and gone.stderr.count("\n") == 1
+        assert f"is mailroom-supervisor running? socket: {path}" in gone.stderr, gone.stderr
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as bound:  # a socket file nobody listens on (a killed supervisor)
+        bound.bind(path)
+        refused = ctl(dict(bare_env(), MAILROOM_CONTROL_SOCKET=path), "status")
+        assert refused.returncode == 2 and f"is mailroom-supervisor running? socket: {path}" in refused.stderr

@@ -109,6 +109,11 @@ def _result(message: dict[str, Any]) -> dict[str, Any]:
 
 def _unavailable(path: str, exc: OSError) -> ControlUnavailable:
     reason = exc.strerror or type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        # No file, or a file nobody listens on (a supervisor that was killed): the
+        # usual cause is that no supervisor runs with this socket; say what to check.
+        return ControlUnavailable(f"cannot connect to the control socket ({reason}):"
+                                  f" is mailroom-supervisor running? socket: {path}")
     return ControlUnavailable(f"cannot connect to the control socket {path}: {reason}")
 
 

@@ -1,7 +1,9 @@
 """``mailroom ctl CMD [ARGS]``: the scriptable control socket client.
 
 Exit codes: 0 ok, 1 refused by the supervisor, 2 usage or connection error;
-every failure is one line on stderr. ``--json`` prints the raw result.
+every failure is one line on stderr. Results are printed for people
+(:mod:`mailroom.control.show`); ``--json``, before or after the command, prints
+the raw result.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, NoReturn, TextIO
 
 from mailroom import config
 from mailroom._process import add_version
+from mailroom.control import show
 from mailroom.control.client import ControlClient, ControlRefused, ControlUnavailable, trusted_uids
 from mailroom.control.protocol import BATCH_STATES, MAX_BATCHES, PAUSABLE, TOPICS, WORKERS
 from mailroom.control.sockfile import default_socket_path
@@ -36,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", metavar="PATH", help="control socket (default: as the supervisor's)")
     parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
     add_version(parser)
-    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
     sub.add_parser("hello", help="version, protocol, your role")
     sub.add_parser("status", help="workers, run state, in flight, rates, SES quota")
     p = sub.add_parser("batches", help="recent batches")
@@ -61,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subscribe", help="print events as JSON lines until interrupted")
     p.add_argument("--topic", action="append", choices=sorted(TOPICS), dest="topics",
                    help="only this topic's events (repeatable; default all)")
+    # --json also after the command (`ctl status --json`): each command's own flag,
+    # SUPPRESSed so that, when absent, it leaves the one given before the command alone.
+    for child in sub.choices.values():
+        child.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                           help="print the raw result as JSON")
     return parser
 
 
@@ -84,14 +92,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return cmd, {}
 
 
-def _flat(value: Any) -> str:
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, separators=(",", ":"))
-    return "-" if value is None else str(value)
-
-
 def summary(cmd: str, result: Mapping[str, Any]) -> str:
-    """A short human rendering of a result (the supervisor's shapes, tolerated loosely)."""
+    """A human rendering of a result (the supervisor's shapes, tolerated loosely)."""
     if cmd in ("pause", "resume"):
         changed = result.get("changed")
         state = result.get("state", "")
@@ -99,13 +101,13 @@ def summary(cmd: str, result: Mapping[str, Any]) -> str:
     if cmd == "hello":
         return (f"mailroom {result.get('version', '?')}, protocol {result.get('protocol', '?')}, "
                 f"you are {result.get('role', '?')}")
-    if cmd == "batches" and isinstance(result.get("batches"), list):
-        lines = []
-        for b in result["batches"]:
-            if isinstance(b, dict):
-                lines.append("  ".join(f"{k}={_flat(v)}" for k, v in b.items()))
-        return "\n".join(lines) if lines else "no batches"
-    return "\n".join(f"{key}: {_flat(value)}" for key, value in result.items()) or "ok"
+    if cmd == "status":
+        return show.status(result)
+    if cmd == "batches":
+        return show.batches(result)
+    if cmd == "batch":
+        return show.batch(result)
+    return "\n".join(f"{key}: {show.flat(value)}" for key, value in result.items()) or "ok"
 
 
 def _socket_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
