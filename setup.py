@@ -43,7 +43,9 @@ class optional_build_ext(build_ext):
             f"WARNING: mailroom's compiled extension ({EXTENSION}) could not be built ({detail}); "
             "installing the pure-Python implementation only (same behaviour, slower). "
             "For the fast path install a C compiler and the Python and OpenSSL headers "
-            "(Debian/Ubuntu: apt-get install gcc python3-dev libssl-dev) and reinstall.\n"
+            "(Debian/Ubuntu: apt-get install gcc python3-dev libssl-dev) and reinstall; if the "
+            "error names SHA256_Transform, this OpenSSL lacks its deprecated API: "
+            "MAILROOM_BUILD=portable builds without it.\n"
         )
 
 
@@ -65,7 +67,9 @@ def extensions() -> list:
         libraries=["crypto"],
         include_dirs=["ext"],
         depends=DEPENDS,
-        extra_compile_args=["-O3"],
+        # A header that drops a deprecated function must fail the build, not leave
+        # an undefined symbol for import time (ext/sha256.h: MAILROOM_BUILD=portable).
+        extra_compile_args=["-O3", "-Werror=implicit-function-declaration"],
         define_macros=macros,
     )
     if os.path.exists(os.path.join(HERE, PYX)):

@@ -4,15 +4,17 @@
  * block into a given state.  OpenSSL's only public way to do that is SHA256_Transform,
  * deprecated since OpenSSL 3.0 with no replacement: EVP digests neither expose nor
  * accept an intermediate state, so an EVP-based HMAC would re-hash the key's pad
- * block for every token (four compressions per row instead of two).
+ * blocks for every token (four compressions per row instead of two).
  *
- * The default build uses SHA256_Transform (OpenSSL picks SHA-NI, AVX2 or plain code
- * for the CPU).  If OpenSSL removes it, build with MAILROOM_BUILD=portable (setup.py
- * then defines MAILROOM_PORTABLE): the FIPS 180-4 compression below replaces it, the
- * rest of the extension is unchanged, and tests/test_wire.py runs the conformance
- * vectors against that build ("c-portable").  It is plain C, about 3x slower than
- * SHA-NI; a SHA-NI version with intrinsics would be the next step if it had to carry
- * production load.
+ * Where the CPU has SHA-NI the row loop does not come here at all (simd.h).  Elsewhere
+ * the default build uses SHA256_Transform (OpenSSL picks AVX2, SSSE3 or plain code
+ * for the CPU).  What replaces it when OpenSSL drops it is the FIPS 180-4 compression
+ * below, used when asked for (MAILROOM_BUILD=portable: setup.py defines
+ * MAILROOM_PORTABLE, which also turns simd.h off) and when this OpenSSL's headers hide
+ * the deprecated API (OPENSSL_NO_DEPRECATED_3_0).  tests/test_wire.py runs the
+ * conformance vectors against the portable build ("c-portable").  It is plain C: a
+ * 1,000-row batch takes 480 us where the SHA-NI path takes 80 us and OpenSSL's
+ * SHA256_Transform 125 us, on the benchmark machine of README.md.
  */
 #ifndef MAILROOM_SHA256_H
 #define MAILROOM_SHA256_H
@@ -38,8 +40,10 @@ static const uint32_t sha256_k[64] = {
 };
 
 #ifndef MAILROOM_PORTABLE
+#include <openssl/sha.h> /* defines OPENSSL_NO_DEPRECATED_3_0 when it hides the API */
+#endif
 
-#include <openssl/sha.h>
+#if !defined(MAILROOM_PORTABLE) && !defined(OPENSSL_NO_DEPRECATED_3_0)
 
 #define SHA256_IMPL "openssl"
 
@@ -52,7 +56,7 @@ static inline void sha256_compress(uint32_t h[8], const unsigned char *block)
     memcpy(h, ctx.h, 32);
 }
 
-#else /* MAILROOM_PORTABLE: no deprecated OpenSSL call */
+#else /* no deprecated OpenSSL call */
 
 #define SHA256_IMPL "portable"
 
@@ -83,6 +87,6 @@ static inline void sha256_compress(uint32_t h[8], const unsigned char *block)
     h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
 }
 
-#endif /* MAILROOM_PORTABLE */
+#endif /* SHA256_Transform or not */
 
 #endif /* MAILROOM_SHA256_H */
