@@ -259,17 +259,20 @@ def test_ctl_status_and_batch_for_people(db, base_env, moto, supervisors):
     assert (shown.returncode, shown.stderr) == (0, ""), shown
     lines = shown.stdout.splitlines()
     assert not any(c in shown.stdout for c in "{}[]") and "tick" not in shown.stdout, shown.stdout
-    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in lines if not line.startswith((" ", "workers")))
+    fields_end = lines.index("")
+    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in lines[:fields_end])
     assert fields["state"] == "running" and fields["paused"] == "claims no, sending no"
     assert fields["sent"].endswith("3 since start") and fields["rate limit"] == "100,000 recipients/s"
     # Labels aligned: every value starts in the same column.
-    assert len({len(line) - len(line[len(label):].lstrip()) for label, line in
-                ((line.split("  ")[0], line) for line in lines if not line.startswith((" ", "workers")))}) == 1
-    workers = [line for line in lines if line.startswith("  ")]
+    assert len({len(line) - len(line.split("  ", 1)[1].lstrip()) for line in lines[:fields_end]}) == 1
+    assert lines[fields_end + 1].split() == ["WORKER", "PID", "UP", "SINCE", "RESTARTS", "HEARTBEAT", "RSS"]
+    workers = lines[fields_end + 2:]
     assert [w.split()[0] for w in workers] == ["collector", "sender"], shown.stdout
     for line in workers:
-        assert f"pid {sup.worker(line.split()[0])}" in line and " up " in line and LOCAL_ISO.search(line)
-        assert re.search(r"RSS \d+\.\d MiB", line), line
+        role, pid, since, restarts, *_ = line.split()
+        assert (int(pid), restarts) == (sup.worker(role), "0") and LOCAL_ISO.fullmatch(since), line
+        assert re.search(r" \d+\.\d MiB$", line), line
+    assert max(len(line) for line in lines) <= 80, shown.stdout
 
     for args in (["--json", "status"], ["status", "--json"]):
         assert json.loads(ctl(env, *args).stdout)["counters"]["sent"] == 3

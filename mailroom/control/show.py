@@ -102,15 +102,10 @@ def status(result: Mapping[str, Any]) -> str:
         rows = []
         for role, w in workers.items():
             w = _dict(w)
-            up = bool(w.get("up"))
-            rows.append([role, f"pid {w.get('pid') or '-'}", "up" if up else "down",
-                         f"since {local_time(w.get('started'))}" if up else "",
-                         f"uptime {_duration(w.get('uptime_s'))}" if up else "",
-                         f"restarts {_count(w.get('restarts', 0))}",
-                         f"heartbeat {_duration(w.get('last_heartbeat_s'))} ago",
-                         f"RSS {_mib(w.get('rss'))}"])
-        lines.append("workers")
-        lines += _table(["" for _ in rows[0]], rows, indent="  ")[1:]
+            rows.append([role, str(w.get("pid") or "-"), local_time(w.get("started")) if w.get("up") else "down",
+                         _count(w.get("restarts", 0)), _duration(w.get("last_heartbeat_s")), _mib(w.get("rss"))])
+        # A table fits 80 columns; one line of labelled fields per worker did not.
+        lines += ["", *_table(["WORKER", "PID", "UP SINCE", "RESTARTS", "HEARTBEAT", "RSS"], rows)]
     return "\n".join(lines)
 
 
