@@ -42,6 +42,9 @@ class Settings:
     """Validated configuration. Durations are milliseconds, as in the environment."""
 
     database_url: str = dataclasses.field(default="", repr=False)
+    #: A direct connection for the collector's LISTEN when ``database_url`` goes
+    #: through a transaction pooler (PgBouncer); None: LISTEN on ``database_url``.
+    listen_url: str | None = dataclasses.field(default=None, repr=False)
     secret_key: bytes = dataclasses.field(default=b"", repr=False)
     channel_name: str = "token_insert"
     queue_name: str = "mailroom"
@@ -195,6 +198,10 @@ def _database_url(raw: str) -> str:
     return raw
 
 
+def _optional_database_url(raw: str) -> str | None:
+    return _database_url(raw) if raw.strip() else None
+
+
 def _positive_float(raw: str) -> float:
     try:
         value = float(raw.strip())
@@ -307,6 +314,7 @@ def _host_port(raw: str) -> str | None:
 # field name -> (environment variable, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "database_url": ("MAILROOM_DATABASE_URL", _database_url),
+    "listen_url": ("MAILROOM_LISTEN_URL", _optional_database_url),
     "secret_key": ("MAILROOM_SECRET_KEY", _secret_key),
     "channel_name": ("MAILROOM_CHANNEL_NAME", _identifier),
     "queue_name": ("MAILROOM_QUEUE_NAME", _text),
@@ -361,7 +369,7 @@ def load(environ: Mapping[str, str], require: Collection[str] = ()) -> Settings:
             values[field] = parse(raw)
         except ValueError as exc:
             problem = str(exc)
-            if field == DATABASE:
+            if field in (DATABASE, "listen_url"):
                 problem = redact(problem, raw)
             raise ConfigError(variable, problem) from None
     settings = Settings(**values)

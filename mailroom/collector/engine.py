@@ -10,6 +10,10 @@ NOTIFYs of one transaction into one, so after any wake-up the collector keeps
 claiming until a claim comes back short.
 """
 
+# A little over the house's ~400 lines: connecting, claiming and the wait loop share
+# one connection's state and one error policy (reconnect, wait out, retry); split,
+# each part would need the others' fields.  Connection set-up is in listen.py.
+
 from __future__ import annotations
 
 import logging
@@ -23,6 +27,7 @@ from psycopg import sql
 
 from mailroom import config, ledger, wire
 from mailroom._process import backoff_delays, drain_fd, one_line
+from mailroom.collector import listen
 from mailroom.collector.refused import Refusals, read_only, refused
 from mailroom.collector.trigger import BatchTrigger
 from mailroom.config import Settings
@@ -87,6 +92,10 @@ class Collector:
         self.wakeup_fd = wakeup_fd
         self.signer = wire.Signer(settings.secret_key)
         self.conn: psycopg.Connection | None = None
+        #: Where notifications arrive: ``conn``, a MAILROOM_LISTEN_URL connection,
+        #: or None when none delivers them (the loop polls).
+        self.listener: psycopg.Connection | None = None
+        self._said: set[str] = set()
         self.batches = 0
         self.rows = 0
         self.backlog = False
@@ -95,59 +104,60 @@ class Collector:
 
     # -- connection -------------------------------------------------------------
     def connect(self) -> psycopg.Connection:
-        """Connect (retrying forever with backoff), check the schema, LISTEN.
+        """Connect (retrying forever with backoff), check the schema, LISTEN: on
+        ``MAILROOM_LISTEN_URL`` if set, else on the claims' connection, unless it
+        does not deliver notifications (a transaction pooler, see
+        :mod:`~mailroom.collector.listen`: then the loop polls).
 
         A missing or outdated schema raises :class:`ledger.SchemaError`: retrying
         cannot fix it, the operator must run ``mailroom migrate up``.
         """
         delays = backoff_delays(BACKOFF_FIRST, BACKOFF_CAP)
         attempt = 0
+        s = self.settings
         while True:
             attempt += 1
+            url, variable = s.database_url, "MAILROOM_DATABASE_URL"
             try:
-                conn = psycopg.connect(
-                    self.settings.database_url, autocommit=True,
-                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
-                    connect_timeout=10, application_name="mailroom-collector",
-                )
+                conn = listen.open_connection(url, "mailroom-collector")
+                listener: psycopg.Connection | None = None
                 try:
                     ledger.check_schema(conn)
-                    ledger.check_queue(conn, self.settings.queue_name)
-                    ledger.configure_session(conn)
-                    self._set_timeouts(conn)
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.settings.channel_name)))
+                    ledger.check_queue(conn, s.queue_name)
+                    pooled = not listen.delivers_notifications(conn, url)
+                    if pooled:
+                        ledger.mark_pooled(conn)
+                    else:
+                        ledger.configure_session(conn)
+                        listen.set_timeouts(conn, s.worker_timeout)
+                    if s.listen_url:
+                        url, variable = s.listen_url, "MAILROOM_LISTEN_URL"
+                        listener = listen.open_connection(url, "mailroom-listener")
+                        if not listen.delivers_notifications(listener, url):
+                            listener.close()
+                            listener = None
+                    elif not pooled:
+                        listener = conn
+                    if listener is not None:
+                        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(s.channel_name)))
                 except BaseException:
                     conn.close()
+                    if listener is not None:
+                        listener.close()
                     raise
                 # Reconnecting is how a read-only refusal is retried: not news each time.
-                log.log(logging.DEBUG if self.refusals.active else logging.INFO,
-                        "connected, listening on %s", self.settings.channel_name)
-                self.conn = conn
+                listen.say_how(s, self._said, pooled, listener is not None, quiet=self.refusals.active)
+                self.conn, self.listener = conn, listener
                 return conn
             except psycopg.ProgrammingError as exc:
                 # A malformed connection string: no retry can fix it.
-                message = config.redact(one_line(exc), self.settings.database_url)
-                raise config.ConfigError("MAILROOM_DATABASE_URL", message) from None
+                raise config.ConfigError(variable, config.redact(one_line(exc), url)) from None
             except psycopg.OperationalError as exc:
                 delay = next(delays)
                 log.warning("connection failed (attempt %d): %s; retrying in %.1fs",
-                            attempt, config.redact(one_line(exc), self.settings.database_url), delay)
+                            attempt, config.redact(one_line(exc), url), delay)
                 if self._sleep(delay):
                     raise _Stopped() from None
-
-    def _set_timeouts(self, conn: psycopg.Connection) -> None:
-        """Bound every statement below the supervisor's watchdog.
-
-        The collector is one thread: while a statement waits (an operator's
-        transaction holding queue rows, a lock behind a long migration) it sends
-        no heartbeat, and the watchdog would kill it, outcomes and all.  A lock
-        wait gives up at a third of ``MAILROOM_WORKER_TIMEOUT`` and any statement
-        at half of it; :meth:`run` logs that and tries again, heartbeating meanwhile.
-        """
-        watchdog = self.settings.worker_timeout
-        # One round trip: connecting is the window a terminated backend hits.
-        conn.execute(f"SET lock_timeout = {max(1, watchdog // 3)};"
-                     f" SET statement_timeout = {max(1, watchdog // 2)}")
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on the wake-up fd; return True if asked to stop."""
@@ -309,7 +319,12 @@ class Collector:
         run a health check on a connection quiet for ``healthcheck_interval``."""
         conn = self.conn
         assert conn is not None
+        listener = self.listener
         s = self.settings
+        # No connection delivers notifications: a claim every poll interval
+        # stands in for them (the claim is the check; an empty one is cheap).
+        poll_every = listen.poll_interval(s.batch_timeout) if listener is None else None
+        next_poll = time.monotonic() + (poll_every or 0.0)
         trigger = BatchTrigger(s.batch_limit, s.batch_timeout / 1000, adaptive=s.batch_mode == "adaptive")
         health_every = s.healthcheck_interval / 1000
         last_activity = time.monotonic()
@@ -317,15 +332,20 @@ class Collector:
         # claimed as soon as the sink has room again.
         due_at = self._due_at()
         while not self.should_stop():
-            self._select([conn.fileno()], self._wait(trigger, due_at, last_activity + health_every))
+            wake_at = due_at if poll_every is None else min(next_poll, due_at or next_poll)
+            self._select([listener.fileno()] if listener is not None else [],
+                         self._wait(trigger, wake_at, last_activity + health_every))
             if self.sink.service(conn) and not self.backlog:
                 # Outcomes may have re-queued rows for a later attempt.  Not
                 # while a backlog is being claimed: the claims take what is due,
                 # and the drain that ends the backlog looks again.
                 due_at = self._due_at()
             # Also collects notifications that arrived while a query was running.
-            got = sum(1 for _ in conn.notifies(timeout=0))
+            got = sum(1 for _ in listener.notifies(timeout=0)) if listener is not None else 0
             now = time.monotonic()
+            poll_due = poll_every is not None and now >= next_poll
+            if poll_due:
+                next_poll = now + (poll_every or 0.0)
             if got:
                 trigger.notified(got, now)
                 last_activity = now
@@ -334,7 +354,7 @@ class Collector:
             retry_due = due_at is not None and now >= due_at
             if retry_due:
                 self._requeued_at = -REQUEUE_EVERY
-            if (trigger.due(now, self.sink.idle()) or retry_due or self.backlog) and self.sink.ready():
+            if (trigger.due(now, self.sink.idle()) or retry_due or poll_due or self.backlog) and self.sink.ready():
                 self.drain()
                 trigger.claimed()
                 last_activity = time.monotonic()
@@ -343,6 +363,8 @@ class Collector:
                 due_at = None if self.backlog else self._due_at()
             elif now >= last_activity + health_every:
                 conn.execute("SELECT 1")
+                if listener is not None and listener is not conn:
+                    listener.execute("SELECT 1")
                 log.debug("health check ok")
                 last_activity = now
                 due_at = self._due_at()
@@ -371,6 +393,9 @@ class Collector:
         return None if due_in is None else time.monotonic() + max(MIN_RETRY_WAIT, due_in)
 
     def _close(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is not None and listener is not self.conn:
+            listener.close()
         if self.conn is not None:
             try:
                 self.conn.close()

@@ -12,7 +12,14 @@
   puts them on the command line (``mailroom deliveries|retry|skip``).
 """
 
-from mailroom.ledger.connection import REQUIRED_VERSION, SchemaError, check_queue, check_schema, configure_session
+from mailroom.ledger.connection import (
+    REQUIRED_VERSION,
+    SchemaError,
+    check_queue,
+    check_schema,
+    configure_session,
+    mark_pooled,
+)
 from mailroom.ledger.operations import (
     STATUSES,
     Claim,
@@ -32,6 +39,6 @@ from mailroom.ledger.operations import (
 
 __all__ = [
     "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
-    "check_queue", "check_schema", "claim", "configure_session", "mark_emitted", "next_due_in",
+    "check_queue", "check_schema", "claim", "configure_session", "mark_emitted", "mark_pooled", "next_due_in",
     "queue_stats", "record_claims", "record_outcomes", "release", "renew", "requeue_expired", "status",
 ]

@@ -20,7 +20,7 @@ from psycopg import pq
 from mailroom.ledger import sql as ledger_sql
 
 __all__ = ["REQUIRED_VERSION", "SchemaError", "check_queue", "check_schema", "configure_session",
-           "count", "execute_prepared"]
+           "count", "execute_prepared", "mark_pooled"]
 
 #: The schema version (``schema_migrations``) this package's SQL needs.
 REQUIRED_VERSION = 2  # 2: the consumers table (the fleet)
@@ -92,10 +92,31 @@ def configure_session(conn: psycopg.Connection[Any]) -> None:
 _prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
+#: Connections through a transaction pooler (see :func:`mark_pooled`).
+_pooled: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def mark_pooled(conn: psycopg.Connection[Any]) -> None:
+    """Treat ``conn`` as going through a transaction pooler (PgBouncer).
+
+    Each of its transactions may run on another server connection: a statement
+    PREPAREd by one is unknown to the next (or already known: PREPARE fails),
+    so neither our PREPARE nor psycopg's automatic preparing is used on it.
+    """
+    conn.prepare_threshold = None
+    _pooled.add(conn)
+
+
 def execute_prepared(conn: psycopg.Connection[Any], sql: str, begin: bool,
                      retry: bool = True) -> list[Any]:
     """Run ``sql`` as a server-side prepared statement (PREPAREd once per
-    connection), after BEGIN in the same round trip if ``begin``; its rows."""
+    connection), after BEGIN in the same round trip if ``begin``; its rows.
+    On a pooled connection (:func:`mark_pooled`) ``sql`` itself runs."""
+    if conn in _pooled:
+        cur = conn.execute(("BEGIN; " if begin else "") + sql, prepare=False)
+        if begin:
+            cur.nextset()
+        return cur.fetchall()
     name = "mailroom_" + hashlib.sha1(sql.encode()).hexdigest()[:20]
     known = _prepared.setdefault(conn, set())
     if name not in known:
