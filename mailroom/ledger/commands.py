@@ -128,9 +128,8 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
     queue = settings.queue_name
     if name in _CHANGES and not (_filtered(args) or args.all):
         # Without a filter these change every row of their kind: never by accident.
-        print(f"mailroom: {name} changes every {_CHANGES[name][0]} delivery of queue {queue} without a filter:"
-              " give --since, --email, --token" + (", --error" if name != "unskip" else "") + " or --all",
-              file=sys.stderr)
+        filters = "--since, --email, --token" + (", --error" if name != "unskip" else "")
+        print(f"mailroom: {name} needs a filter ({filters}) or --all", file=sys.stderr)
         return config.EXIT_CONFIG
     try:
         with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
@@ -172,5 +171,5 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
     if args.json:
         print(json.dumps({"command": name, "dry_run": args.dry_run, "rows": n}), file=out)
     else:
-        print(f"{would if args.dry_run else did} {n} {what} deliveries of queue {queue}", file=out)
+        print(f"{would if args.dry_run else did} {n:,} {what} deliveries of queue {queue}", file=out)
     return config.EXIT_OK
