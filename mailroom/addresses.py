@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import idna
 
-__all__ = ["normalise", "spellings"]
+__all__ = ["normalise", "normalise_unicode", "spellings"]
 
 
 def _split(typed: str) -> tuple[str, str] | None:
@@ -54,6 +54,18 @@ def normalise(typed: str) -> str:
         return typed.strip()
     local, domain = parts
     return f"{local}@{_domains(domain)[0]}"
+
+
+def normalise_unicode(typed: str) -> str:
+    """:func:`normalise` with the domain in its Unicode (U-label) form, lower-cased: the
+    other form a stored address may have (the suppression list keeps both, since SQL
+    cannot convert IDNA)."""
+    parts = _split(typed)
+    if parts is None:
+        return typed.strip()
+    local, domain = parts
+    forms = _domains(domain)
+    return f"{local}@{forms[1] if len(forms) > 1 else forms[0]}"
 
 
 def spellings(typed: str) -> list[str]:

@@ -12,6 +12,7 @@ schema use.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from typing import NamedTuple
 
@@ -46,6 +47,43 @@ class DeliveryStatus(enum.StrEnum):
     EMITTED = "emitted"  # printed (compatibility mode's stdout, or debug mode), not sent
     FAILED = "failed"
     SKIPPED = "skipped"
+
+
+class Feedback(enum.StrEnum):
+    """What SES said became of a sent email (``deliveries.feedback``, the
+    ``delivery_feedback`` type; DESIGN.md 11), in ascending precedence: a
+    delivery shows the highest of its events, whatever order they came in."""
+
+    DELAYED = "delayed"  # DeliveryDelay: SES still trying
+    DELIVERED = "delivered"  # the receiving server accepted it
+    SOFT_BOUNCED = "soft_bounced"  # Bounce, Transient or Undetermined
+    RENDER_FAILED = "render_failed"  # Rendering Failure: the template did not render
+    REJECTED = "rejected"  # Reject: SES refused it (virus)
+    BOUNCED = "bounced"  # Bounce, Permanent: the address is suppressed
+    COMPLAINED = "complained"  # Complaint: marked as spam; the address is suppressed
+
+
+#: Feedback that puts the address on the suppression list.
+SUPPRESSING = frozenset({Feedback.BOUNCED, Feedback.COMPLAINED})
+
+
+class DeliveryEvent(NamedTuple):
+    """One SES event for one recipient, as the events worker parsed it and
+    :func:`mailroom.ledger.events.record_events` records it.
+
+    ``message_id`` is SES's MessageId (what the ledger kept at ``sent``),
+    ``recipient`` the address as SES reports it, ``subtype`` SES's own word
+    (``Permanent``, ``Transient``, ``abuse``, ...), ``diagnostic`` a short
+    reason (``5.1.1 user unknown``), ``raw`` the event's JSON, capped.
+    """
+
+    message_id: str
+    recipient: str
+    type: Feedback
+    event_at: dt.datetime
+    subtype: str | None = None
+    diagnostic: str | None = None
+    raw: str | None = None
 
 
 class OutcomeKind(enum.StrEnum):

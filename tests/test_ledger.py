@@ -69,7 +69,7 @@ def db(fresh_db: str) -> str:
     migrate.up(fresh_db, 1)
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute((DATA / "fixture.sql").read_text())
-    assert migrate.up(fresh_db) == [1, 2]
+    assert migrate.up(fresh_db) == [1, 2, 3]
     return fresh_db
 
 

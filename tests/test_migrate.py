@@ -66,29 +66,31 @@ def test_available_finds_the_package_migrations() -> None:
 
 def test_up_down_up(fresh_db: str) -> None:
     applied: list[str] = []
-    assert migrate.up(fresh_db, progress=applied.append) == [0, 1, 2]
-    assert applied == ["applied 0_init", "applied 1_deliveries", "applied 2_consumers"]
+    assert migrate.up(fresh_db, progress=applied.append) == [0, 1, 2, 3]
+    assert applied == ["applied 0_init", "applied 1_deliveries", "applied 2_consumers",
+                       "applied 3_delivery_events"]
     with connect(fresh_db) as conn:
         found = objects(conn)
-    assert {"accounts", "tokens", "jobs", "deliveries", "consumers", "schema_migrations"} <= found["tables"]
-    assert {"account_status", "token_action", "job_type", "delivery_status"} <= found["types"]
+    assert {"accounts", "tokens", "jobs", "deliveries", "consumers", "schema_migrations", "delivery_events",
+            "suppressions", "suppression_audit"} <= found["tables"]
+    assert {"account_status", "token_action", "job_type", "delivery_status", "delivery_feedback"} <= found["types"]
     assert found["triggers"] == {"accounts_create_activation_token", "accounts_track_status_change",
                                  "tokens_activate_account", "tokens_notify_insert"}
     with connect(fresh_db) as conn:
         # pgcrypto where the server has it, else migration 0's stand-in (test_random_bytes.py).
         has_pgcrypto = scalar(conn, "SELECT count(*) FROM pg_available_extensions WHERE name = 'pgcrypto'")
     assert found["extensions"] == ({"pgcrypto"} if has_pgcrypto else set())
-    assert version_rows(fresh_db) == [(2, False)]
+    assert version_rows(fresh_db) == [(3, False)]
 
-    assert migrate.down(fresh_db, None, all=True) == [2, 1, 0]
+    assert migrate.down(fresh_db, None, all=True) == [3, 2, 1, 0]
     with connect(fresh_db) as conn:
         left = objects(conn)
     assert left.pop("tables") == {"schema_migrations"} and not any(left.values()), left
     assert version_rows(fresh_db) == []  # golang-migrate leaves it empty
 
-    assert migrate.up(fresh_db) == [0, 1, 2]
+    assert migrate.up(fresh_db) == [0, 1, 2, 3]
     assert migrate.up(fresh_db) == []
-    assert version_rows(fresh_db) == [(2, False)]
+    assert version_rows(fresh_db) == [(3, False)]
 
 
 def test_steps_and_version_bookkeeping(fresh_db: str) -> None:
@@ -96,7 +98,8 @@ def test_steps_and_version_bookkeeping(fresh_db: str) -> None:
     assert migrate.up(fresh_db, 1) == [0]
     assert version_rows(fresh_db) == [(0, False)]
     version, dirty, pending = migrate.status(fresh_db)
-    assert (version, dirty, [m.label for m in pending]) == (0, False, ["1_deliveries", "2_consumers"])
+    assert (version, dirty, [m.label for m in pending]) == (0, False, ["1_deliveries", "2_consumers",
+                                                                    "3_delivery_events"])
     assert migrate.up(fresh_db, 1) == [1]
     assert migrate.down(fresh_db, 1) == [1]  # down from V records the previous one
     assert version_rows(fresh_db) == [(0, False)]
@@ -126,7 +129,7 @@ def test_down_restores_the_original_trigger_function(db0: str) -> None:
     migrate.up(db0)
     with connect(db0) as conn:
         assert scalar(conn, sql) != original
-    migrate.down(db0, 2)
+    migrate.down(db0, 3)
     with connect(db0) as conn:
         assert scalar(conn, sql) == original
         assert objects(conn)["types"] == {"account_status", "token_action", "job_type"}
@@ -196,8 +199,8 @@ def test_unknown_database_version_is_refused(fresh_db: str) -> None:
 def test_concurrent_runners_do_not_interleave(fresh_db: str) -> None:
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda _: migrate.up(fresh_db), range(3)))
-    assert sorted(results) == [[], [], [0, 1, 2]]
-    assert version_rows(fresh_db) == [(2, False)]
+    assert sorted(results) == [[], [], [0, 1, 2, 3]]
+    assert version_rows(fresh_db) == [(3, False)]
 
 
 def test_runner_waits_for_the_lock(fresh_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +212,7 @@ def test_runner_waits_for_the_lock(fresh_db: str, monkeypatch: pytest.MonkeyPatc
         with pytest.raises(migrate.MigrationError, match="another migration"):
             migrate.up(fresh_db)
         assert time.monotonic() - started >= 0.9
-    assert migrate.up(fresh_db) == [0, 1, 2]
+    assert migrate.up(fresh_db) == [0, 1, 2, 3]
 
 
 # ------------------------------------------------------------------- the CLI
@@ -217,17 +220,18 @@ def test_runner_waits_for_the_lock(fresh_db: str, monkeypatch: pytest.MonkeyPatc
 
 def test_cli(fresh_db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert migrate.main(["status"], fresh_db) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "status: version none, clean, 3 pending"
+    assert capsys.readouterr().out.splitlines()[0] == "status: version none, clean, 4 pending"
     assert migrate.main(["up", "1"], fresh_db) == 0
     assert capsys.readouterr().out == "applied 0_init\n"
     assert migrate.main(["up"], fresh_db) == 0
-    assert capsys.readouterr().out == "applied 1_deliveries\napplied 2_consumers\n"
+    assert capsys.readouterr().out == "applied 1_deliveries\napplied 2_consumers\napplied 3_delivery_events\n"
     assert migrate.main(["up"], fresh_db) == 0
     assert capsys.readouterr().out == "no change\n"
     assert migrate.main(["status"], fresh_db) == 0
-    assert capsys.readouterr().out == "status: version 2, clean, 0 pending\n"
+    assert capsys.readouterr().out == "status: version 3, clean, 0 pending\n"
     assert migrate.main(["down", "--all"], fresh_db) == 0
-    assert capsys.readouterr().out == "reverted 2_consumers\nreverted 1_deliveries\nreverted 0_init\n"
+    assert capsys.readouterr().out == ("reverted 3_delivery_events\nreverted 2_consumers\nreverted 1_deliveries\n"
+                                      "reverted 0_init\n")
 
 
 BAD_USAGE = [[], ["sideways"], ["down"], ["down", "1", "--all"], ["up", "0"], ["force"], ["force", "-2"]]

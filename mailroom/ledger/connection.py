@@ -23,7 +23,7 @@ __all__ = ["REQUIRED_VERSION", "SchemaError", "check_queue", "check_schema", "co
            "count", "execute_prepared", "mark_pooled"]
 
 #: The schema version (``schema_migrations``) this package's SQL needs.
-REQUIRED_VERSION = 2  # 2: the consumers table (the fleet)
+REQUIRED_VERSION = 3  # 3: delivery events and suppressions (DESIGN.md 11)
 
 
 class SchemaError(Exception):

@@ -603,3 +603,105 @@ SESSION_SETTINGS = (
     "SET enable_bitmapscan = off",
     "SET jit = off",
 )
+
+
+# ---------------------------------------------------------------- delivery events
+# (DESIGN.md 11; mailroom.ledger.events runs these.)
+
+# The delivery an event is about: the recipient's account (the unique index on
+# accounts.email), its tokens (the index on tokens.account), their deliveries
+# (the key), the one whose MessageId SES names.  Three index probes per event
+# and no index on deliveries.message_id, which would make every claimed -> sent
+# update non-HOT: matching costs the events worker, never the sending path.
+_MATCH = """
+LEFT JOIN LATERAL (
+    SELECT d.job_type, d.token
+      FROM accounts AS a
+      JOIN tokens AS t ON t.account = a.id
+      JOIN deliveries AS d ON d.token = t.id
+     WHERE a.email = {event}.recipient AND d.message_id = {event}.message_id
+     LIMIT 1
+) AS m ON true"""
+
+# A delivery's feedback rises to the highest of its events (the enum is in
+# precedence order), so the order events arrive in does not matter, and an
+# event recorded twice changes nothing.
+_FEED = """
+fed AS (
+    UPDATE deliveries AS d SET feedback = GREATEST(d.feedback, f.type)
+      FROM (SELECT job_type, token, max(type) AS type FROM {source}
+             WHERE token IS NOT NULL GROUP BY job_type, token) AS f
+     WHERE d.token = f.token AND d.job_type = f.job_type
+       AND d.feedback IS DISTINCT FROM GREATEST(d.feedback, f.type)
+    RETURNING d.token
+)"""
+
+#: Record a batch of parsed events in one statement: insert what is new (the
+#: identity constraint drops redeliveries, including a duplicate within the
+#: batch), raise the feedback of the deliveries they match, and suppress the
+#: addresses of new permanent bounces and complaints, matched or not: another
+#: sender's bounce on the same account hurts it just as much.  An address
+#: already suppressed keeps its first reason.  Returns the new events by type
+#: (JSON), how many of them matched no delivery, how many addresses were
+#: suppressed and how many deliveries changed feedback.
+RECORD_EVENTS = f"""
+WITH incoming AS (
+    SELECT * FROM unnest(%(message_ids)s::text[], %(recipients)s::text[],
+                         %(types)s::delivery_feedback[], %(subtypes)s::text[],
+                         %(event_at)s::timestamptz[], %(diagnostics)s::text[], %(raws)s::text[],
+                         %(addresses)s::text[], %(unicode)s::text[])
+           AS e (message_id, recipient, type, subtype, event_at, diagnostic, raw, address,
+                 address_unicode)
+),
+matched AS MATERIALIZED (
+    SELECT e.*, m.job_type, m.token FROM incoming AS e {_MATCH.format(event="e")}
+),
+inserted AS MATERIALIZED (
+    INSERT INTO delivery_events (job_type, token, message_id, recipient, type, subtype, event_at,
+                                 diagnostic, raw)
+    SELECT job_type, token, message_id, recipient, type, subtype, event_at, diagnostic, raw
+      FROM matched
+    ON CONFLICT ON CONSTRAINT delivery_events_identity DO NOTHING
+    RETURNING id, job_type, token, message_id, recipient, type, event_at, diagnostic
+),
+{_FEED.format(source="inserted")},
+suppressed AS (
+    INSERT INTO suppressions (address, address_unicode, reason, detail, event_id, created_by)
+    SELECT DISTINCT ON (e.address) e.address, e.address_unicode, i.type::text, i.diagnostic, i.id,
+           'ses'
+      FROM inserted AS i
+      JOIN incoming AS e ON e.message_id = i.message_id AND e.recipient = i.recipient
+                        AND e.type = i.type AND e.event_at = i.event_at
+     WHERE i.type IN ('bounced', 'complained') AND e.address IS NOT NULL
+     ORDER BY e.address, i.type DESC, i.id
+    ON CONFLICT (address) DO NOTHING
+    RETURNING address
+)
+SELECT (SELECT COALESCE(json_object_agg(type, n), '{{}}') FROM
+            (SELECT type::text, count(*) AS n FROM inserted GROUP BY type) AS c),
+       (SELECT count(*) FROM inserted WHERE token IS NULL),
+       (SELECT count(*) FROM suppressed),
+       (SELECT count(*) FROM fed)
+"""
+
+#: Match again events recorded unmatched in the last %(within_s)s seconds: the
+#: event came before the outcome that wrote its MessageId (the collector was
+#: behind, or down).  Events of another sender on the configuration set stay
+#: unmatched; the window bounds what each pass reads.  Returns how many matched.
+REMATCH_EVENTS = f"""
+WITH pending AS MATERIALIZED (
+    SELECT e.id, e.message_id, e.recipient, e.type FROM delivery_events AS e
+     WHERE e.token IS NULL AND e.recorded_at > statement_timestamp() - %(within_s)s * interval '1 s'
+       FOR UPDATE SKIP LOCKED
+),
+found AS MATERIALIZED (
+    SELECT p.id, p.type, m.job_type, m.token FROM pending AS p {_MATCH.format(event="p")}
+     WHERE m.token IS NOT NULL
+),
+linked AS (
+    UPDATE delivery_events AS e SET job_type = f.job_type, token = f.token
+      FROM found AS f WHERE e.id = f.id
+),
+{_FEED.format(source="found")}
+SELECT count(*) FROM found
+"""

@@ -1,0 +1,82 @@
+"""Delivery events and suppression in the ledger (DESIGN.md 11).
+
+The events worker (:mod:`mailroom.events`) parses what SES published and hands
+it here: :func:`record_events` writes a batch in one statement, so the worker
+deletes its SQS messages only once that commit is done.  Matching, precedence,
+idempotence and suppression are all in that statement
+(:data:`mailroom.ledger.sql.RECORD_EVENTS` says why each part is shaped so);
+this module prepares its arrays and reads its counts.
+
+The suppression list itself (``mailroom suppression list|add|remove|check``)
+is :mod:`mailroom.ledger.suppressions`; what a claim does with it is in the
+claim (:func:`mailroom.ledger.claim`).
+
+Like the rest of :mod:`mailroom.ledger`, each function takes a psycopg
+connection owned by the caller and leaves transaction control to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import psycopg
+
+from mailroom.addresses import normalise, normalise_unicode
+from mailroom.ledger import sql as ledger_sql
+from mailroom.vocabulary import SUPPRESSING, DeliveryEvent
+
+__all__ = ["RAW_CAP", "REMATCH_WITHIN_S", "Recorded", "record_events", "rematch_events"]
+
+#: The raw JSON kept with an event is cut at this many characters: enough for
+#: SES's bounce or complaint record, not a copy of a large message's headers.
+RAW_CAP = 4096
+#: Unmatched events are matched again for this long after they were recorded
+#: (an event that overtook the outcome writing its MessageId).
+REMATCH_WITHIN_S = 900
+
+
+class Recorded(NamedTuple):
+    """What :func:`record_events` changed: the *new* events by feedback type
+    (redeliveries are not counted), how many of them matched no delivery, how
+    many addresses were newly suppressed, how many deliveries changed feedback."""
+
+    by_type: dict[str, int]
+    unmatched: int
+    suppressed: int
+    feedback_changed: int
+
+    @property
+    def new(self) -> int:
+        return sum(self.by_type.values())
+
+
+def record_events(conn: psycopg.Connection[Any], events: Sequence[DeliveryEvent]) -> Recorded:
+    """Record ``events`` in one statement (the caller commits, then deletes the
+    messages they came from).  Recording an event again changes nothing."""
+    if not events:
+        return Recorded({}, 0, 0, 0)
+    suppress = [e.type in SUPPRESSING for e in events]
+    params = {
+        "message_ids": [e.message_id for e in events],
+        "recipients": [e.recipient for e in events],
+        "types": [str(e.type) for e in events],
+        "subtypes": [e.subtype for e in events],
+        "event_at": [e.event_at for e in events],
+        "diagnostics": [e.diagnostic for e in events],
+        "raws": [None if e.raw is None else e.raw[:RAW_CAP] for e in events],
+        "addresses": [normalise(e.recipient) if s else None for e, s in zip(events, suppress)],
+        "unicode": [normalise_unicode(e.recipient) if s else None for e, s in zip(events, suppress)],
+    }
+    row = conn.execute(ledger_sql.RECORD_EVENTS, params).fetchone()
+    assert row is not None
+    by_type, unmatched, suppressed, changed = row
+    return Recorded({str(k): int(v) for k, v in (by_type or {}).items()}, int(unmatched), int(suppressed),
+                    int(changed))
+
+
+def rematch_events(conn: psycopg.Connection[Any], within_s: float = REMATCH_WITHIN_S) -> int:
+    """Match events recorded without a delivery in the last ``within_s`` seconds
+    whose delivery has its MessageId by now; how many matched."""
+    row = conn.execute(ledger_sql.REMATCH_EVENTS, {"within_s": within_s}).fetchone()
+    return int(row[0]) if row else 0
