@@ -51,8 +51,8 @@ class optional_build_ext(build_ext):
 
 #: What the C file includes or Cython reads besides the .pyx: a change rebuilds.
 DEPENDS = [os.path.join("ext", name) for name in (
-    "base64url.pxi", "cpythonx.pxd", "hmac.pxi", "openssl.pxd", "sha256.h", "sha256.pxd",
-    "simd.h", "simd.pxd", "text.pxi",
+    "base64url.pxi", "cpythonx.pxd", "hmac.pxi", "openssl.pxd", "rows.pxi", "sha256.h",
+    "sha256.pxd", "simd.h", "simd.pxd", "text.pxi",
 )]
 #: ``MAILROOM_BUILD=portable``: build without OpenSSL's deprecated SHA256_Transform and
 #: without SIMD (ext/sha256.h says why it exists); tests/test_wire.py builds it so.  The

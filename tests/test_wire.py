@@ -1,7 +1,9 @@
 """Wire format conformance, for both implementations (compiled and pure Python).
 
 The vectors in tests/data are the ground truth (see tests/data/README.md); on top of
-them, both implementations must agree byte for byte and error for error.
+them, both implementations must agree byte for byte and error for error.  The compiled
+one runs twice: as installed, and built with MAILROOM_BUILD=portable (ext/sha256.h).
+One module past 400 lines: the vectors, properties and error cases are one contract.
 """
 
 from __future__ import annotations
