@@ -21,7 +21,8 @@ from mailroom import __version__
 SCRIPTS = ("mailroom", "mailroom-supervisor", "mailroom-collector", "mailroom-sender")
 # Every `mailroom` subcommand, and a few of the levels below.
 SUBCOMMANDS = (["migrate"], ["migrate", "up"], ["status"], ["ctl"], ["ctl", "status"], ["ctl", "set-rate"],
-               ["demo"], ["deliveries"], ["retry"], ["skip"], ["unskip"], ["monitor"])
+               ["demo"], ["deliveries"], ["retry"], ["skip"], ["unskip"], ["monitor"],
+               ["templates"], ["templates", "push"])
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -62,6 +63,13 @@ def test_every_subcommand_answers_help_and_version(words):
     version = run([*console_script("mailroom"), *words[:1], "--version"], bare_env())
     assert (version.returncode, version.stderr) == (0, ""), version
     assert version.stdout == f"mailroom {words[0]} {__version__}\n"
+
+
+def test_the_list_above_is_every_subcommand():
+    from mailroom import cli
+
+    (sub,) = [a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {words[0] for words in SUBCOMMANDS}
 
 
 def test_help_with_a_full_configuration_starts_nothing(db, base_env, stub):
