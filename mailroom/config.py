@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from mailroom.vocabulary import BatchMode
+
 #: Exit codes shared by every console script. A worker exiting with a boot-error
 #: code tells the supervisor not to restart it (gunicorn's WORKER_BOOT_ERROR idea).
 EXIT_OK = 0
@@ -51,7 +53,7 @@ class Settings:
     healthcheck_interval: int = 270_000
     batch_timeout: int = 5_000
     batch_limit: int = 10
-    batch_mode: str = "adaptive"
+    batch_mode: BatchMode = BatchMode.ADAPTIVE
     claim_timeout: int = 300_000
     debug: bool = False
     ses_config_set: str = "default"
@@ -116,11 +118,11 @@ def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
     return parse_auto
 
 
-def _batch_mode(raw: str) -> str:
-    mode = raw.strip().lower()
-    if mode not in {"adaptive", "fixed"}:
-        raise ValueError(f"expected adaptive or fixed, got {raw!r}")
-    return mode
+def _batch_mode(raw: str) -> BatchMode:
+    try:
+        return BatchMode(raw.strip().lower())
+    except ValueError:
+        raise ValueError(f"expected adaptive or fixed, got {raw!r}") from None
 
 
 def _bounded_int(highest: int) -> Callable[[str], int]:

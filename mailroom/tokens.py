@@ -28,20 +28,18 @@ For password recovery pass the code the user typed as well:
 from __future__ import annotations
 
 from mailroom import wire
+from mailroom.vocabulary import Action
 
-__all__ = ["ACTIONS", "verify"]
-
-#: Action names as stored in the database, with their wire numbers.
-ACTIONS = {"activation": wire.ACTIVATION, "password_recovery": wire.RECOVERY}
+__all__ = ["Action", "verify"]
 
 
-def _action_number(action: int | str) -> int:
-    if isinstance(action, str):
-        if action in ACTIONS:
-            return ACTIONS[action]
-    elif isinstance(action, int) and not isinstance(action, bool) and action in (wire.ACTIVATION, wire.RECOVERY):
-        return int(action)
-    names = ", ".join(f"{number} or {name!r}" for name, number in ACTIONS.items())
+def _action(action: int | str) -> Action:
+    for known in Action:
+        if isinstance(action, str) and action == known.db_name:
+            return known
+        if isinstance(action, int) and not isinstance(action, bool) and action == known.value:
+            return known
+    names = ", ".join(f"{known.value} or {known.db_name!r}" for known in Action)
     raise ValueError(f"unknown action {action!r}: expected {names}")
 
 
@@ -57,8 +55,8 @@ def verify(key: bytes | str, token: str, action: int | str, code: str | None = N
     compared in constant time.  Raises ValueError for a bad key or an unknown action,
     and TypeError when ``action`` is recovery and ``code`` is None.
     """
-    number = _action_number(action)
-    if number == wire.RECOVERY and code is None:
+    number = _action(action)
+    if number is Action.RECOVERY and code is None:
         raise TypeError("verify() needs the code for a password recovery token")
     if code is not None:
         if not isinstance(code, str):
@@ -71,4 +69,4 @@ def verify(key: bytes | str, token: str, action: int | str, code: str | None = N
                 # ever signed with such a code, and it is user input, so no exception.
                 return None
     signer = wire.Signer(wire.parse_key(key))
-    return signer.verify(token, number, code)
+    return signer.verify(token, int(number), code)

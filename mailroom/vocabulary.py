@@ -1,8 +1,11 @@
-"""The words every part of mailroom shares: actions, delivery statuses, outcomes, rows.
+"""The words every part of mailroom shares: actions, statuses, outcomes, states, rows.
 
-One definition each, imported by the ledger, the collector, the sender and the
-supervisor alike, so a value that crosses a process boundary means the same on
-both sides.  This module imports nothing of the package.
+One definition each, imported by the ledger, the collector, the sender, the
+supervisor and the monitor alike, so a value that crosses a process boundary or
+the control socket means the same on both sides.  This module imports nothing of
+the package.  The tuples of names (:data:`ACTION_NAMES`, :data:`BATCH_STATES` ...)
+are derived from the enums here, for the places that want plain strings
+(argument choices, Prometheus labels, table columns).
 
 The enums are ``str`` / ``int`` subclasses: a member compares equal to, and is
 stored in the database as, its plain value (``OutcomeKind.SENT == "sent"``,
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Mapping
 from typing import NamedTuple
 
 
@@ -28,14 +32,6 @@ class Action(enum.IntEnum):
         """The ``token_action`` enum label in the database."""
         return "activation" if self is Action.ACTIVATION else "password_recovery"
 
-    @classmethod
-    def from_db(cls, name: str) -> Action:
-        """The action whose ``token_action`` label is ``name``."""
-        if name == "activation":
-            return cls.ACTIVATION
-        if name == "password_recovery":
-            return cls.RECOVERY
-        raise ValueError(f"unknown token action {name!r}")
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -94,6 +90,117 @@ class OutcomeKind(enum.StrEnum):
     FAILED = "failed"  # refused for good, or out of attempts (``error`` says why)
     RETRY = "retry"  # not sent now; may be queued again after ``retry_after`` s
     SKIPPED = "skipped"  # never handed to SES (no longer eligible)
+
+
+class BatchState(enum.StrEnum):
+    """Where a batch is, from its claim to its end (the live table, ``batches {state}``,
+    ``mailroom_batches_total{result}`` for the last four)."""
+
+    CLAIMED = "claimed"
+    SENDING = "sending"
+    DONE = "done"  # every row sent, emitted or skipped
+    PARTIAL = "partial"  # some rows sent, some failed or waiting for a retry
+    FAILED = "failed"  # nothing sent: every row failed or waits for a retry
+    RELEASED = "released"  # handed back to the queue unsent (paused sending, shutdown)
+
+
+def batch_state(counts: Mapping[OutcomeKind, int], *, released: bool = False) -> BatchState:
+    """The state of a finished batch from how many of its rows ended each way.
+
+    ``counts`` maps each :class:`OutcomeKind` to a number of rows, as
+    ``collections.Counter(outcome.kind for ...)`` does.  The one classification
+    the event log, the monitor and ``/metrics`` all use: ``done`` when nothing
+    failed or waits for a retry, ``failed`` when nothing was sent, else ``partial``.
+    """
+    if released:
+        return BatchState.RELEASED
+    if not counts.get(OutcomeKind.FAILED, 0) and not counts.get(OutcomeKind.RETRY, 0):
+        return BatchState.DONE
+    if not counts.get(OutcomeKind.SENT, 0) and not counts.get(OutcomeKind.EMITTED, 0):
+        return BatchState.FAILED
+    return BatchState.PARTIAL
+
+
+class RunState(enum.StrEnum):
+    """The supervisor's state, as ``status`` and ``state.changed`` report it."""
+
+    RUNNING = "running"
+    PAUSED = "paused"  # an operator paused claims or sending
+    DRAINING = "draining"
+    SES_PAUSED = "ses_paused"  # SES said the account cannot send
+    STOPPING = "stopping"
+
+
+class Role(enum.StrEnum):
+    """A supervised worker process."""
+
+    COLLECTOR = "collector"
+    SENDER = "sender"
+
+
+class WorkerState(enum.StrEnum):
+    """A worker slot's state, as ``status`` and the worker events report it."""
+
+    RUNNING = "running"
+    DOWN = "down"  # between an exit and the restart
+    EXITED = "exited"
+
+
+class Pausable(enum.StrEnum):
+    """What an operator can pause (``pause {what}``, ``mailroom_paused{what}``)."""
+
+    CLAIMS = "claims"
+    SENDING = "sending"
+
+
+class BatchMode(enum.StrEnum):
+    """``MAILROOM_BATCH_MODE``: when the collector claims a batch."""
+
+    ADAPTIVE = "adaptive"  # as soon as rows are there, bigger under load
+    FIXED = "fixed"  # full batches, or what is there at the batch timeout
+
+
+class SesVerdict(enum.StrEnum):
+    """What one SES attempt meant for one destination."""
+
+    SENT = "sent"
+    EMITTED = "emitted"  # printed by the debug client, not sent
+    RETRY = "retry"  # worth another attempt (counts against send_max_attempts)
+    PAUSE = "pause"  # the account cannot send now: hold, probe later, no attempt burnt
+    FAIL = "fail"  # permanent for this destination
+
+
+class SesResult(enum.StrEnum):
+    """How one SES call ended, as a whole (``mailroom_ses_requests_total{result}``)."""
+
+    OK = "ok"  # SES answered (whatever it said of each destination)
+    THROTTLED = "throttled"
+    ERROR = "error"
+
+
+class SesBlock(enum.StrEnum):
+    """Why the sender is not calling SES (:mod:`mailroom.sender.health`)."""
+
+    PAUSED = "paused"  # SES said the account cannot send
+    CIRCUIT = "circuit"  # whole calls in a row failed
+
+
+def _values(kind: type[enum.Enum]) -> tuple[str, ...]:
+    return tuple(str(member.value) for member in kind)
+
+
+#: ``token_action`` labels, in wire-number order.
+ACTION_NAMES = tuple(action.db_name for action in Action)
+#: ``delivery_status`` labels, in lifecycle order.
+DELIVERY_STATUSES = _values(DeliveryStatus)
+BATCH_STATES = _values(BatchState)
+#: The states a batch ends in (``mailroom_batches_total{result}``).
+BATCH_RESULTS = (BatchState.DONE.value, BatchState.PARTIAL.value, BatchState.FAILED.value,
+                 BatchState.RELEASED.value)
+RUN_STATES = _values(RunState)
+ROLES = _values(Role)
+PAUSABLE = _values(Pausable)
+SES_RESULTS = _values(SesResult)
 
 
 class Outcome(NamedTuple):

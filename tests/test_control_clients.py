@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,7 @@ from mailroom.control import protocol
 from mailroom.control.client import AsyncControlClient, ControlClient, ControlRefused, ControlUnavailable
 from mailroom.control.metrics import Metrics, MetricsServer
 from mailroom.control.server import ControlServer
+from mailroom.vocabulary import Action, OutcomeKind
 
 
 @pytest.fixture
@@ -178,15 +180,16 @@ def test_every_metric_of_the_list_with_known_labels_at_zero():
     assert len(deliveries) == 8 and set(deliveries.values()) == {0.0}
     assert (("action", "password_recovery"), ("outcome", "retried")) in deliveries
     assert m["mailroom_build_info"] == {(("impl", "c"), ("version", "0.1.0")): 1.0}
-    assert set(m["mailroom_paused"]) == {(("what", "claims"),), (("what", "sending"),)}
+    assert set(m["mailroom_paused"]) == {(("what", "claims"),), (("what", "sending"),), (("what", "ses"),)}
 
 
 def test_metrics_move():
     metrics = Metrics()
-    metrics.batch_done(10, 7, 1, 1, 1, 0.5, activation=10, recovery=0)
-    metrics.batch_done(4, 0, 4, 0, 0, 0.2, activation=0, recovery=4)
-    metrics.batch_done(3, 3, 0, 0, 0, 0.1, activation=1, recovery=2,
-                       by_action={("activation", "sent"): 1, ("password_recovery", "sent"): 2})
+    A, R, K = Action.ACTIVATION, Action.RECOVERY, OutcomeKind
+    metrics.batch_done(Counter({(A, K.SENT): 6, (A, K.EMITTED): 1, (A, K.FAILED): 1, (A, K.RETRY): 1,
+                                (A, K.SKIPPED): 1}), 0.5)
+    metrics.batch_done(Counter({(R, K.FAILED): 4}), 0.2)
+    metrics.batch_done(Counter({(A, K.SENT): 1, (R, K.SENT): 2}), 0.1)
     metrics.ses_request("ok", 0.05)
     metrics.ses_request("throttled", 0.01)
     metrics.delivery_latency("activation", 1.5)
@@ -202,6 +205,8 @@ def test_metrics_move():
     assert sum(v for k, v in d.items() if ("outcome", "sent") in k) == 10
     assert m["mailroom_batches_total"] == {(("result", "done"),): 1, (("result", "partial"),): 1,
                                            (("result", "failed"),): 1, (("result", "released"),): 0}
+    metrics.batch_released()
+    assert families(metrics.render().decode())["mailroom_batches_total"][(("result", "released"),)] == 1
     assert m["mailroom_batch_rows_count"][()] == 3 and m["mailroom_batch_rows_sum"][()] == 17
     assert m["mailroom_ses_requests_total"][(("result", "throttled"),)] == 1
     assert m["mailroom_worker_restarts_total"][(("worker", "sender"),)] == 1

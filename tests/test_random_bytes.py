@@ -20,6 +20,7 @@ from pgutil import SECRET_KEY_HEX, admin_url, create_database, drop_database
 
 from mailroom import tokens, wire
 from mailroom.ledger import migrate
+from mailroom.vocabulary import Action
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -153,6 +154,6 @@ def test_stand_in_tokens_are_random_and_verify(db_without_pgcrypto: str) -> None
 
     signer = wire.Signer(wire.parse_key(SECRET_KEY_HEX))
     for secret, code in zip(secrets, codes, strict=True):
-        assert tokens.verify(SECRET_KEY_HEX, signer.sign(wire.ACTIVATION, secret, code), "activation") == secret
-        recovery = signer.sign(wire.RECOVERY, secret, code)
+        assert tokens.verify(SECRET_KEY_HEX, signer.sign(Action.ACTIVATION, secret, code), "activation") == secret
+        recovery = signer.sign(Action.RECOVERY, secret, code)
         assert tokens.verify(SECRET_KEY_HEX, recovery, "password_recovery", code) == secret

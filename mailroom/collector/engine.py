@@ -31,7 +31,7 @@ from mailroom.collector import listen
 from mailroom.collector.refused import Refusals, read_only, refused
 from mailroom.collector.trigger import BatchTrigger
 from mailroom.config import Settings
-from mailroom.vocabulary import DeliveryStatus
+from mailroom.vocabulary import BatchMode, DeliveryStatus
 
 log = logging.getLogger("mailroom.collector")
 
@@ -187,7 +187,7 @@ class Collector:
         conn = self.conn
         assert conn is not None
         limit = self.settings.batch_limit
-        if self.sink.final_status == "emitted":
+        if self.sink.final_status is DeliveryStatus.EMITTED:
             return self._claim_emitted(conn, limit)
         # Claimed mode: the claim is one statement, committed on its own in
         # autocommit (one round trip); the batch is handed on once it is
@@ -325,7 +325,7 @@ class Collector:
         # stands in for them (the claim is the check; an empty one is cheap).
         poll_every = listen.poll_interval(s.batch_timeout) if listener is None else None
         next_poll = time.monotonic() + (poll_every or 0.0)
-        trigger = BatchTrigger(s.batch_limit, s.batch_timeout / 1000, adaptive=s.batch_mode == "adaptive")
+        trigger = BatchTrigger(s.batch_limit, s.batch_timeout / 1000, adaptive=s.batch_mode == BatchMode.ADAPTIVE)
         health_every = s.healthcheck_interval / 1000
         last_activity = time.monotonic()
         # Rows left queued because the sink was full count as due: they are

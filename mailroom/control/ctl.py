@@ -18,8 +18,9 @@ from mailroom import config
 from mailroom._process import add_version
 from mailroom.control import show
 from mailroom.control.client import ControlClient, ControlRefused, ControlUnavailable, trusted_uids
-from mailroom.control.protocol import BATCH_STATES, MAX_BATCHES, PAUSABLE, TOPICS, WORKERS
+from mailroom.control.protocol import MAX_BATCHES, TOPICS
 from mailroom.control.sockfile import default_socket_path
+from mailroom.vocabulary import BATCH_STATES, PAUSABLE, ROLES
 
 PROG = "mailroom ctl"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("per_second", type=float, metavar="PER_SECOND",
                    help="recipients per second (0 < PER_SECOND <= the SES quota)")
     p = sub.add_parser("restart", help="restart a worker")
-    p.add_argument("worker", choices=WORKERS, help="which worker process")
+    p.add_argument("worker", choices=ROLES, help="which worker process")
     p = sub.add_parser("shutdown", help="stop the supervisor (graceful unless --now)")
     p.add_argument("--now", action="store_true",
                    help="do not wait for the batches in flight (like a second SIGTERM)")

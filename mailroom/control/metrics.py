@@ -17,6 +17,7 @@ request is read.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import time
@@ -28,15 +29,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from mailroom import __version__, config
 from mailroom.control import protocol
 from mailroom.control.nonblocking import accept_pending, send_pending
+from mailroom.vocabulary import (
+    ACTION_NAMES,
+    BATCH_RESULTS,
+    PAUSABLE,
+    ROLES,
+    SES_RESULTS,
+    Action,
+    OutcomeKind,
+    SesResult,
+    batch_state,
+)
 
 logger = logging.getLogger("mailroom.control")
 
-ACTIONS = ("activation", "password_recovery")
-OUTCOMES = ("sent", "failed", "retried", "skipped")
-BATCH_RESULTS = ("done", "partial", "failed", "released")
-SES_RESULTS = ("ok", "throttled", "error")
-WORKERS = ("collector", "sender")
-PAUSABLE = ("claims", "sending")
+#: The ``outcome`` label of ``mailroom_deliveries_total`` for each outcome kind
+#: (printed in debug mode counts as sent: the row is done with, as for ``sent``).
+OUTCOME_LABELS = {OutcomeKind.SENT: "sent", OutcomeKind.EMITTED: "sent", OutcomeKind.FAILED: "failed",
+                  OutcomeKind.RETRY: "retried", OutcomeKind.SKIPPED: "skipped"}
+OUTCOMES = tuple(dict.fromkeys(OUTCOME_LABELS.values()))
+#: ``mailroom_paused{what}``: what an operator pauses, and SES pausing the account.
+PAUSED_WHAT = (*PAUSABLE, "ses")
 
 _SES_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -79,7 +92,7 @@ class Metrics:
                                 ("version", "impl"), registry=r)
         # Known label combinations exist from the start, at 0: a rate() over a
         # series that appears with its first increment misses that increment.
-        for action in ACTIONS:
+        for action in ACTION_NAMES:
             self.latency.labels(action)
             for outcome in OUTCOMES:
                 self.deliveries.labels(action, outcome)
@@ -87,51 +100,35 @@ class Metrics:
             self.batches.labels(result)
         for result in SES_RESULTS:
             self.ses_requests.labels(result)
-        for worker in WORKERS:
+        for worker in ROLES:
             self.worker_restarts.labels(worker)
             self.worker_up.labels(worker)
-        for what in PAUSABLE:
+        for what in PAUSED_WHAT:
             self.paused.labels(what)
         for cmd in protocol.COMMANDS:
             self.commands.labels(cmd, "ok")
         self.build_info.labels(__version__, impl or "unknown").set(1)
 
-    def batch_done(self, rows: int, sent: int, failed: int, retried: int, skipped: int, seconds: float,
-                   activation: int, recovery: int, *,
-                   by_action: Mapping[tuple[str, str], int] | None = None, released: bool = False) -> None:
-        """A batch got its outcomes (or was ``released`` unsent at shutdown).
-
-        Per-action delivery counts: pass ``by_action`` ``{(action, outcome): n}``
-        for a batch with both actions; a batch of one action (``activation`` or
-        ``recovery`` is 0) is attributed without it.
-        """
-        self.batch_rows.observe(rows)
-        self.batch_duration.observe(max(0.0, seconds))
-        if released:
-            result = "released"
-        elif sent + skipped >= rows:
-            result = "done"
-        elif sent == 0:
-            result = "failed"
-        else:
-            result = "partial"
-        self.batches.labels(result).inc()
-        counts = {"sent": sent, "failed": failed, "retried": retried, "skipped": skipped}
-        if by_action is not None:
-            for (action, outcome), n in by_action.items():
-                if n:
-                    self.deliveries.labels(action, outcome).inc(n)
-            return
-        if recovery and activation:
-            logger.warning("metrics: mixed batch without by_action; attributed to activation")
-        action = "password_recovery" if recovery and not activation else "activation"
-        for outcome, n in counts.items():
+    def batch_done(self, outcomes: Mapping[tuple[Action, OutcomeKind], int], seconds: float) -> None:
+        """A batch got its outcomes: how many rows of each action ended each way
+        (a ``Counter`` of ``(action, kind)``), ``seconds`` after its claim."""
+        kinds = collections.Counter[OutcomeKind]()
+        for (action, kind), n in outcomes.items():
+            kinds[kind] += n
             if n:
-                self.deliveries.labels(action, outcome).inc(n)
+                self.deliveries.labels(action.db_name, OUTCOME_LABELS[kind]).inc(n)
+        self.batch_rows.observe(kinds.total())
+        self.batch_duration.observe(max(0.0, seconds))
+        self.batches.labels(batch_state(kinds)).inc()
+
+    def batch_released(self) -> None:
+        """A batch went back to the queue unsent (paused sending, shutdown): no
+        delivery was tried, so only ``mailroom_batches_total{result="released"}`` moves."""
+        self.batches.labels(batch_state({}, released=True)).inc()
 
     def ses_request(self, result: str, seconds: float) -> None:
         """One SES call finished: ``ok``, ``throttled`` or ``error``."""
-        self.ses_requests.labels(result if result in SES_RESULTS else "error").inc()
+        self.ses_requests.labels(result if result in SES_RESULTS else SesResult.ERROR).inc()
         self.ses_duration.observe(max(0.0, seconds))
 
     def delivery_latency(self, action: str, seconds: float) -> None:

@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mailroom.vocabulary import BATCH_STATES, PAUSABLE, ROLES
+
 VERSION = 1
 #: The longest line either side accepts from a peer (bytes, newline excluded).
 MAX_LINE = 64 * 1024
@@ -45,9 +47,6 @@ EVENTS = ("batch.claimed", "batch.dispatched", "batch.done", "worker.started", "
 #: What ``subscribe {topics}`` accepts: an event name or the part before its dot.
 TOPICS = frozenset(EVENTS) | {event.split(".")[0] for event in EVENTS}
 
-WORKERS = ("collector", "sender")
-PAUSABLE = ("claims", "sending")
-BATCH_STATES = ("claimed", "sending", "done", "partial", "failed")
 MAX_BATCHES = 500
 
 
@@ -134,7 +133,7 @@ _COMMAND_LIST = (
     Command("resume", True, {"what": Arg(_string(PAUSABLE), required=True)}),
     Command("drain", True, {"timeout_s": Arg(_number(0, 86_400))}),
     Command("set_rate", True, {"per_second": Arg(_number(0, 1_000_000), required=True)}),
-    Command("restart", True, {"worker": Arg(_string(WORKERS), required=True)}),
+    Command("restart", True, {"worker": Arg(_string(ROLES), required=True)}),
     Command("shutdown", True, {"mode": Arg(_string(("graceful", "now")))}),
 )
 #: The command table, by name.

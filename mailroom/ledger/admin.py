@@ -33,6 +33,7 @@ import psycopg
 from psycopg import sql
 
 from mailroom.addresses import spellings
+from mailroom.vocabulary import ACTION_NAMES, DELIVERY_STATUSES
 
 __all__ = ["SKIPPED_BY_OPERATOR", "WINDOW_TOKENS", "accounts_of", "attempts", "counts", "deliveries", "failure_groups",
            "retry", "skip", "unskip"]
@@ -148,8 +149,7 @@ def counts(conn: psycopg.Connection[Any], queue: str, *, lease_ms: int = 300_000
     :data:`WINDOW_TOKENS`, or those since ``since``). ``expired_leases``: claims older
     than ``lease_ms`` not yet taken back.
     """
-    by: dict[str, dict[str, int]] = {s: {"activation": 0, "password_recovery": 0}
-                                     for s in ("queued", "claimed", "sent", "emitted", "failed", "skipped")}
+    by: dict[str, dict[str, int]] = {s: dict.fromkeys(ACTION_NAMES, 0) for s in DELIVERY_STATUSES}
     for status, action, n in conn.execute(
             f"""SELECT CASE WHEN q.claimed_at IS NULL THEN 'queued' ELSE 'claimed' END,
                        {_ACTION.replace('d.', 'q.')}, count(*)

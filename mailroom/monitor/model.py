@@ -23,6 +23,7 @@ from typing import Any
 
 from mailroom.monitor.coerce import as_bool, as_epoch, as_float, as_int, as_str
 from mailroom.monitor.coerce import as_dict as _dict
+from mailroom.vocabulary import BATCH_STATES, RUN_STATES, BatchState, OutcomeKind, Pausable, WorkerState, batch_state
 
 __all__ = [
     "BATCH_STATES", "MAX_BATCHES", "RUN_STATES", "Batch", "Destination", "EventLine",
@@ -36,8 +37,6 @@ HISTORY_S = 300
 #: Lines kept on the events screen.
 MAX_EVENT_LINES = 1000
 
-BATCH_STATES = ("claimed", "sending", "done", "partial", "failed")
-RUN_STATES = ("running", "paused", "draining", "ses_paused", "stopping")
 
 
 # ------------------------------------------------------------- the types
@@ -48,7 +47,7 @@ class Batch:
     """One batch of the live table, keyed by its id."""
 
     id: str
-    state: str = "claimed"
+    state: str = BatchState.CLAIMED
     rows: int = 0
     activation: int = 0
     recovery: int = 0
@@ -281,25 +280,25 @@ class MonitorState:
         if state:
             self.run_state = state
         paused = _dict(data.get("paused"))
-        for key, attr in (("claims", "paused_claims"), ("sending", "paused_sending")):
+        for key, attr in ((Pausable.CLAIMS, "paused_claims"), (Pausable.SENDING, "paused_sending")):
             value = as_bool(paused.get(key))
             if value is not None:
                 setattr(self, attr, value)
 
     def _on_claimed(self, data: Mapping[str, Any]) -> None:
-        self._take_batch(data, "claimed")
+        self._take_batch(data, BatchState.CLAIMED)
 
     def _on_dispatched(self, data: Mapping[str, Any]) -> None:
-        self._take_batch(data, "sending")
+        self._take_batch(data, BatchState.SENDING)
 
     def _on_done(self, data: Mapping[str, Any]) -> None:
         batch = self._take_batch(data, None)
         if batch is None:
             return
         if not as_str(data.get("state")):
-            # No state given: derive it from the counts.
-            batch.state = ("failed" if batch.failed and not batch.sent
-                           else "partial" if batch.failed or batch.retry else "done")
+            # No state given: derive it from the counts, as the supervisor does.
+            batch.state = batch_state({OutcomeKind.SENT: batch.sent, OutcomeKind.FAILED: batch.failed,
+                                       OutcomeKind.RETRY: batch.retry, OutcomeKind.SKIPPED: batch.skipped})
         if batch.failed:
             self._failures.append((time.monotonic(), batch.failed))
 
@@ -333,8 +332,8 @@ _HANDLERS = {
     "batch.claimed": MonitorState._on_claimed,
     "batch.dispatched": MonitorState._on_dispatched,
     "batch.done": MonitorState._on_done,
-    "worker.started": lambda s, d: s._on_worker(d, "running"),
-    "worker.exited": lambda s, d: s._on_worker(d, "exited"),
+    "worker.started": lambda s, d: s._on_worker(d, WorkerState.RUNNING),
+    "worker.exited": lambda s, d: s._on_worker(d, WorkerState.EXITED),
     "state.changed": MonitorState._take_state,
     "tick": MonitorState._on_tick,
 }

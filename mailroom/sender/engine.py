@@ -34,7 +34,7 @@ from mailroom._process import backoff
 from mailroom.config import Settings
 from mailroom.sender import health, pacing, raw, ses, warm
 from mailroom.sender.calls import AUTO_CONCURRENCY, Batch, Call, SendPolicy
-from mailroom.vocabulary import Action, Outcome, OutcomeKind
+from mailroom.vocabulary import Action, Outcome, OutcomeKind, SesVerdict
 from mailroom.wire import WireFields
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class Sender:
             verdicts, whole_call = self._attempt(Call(call.batch, call.action, [], merged, call.attempts))
         assert self._concurrency is not None
         self._concurrency.observe(time.monotonic() - started)
-        if whole_call and any(v.kind == ses.RETRY for v in verdicts):
+        if whole_call and any(v.kind == SesVerdict.RETRY for v in verdicts):
             # One SES call failed as a whole: the circuit counts it once, whatever it carried.
             reason = verdicts[0].detail or "retryable"
             if self.health.call_failed(reason, probe):
@@ -272,26 +272,25 @@ class Sender:
 
     def _apply(self, call: Call, verdicts: list[ses.Verdict], whole_call: bool, probe: bool) -> None:
         """Resolve, retry or hold each destination of ``call`` by its verdict."""
-        by_kind: dict[str, list[int]] = {ses.SENT: [], ses.EMITTED: [], ses.RETRY: [], ses.PAUSE: [],
-                                         ses.FAIL: []}
+        by_kind: dict[SesVerdict, list[int]] = {kind: [] for kind in SesVerdict}
         for position, verdict in enumerate(verdicts):
             by_kind[verdict.kind].append(position)
         # The pause state first: whoever sees the outcomes sees the state that led to them.
-        if by_kind[ses.PAUSE]:
-            reason = verdicts[by_kind[ses.PAUSE][0]].detail or "paused"
-            self._on_paused(call.subset(by_kind[ses.PAUSE]), reason, probe)
-        elif not (whole_call and by_kind[ses.RETRY]):  # a failed whole call: _send decided
+        if by_kind[SesVerdict.PAUSE]:
+            reason = verdicts[by_kind[SesVerdict.PAUSE][0]].detail or "paused"
+            self._on_paused(call.subset(by_kind[SesVerdict.PAUSE]), reason, probe)
+        elif not (whole_call and by_kind[SesVerdict.RETRY]):  # a failed whole call: _send decided
             self._on_not_paused()
-        for position in by_kind[ses.SENT]:
+        for position in by_kind[SesVerdict.SENT]:
             outcome = Outcome(SENT, message_id=verdicts[position].detail)
             self._resolve(call.batch, call.indices[position], outcome)
-        for position in by_kind[ses.EMITTED]:
+        for position in by_kind[SesVerdict.EMITTED]:
             self._resolve(call.batch, call.indices[position], Outcome(EMITTED))
-        for position in by_kind[ses.FAIL]:
+        for position in by_kind[SesVerdict.FAIL]:
             outcome = Outcome(FAILED, error=verdicts[position].detail)
             self._resolve(call.batch, call.indices[position], outcome)
-        if by_kind[ses.RETRY]:
-            self._retry(call, by_kind[ses.RETRY], verdicts)
+        if by_kind[SesVerdict.RETRY]:
+            self._retry(call, by_kind[SesVerdict.RETRY], verdicts)
 
     def _attempt(self, call: Call) -> tuple[list[ses.Verdict], bool]:
         """One SendBulkTemplatedEmail call; one verdict per destination, and
@@ -317,7 +316,7 @@ class Sender:
         verdicts = [ses.classify_status(entry) for entry in statuses[:count]]
         # Fewer statuses than destinations should not happen; losing an email is
         # worse than sending one twice, so the missing ones are retried.
-        missing = ses.Verdict(ses.RETRY, "no status for this destination in the response")
+        missing = ses.Verdict(SesVerdict.RETRY, "no status for this destination in the response")
         verdicts += [missing] * (count - len(verdicts))
         return verdicts, False
 

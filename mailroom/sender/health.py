@@ -28,12 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 from mailroom._process import backoff
+from mailroom.vocabulary import SesBlock
 
 log = logging.getLogger("mailroom.sender.engine")
-
-PAUSED = "paused"
-CIRCUIT = "circuit"
-
 
 class Health:
     """Pause and circuit state of one sender; thread-safe.
@@ -48,10 +45,10 @@ class Health:
                  pause_cap: float, circuit_base: float, circuit_cap: float,
                  circuit_after: int | None) -> None:
         self._schedule_probe = schedule_probe
-        self._delays = {PAUSED: (pause_base, pause_cap), CIRCUIT: (circuit_base, circuit_cap)}
+        self._delays = {SesBlock.PAUSED: (pause_base, pause_cap), SesBlock.CIRCUIT: (circuit_base, circuit_cap)}
         self.circuit_after = circuit_after
         self._lock = threading.Lock()
-        self.kind: str | None = None  # PAUSED, CIRCUIT or None (calling SES)
+        self.kind: SesBlock | None = None  # None: calling SES
         self.reason: str | None = None
         self.since = 0.0
         self.probe_at = 0.0
@@ -66,7 +63,7 @@ class Health:
 
     def describe(self) -> str:
         """Why a call is not being made, for the outcome of one handed back."""
-        what = "SES account sending is paused" if self.kind == PAUSED else "SES circuit open"
+        what = "SES account sending is paused" if self.kind == SesBlock.PAUSED else "SES circuit open"
         return f"{what} ({self.reason})" if self.reason else what
 
     def wait(self) -> float | None:
@@ -98,7 +95,7 @@ class Health:
 
     def paused(self, reason: str, probe: bool) -> float:
         """SES said the account cannot send; returns the seconds until the probe."""
-        return self._block(PAUSED, reason, probe)
+        return self._block(SesBlock.PAUSED, reason, probe)
 
     def call_failed(self, reason: str, probe: bool) -> bool:
         """A whole call failed with a retryable error.  True when the circuit is
@@ -108,7 +105,7 @@ class Health:
             trips = self.circuit_after is not None and (
                 self._failures >= self.circuit_after or (probe and self.kind is not None))
         if trips:
-            self._block(CIRCUIT, f"{self._failures} calls in a row failed, the last: {reason}", probe)
+            self._block(SesBlock.CIRCUIT, f"{self._failures} calls in a row failed, the last: {reason}", probe)
         return trips
 
     def answered(self) -> list[Any]:
@@ -126,7 +123,7 @@ class Health:
                         time.monotonic() - since, len(held))
         return held
 
-    def _block(self, kind: str, reason: str, probe: bool) -> float:
+    def _block(self, kind: SesBlock, reason: str, probe: bool) -> float:
         with self._lock:
             now = time.monotonic()
             if self.kind is not None and not probe:
@@ -141,7 +138,7 @@ class Health:
             self.probe_at = now + delay
         self._schedule_probe(self.probe_at)
         if first:
-            what = "paused" if kind == PAUSED else "stopped: circuit open"
+            what = "paused" if kind == SesBlock.PAUSED else "stopped: circuit open"
             log.warning("SES sending is %s (%s); probing every %.3g s up to %.3g s, no attempt counted",
                         what, reason, base, cap)
         else:

@@ -26,7 +26,7 @@ import idna
 
 from mailroom._process import one_line
 from mailroom.config import Settings
-from mailroom.wire import ACTIVATION, RECOVERY
+from mailroom.vocabulary import Action, SesVerdict
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +34,15 @@ log = logging.getLogger(__name__)
 MAX_DESTINATIONS = 50
 
 # Template data every destination overrides completely; SES still requires a default.
-_DEFAULT_DATA = {
-    ACTIVATION: json.dumps({"login": "", "secret": ""}),
-    RECOVERY: json.dumps({"login": "", "secret": "", "code": ""}),
+_DEFAULT_DATA: dict[int, str] = {
+    Action.ACTIVATION: json.dumps({"login": "", "secret": ""}),
+    Action.RECOVERY: json.dumps({"login": "", "secret": "", "code": ""}),
 }
-
-# Verdict kinds.
-SENT = "sent"
-EMITTED = "emitted"  # printed by the debug client, not sent
-RETRY = "retry"  # worth another attempt (counts against send_max_attempts)
-PAUSE = "pause"  # the account cannot send now: hold, probe later, no attempt burnt
-FAIL = "fail"  # permanent for this destination
-
 
 class Verdict(NamedTuple):
     """What one attempt meant for one destination."""
 
-    kind: str
+    kind: SesVerdict
     detail: str | None  # the MessageId for SENT, else the reason
 
 
@@ -197,7 +189,7 @@ def normalize_address(email: str) -> str:
 
 def template_data(action: int, login: str, token: str, code: str) -> str:
     """Return one destination's ``ReplacementTemplateData`` (JSON, never pasted)."""
-    if action == ACTIVATION:
+    if action == Action.ACTIVATION:
         data = {"login": login, "secret": token}
     else:
         data = {"login": login, "secret": token, "code": code}
@@ -212,7 +204,7 @@ def destination(address: str, data: str) -> dict[str, Any]:
 
 def bulk_request(settings: Settings, action: int, destinations: list[dict[str, Any]]) -> dict[str, Any]:
     """The keyword arguments of one ``SendBulkTemplatedEmail`` call."""
-    template = settings.ses_template_activation if action == ACTIVATION else settings.ses_template_recovery
+    template = settings.ses_template_activation if action == Action.ACTIVATION else settings.ses_template_recovery
     return {
         "Source": settings.ses_source,
         "Template": template,
@@ -254,19 +246,19 @@ def classify_status(entry: dict[str, Any]) -> Verdict:
     """Classify one ``Status`` entry of a SendBulkTemplatedEmail response."""
     status = entry.get("Status", "")
     if status == PrintingClient.STATUS:
-        return Verdict(EMITTED, None)
+        return Verdict(SesVerdict.EMITTED, None)
     # moto leaves Status out of its answers; a MessageId alone means accepted too.
     if status == "Success" or (not status and entry.get("MessageId") and not entry.get("Error")):
-        return Verdict(SENT, entry.get("MessageId"))
+        return Verdict(SesVerdict.SENT, entry.get("MessageId"))
     reason = f"{status or 'no status'}: {entry['Error']}" if entry.get("Error") else status or "no status"
     if not status:
         # Not accepted, not refused: sending once more beats losing the email.
-        return Verdict(RETRY, reason)
+        return Verdict(SesVerdict.RETRY, reason)
     if status in _STATUS_RETRY:
-        return Verdict(RETRY, reason)
+        return Verdict(SesVerdict.RETRY, reason)
     if status in _STATUS_PAUSE:
-        return Verdict(PAUSE, reason)
-    return Verdict(FAIL, reason)
+        return Verdict(SesVerdict.PAUSE, reason)
+    return Verdict(SesVerdict.FAIL, reason)
 
 
 def _unreadable() -> tuple[type[BaseException], ...]:
@@ -288,23 +280,23 @@ def classify_exception(exc: BaseException) -> Verdict:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         reason = f"{code}: {message}" if message else code
         if code in _ERROR_PAUSE or (code == "Throttling" and "daily" in message.lower()):
-            return Verdict(PAUSE, reason)
+            return Verdict(SesVerdict.PAUSE, reason)
         if code in _ERROR_RETRY or status >= 500 or status == 429:
-            return Verdict(RETRY, reason if status < 500 else f"HTTP {status} {reason}")
-        return Verdict(FAIL, reason)
+            return Verdict(SesVerdict.RETRY, reason if status < 500 else f"HTTP {status} {reason}")
+        return Verdict(SesVerdict.FAIL, reason)
     if isinstance(exc, _unreadable()):
         # An answer that is not SES's XML (a proxy's page, a truncated body): the
         # call may well succeed next time.  The body is only in the raw response
         # file, never in a log line or last_error (it can be anything, any length).
-        return Verdict(RETRY, "SES answered with a body that is not the expected XML")
+        return Verdict(SesVerdict.RETRY, "SES answered with a body that is not the expected XML")
     # Connection refused/reset, connect and read timeouts; and credentials that could
     # not be fetched right now (instance metadata can fail for a moment).
     if isinstance(
         exc,
         (bce.ConnectionError, bce.HTTPClientError, bce.NoCredentialsError, bce.CredentialRetrievalError),
     ):
-        return Verdict(RETRY, one_line(exc, named=True))
-    return Verdict(FAIL, one_line(exc, named=True))
+        return Verdict(SesVerdict.RETRY, one_line(exc, named=True))
+    return Verdict(SesVerdict.FAIL, one_line(exc, named=True))
 
 
 def is_service_error(exc: BaseException) -> bool:

@@ -38,7 +38,8 @@ from mailroom._process import SignalFlag, backoff
 from mailroom.config import Settings
 from mailroom.supervisor import messages as msg
 from mailroom.supervisor.operator import Operator, StartError
-from mailroom.supervisor.router import COLLECTOR, SENDER, Router
+from mailroom.supervisor.router import Router
+from mailroom.vocabulary import Role
 
 logger = logging.getLogger("mailroom.supervisor")
 
@@ -66,7 +67,7 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT
 class Worker:
     """One supervised worker slot (the process in it changes on restart)."""
 
-    role: str
+    role: Role
     process: multiprocessing.process.BaseProcess | None = None
     pipe: Connection | None = None
     started_at: float = 0.0
@@ -124,7 +125,7 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ctx = multiprocessing.get_context("fork")
-        self.workers = {COLLECTOR: Worker(COLLECTOR), SENDER: Worker(SENDER)}
+        self.workers = {Role.COLLECTOR: Worker(Role.COLLECTOR), Role.SENDER: Worker(Role.SENDER)}
         self.operator = Operator(self)
         self.router = Router(self.send, on_event=self.operator.on_router_event,
                              on_finished=self.operator.on_batch_finished)
@@ -169,21 +170,21 @@ class Supervisor:
         if self.stopping:
             return
         logger.info("SIGHUP: restarting both workers")
-        for role in (SENDER, COLLECTOR):
+        for role in (Role.SENDER, Role.COLLECTOR):
             self.request_restart(role)
 
-    def request_restart(self, role: str) -> None:
+    def request_restart(self, role: Role) -> None:
         """Stop a worker the graceful way; it is started again as soon as it exits."""
         worker = self.workers[role]
         if not worker.up or worker.restart_requested:
             return
         worker.restart_requested = True
-        if role == SENDER:
+        if role == Role.SENDER:
             # Nothing new for the old sender: what it has it finishes and reports.
             self.router.dispatching = False
-            self.send(SENDER, msg.Stop(self.settings.shutdown_timeout / 1000))
+            self.send(Role.SENDER, msg.Stop(self.settings.shutdown_timeout / 1000))
         else:
-            self.send(COLLECTOR, msg.Stop())
+            self.send(Role.COLLECTOR, msg.Stop())
 
     # -- worker lifecycle ------------------------------------------------------
     def spawn(self, worker: Worker) -> None:
@@ -199,14 +200,14 @@ class Supervisor:
         worker.dump_asked_at = None
         logger.info("%s worker started (pid %d)", worker.role, process.pid)
         self.operator.on_worker("worker.started", worker.role, process.pid or 0, restarts=worker.restarts)
-        if worker.role == COLLECTOR:
+        if worker.role == Role.COLLECTOR:
             self.router.collector_started(draining=self.stopping)
             self.operator.on_collector_started()
         else:
             self.router.dispatching = not self.stopping
             self.router.sender_started()
 
-    def _child_main(self, role: str, pipe: Connection, parent_end: Connection) -> None:
+    def _child_main(self, role: Role, pipe: Connection, parent_end: Connection) -> None:
         # Runs in the child right after the fork: undo the supervisor's signal
         # plumbing and close every pipe end that belongs to the supervisor (this
         # worker's own included), so a dead supervisor shows up as EOF and as
@@ -221,7 +222,7 @@ class Supervisor:
                 worker.pipe.close()
         from mailroom.supervisor import workers
 
-        entry = workers.collector_worker if role == COLLECTOR else workers.sender_worker
+        entry = workers.collector_worker if role == Role.COLLECTOR else workers.sender_worker
         sys.exit(entry(pipe, self.settings))
 
     def reap(self) -> None:
@@ -251,7 +252,7 @@ class Supervisor:
             worker.restart_at = now
             logger.info("%s worker (pid %d) stopped to be restarted: %s", worker.role, pid, describe_exit(code))
             self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True)
-            if worker.role == SENDER:
+            if worker.role == Role.SENDER:
                 self.router.sender_died(asked=True)
             return
         if code in BOOT_ERRORS:
@@ -269,14 +270,14 @@ class Supervisor:
         self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True)
         logger.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
                        worker.role, pid, describe_exit(code), delay)
-        if worker.role == SENDER:
+        if worker.role == Role.SENDER:
             self.router.sender_died()
 
     def begin_stop(self, grace: float) -> None:
         """Stop claiming; the sender gets ``grace`` seconds to finish what is in flight."""
         self.phase = Phase.DRAIN
         self.deadline = time.monotonic() + grace
-        self.send(COLLECTOR, msg.Drain())
+        self.send(Role.COLLECTOR, msg.Drain())
 
     def kill_all(self) -> None:
         for worker in self.workers.values():
@@ -287,7 +288,7 @@ class Supervisor:
                     pass
 
     # -- messages --------------------------------------------------------------
-    def send(self, role: str, message: object) -> bool:
+    def send(self, role: Role, message: object) -> bool:
         """Send to a worker; False when it is not there to take it."""
         worker = self.workers[role]
         if not worker.up or worker.pipe is None:
@@ -304,17 +305,17 @@ class Supervisor:
             worker.stats = message.stats
         elif isinstance(message, msg.Ready):
             logger.debug("%s worker ready", worker.role)
-            if not self.announced_ready and worker.role == COLLECTOR:
+            if not self.announced_ready and worker.role == Role.COLLECTOR:
                 self.announced_ready = True
                 sd_notify("READY=1")
-        elif isinstance(message, msg.Claimed) and worker.role == COLLECTOR:
+        elif isinstance(message, msg.Claimed) and worker.role == Role.COLLECTOR:
             self.router.on_claimed(message)
-        elif isinstance(message, msg.BatchOutcomes) and worker.role == SENDER:
+        elif isinstance(message, msg.BatchOutcomes) and worker.role == Role.SENDER:
             self.router.on_outcomes(message)
-        elif isinstance(message, msg.Window) and worker.role == SENDER:
+        elif isinstance(message, msg.Window) and worker.role == Role.SENDER:
             # Repeated with every heartbeat: a collector that missed it gets the next.
-            self.send(COLLECTOR, message)
-        elif isinstance(message, msg.Recorded) and worker.role == COLLECTOR:
+            self.send(Role.COLLECTOR, message)
+        elif isinstance(message, msg.Recorded) and worker.role == Role.COLLECTOR:
             self.router.on_recorded(message)
         else:
             logger.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
@@ -365,13 +366,13 @@ class Supervisor:
             pass
 
     def advance_stop(self, now: float) -> None:
-        collector, sender = self.workers[COLLECTOR], self.workers[SENDER]
+        collector, sender = self.workers[Role.COLLECTOR], self.workers[Role.SENDER]
         if self.phase is Phase.DRAIN:
             if len(self.router) and sender.up and now < self.deadline:
                 return
             self.phase = Phase.STOP_SENDER
             self.router.dispatching = False
-            self.send(SENDER, msg.Stop(0.0 if now >= self.deadline else self.deadline - now))
+            self.send(Role.SENDER, msg.Stop(0.0 if now >= self.deadline else self.deadline - now))
             self.deadline = max(now, self.deadline) + STOP_GRACE
         if self.phase is Phase.STOP_SENDER:
             if sender.up and now < self.deadline:
@@ -381,7 +382,7 @@ class Supervisor:
                 logger.warning("%d batches never finished; their rows go back to the queue", unfinished)
             self.phase = Phase.STOP_COLLECTOR
             self.router.accepting = False
-            self.send(COLLECTOR, msg.Stop())
+            self.send(Role.COLLECTOR, msg.Stop())
             self.deadline = now + STOP_GRACE
         if self.phase is Phase.STOP_COLLECTOR:
             if collector.up and now < self.deadline:
@@ -416,7 +417,7 @@ class Supervisor:
         the sender abandons its calls, the collector releases what it holds) and by
         SIGTERM, killed after :data:`STOP_GRACE`. Claimed rows that were in flight go
         back to the queue when their lease expires, as after a SIGKILL."""
-        for role in (SENDER, COLLECTOR):
+        for role in (Role.SENDER, Role.COLLECTOR):
             worker = self.workers[role]
             if worker.pipe is not None:
                 worker.pipe.close()
@@ -438,8 +439,8 @@ class Supervisor:
         self.install_signals()
         logger.info("starting (pid %d), queue %s, channel %s", os.getpid(),
                     self.settings.queue_name, self.settings.channel_name)
-        self.spawn(self.workers[COLLECTOR])
-        self.spawn(self.workers[SENDER])
+        self.spawn(self.workers[Role.COLLECTOR])
+        self.spawn(self.workers[Role.SENDER])
         while not self.done:
             pipes = [w.pipe for w in self.workers.values() if w.pipe is not None]
             # A client with output pending is written to on every turn: turn quickly.

@@ -20,9 +20,9 @@ from mailroom import __version__, wire
 from mailroom.control.metrics import Metrics, MetricsServer
 from mailroom.control.server import ControlServer, ControlSocketError, Request, default_socket_path
 from mailroom.supervisor import messages as msg
-from mailroom.supervisor.router import COLLECTOR, SENDER, Batch
+from mailroom.supervisor.router import Batch
 from mailroom.supervisor.view import SupervisorView
-from mailroom.vocabulary import Action, OutcomeKind, TokenOutcomes
+from mailroom.vocabulary import Action, BatchState, OutcomeKind, Pausable, Role, RunState, TokenOutcomes, WorkerState
 
 logger = logging.getLogger("mailroom.supervisor")
 
@@ -123,13 +123,11 @@ class Operator:
     def on_router_event(self, name: str, data: dict[str, Any]) -> None:
         batch_id = str(data.get("batch"))
         if name == "batch.claimed":
-            self._remember(batch_id, {**data, "state": "claimed", "claimed": time.time()})
+            self._remember(batch_id, {**data, "state": BatchState.CLAIMED, "claimed": time.time()})
         elif name == "batch.dispatched" and batch_id in self.recent:
-            self.recent[batch_id]["state"] = "sending"
-            data = {**data, "state": "sending"}
+            self.recent[batch_id]["state"] = BatchState.SENDING
+            data = {**data, "state": BatchState.SENDING}
         elif name == "batch.done":
-            state = "done" if data["failed"] + data["retry"] == 0 else "failed" if data["sent"] == 0 else "partial"
-            data = {**data, "state": state}
             self._remember(batch_id, {**self.recent.get(batch_id, {}), **data})
             for key in ("sent", "failed", "retry", "skipped"):
                 self.counters[key] += int(data.get(key) or 0)
@@ -138,28 +136,24 @@ class Operator:
 
     def on_batch_finished(self, batch: Batch, outcomes: TokenOutcomes, seconds: float) -> None:
         """Metrics, and what ``batch {id}`` shows later (the line, never a secret)."""
-        kinds = collections.Counter(outcome.kind for _, outcome in outcomes)
-        by_action: collections.Counter[tuple[str, str]] = collections.Counter()
+        by_action = collections.Counter[tuple[Action, OutcomeKind]]()
         # Recovery rows come first in a claim (the ledger claims them first).
         for index, (_, outcome) in enumerate(outcomes):
             action = Action.RECOVERY if index < batch.recovery else Action.ACTIVATION
-            kind = {"emitted": "sent", "retry": "retried"}.get(outcome.kind, str(outcome.kind))
-            by_action[(action.db_name, kind)] += 1
-        self.metrics.batch_done(len(outcomes), kinds[OutcomeKind.SENT] + kinds[OutcomeKind.EMITTED],
-                                kinds[OutcomeKind.FAILED], kinds[OutcomeKind.RETRY], kinds[OutcomeKind.SKIPPED],
-                                seconds, batch.activation, batch.recovery, by_action=by_action)
+            by_action[(action, outcome.kind)] += 1
+        self.metrics.batch_done(by_action, seconds)
         entry = self.recent.get(batch.batch_id)
         if entry is not None:
             entry["_line"], entry["_outcomes"] = batch.line, outcomes
 
-    def on_worker(self, event: str, role: str, pid: int, **extra: Any) -> None:
+    def on_worker(self, event: str, role: Role, pid: int, **extra: Any) -> None:
         if event == "worker.exited" and extra.get("restarting"):
             self.metrics.worker_restarted(role)
         data: dict[str, Any] = {"worker": role, "pid": pid, **extra}
         if event == "worker.started":
-            data.update(state="running", started=time.time())
+            data.update(state=WorkerState.RUNNING, started=time.time())
         else:
-            data["state"] = "exited"
+            data["state"] = WorkerState.EXITED
         self.publish(event, data)
 
     def _remember(self, batch_id: str, entry: dict[str, Any]) -> None:
@@ -170,25 +164,25 @@ class Operator:
 
     # -- state -------------------------------------------------------------------------
     @property
-    def state(self) -> str:
+    def state(self) -> RunState:
         if self.sup.stopping:
-            return "stopping"
+            return RunState.STOPPING
         if self.drains:
-            return "draining"
-        if self.sup.workers[SENDER].stats.get("ses", {}).get("paused"):
-            return "ses_paused"
+            return RunState.DRAINING
+        if self.sup.workers[Role.SENDER].stats.get("ses", {}).get("paused"):
+            return RunState.SES_PAUSED
         if self.claims_paused or self.sup.router.holding:
-            return "paused"
-        return "running"
+            return RunState.PAUSED
+        return RunState.RUNNING
 
     def _state_changed(self) -> None:
         self.publish("state.changed", {"state": self.state, "paused": self._paused()})
 
     def _paused(self) -> dict[str, bool]:
-        return {"claims": self.claims_paused, "sending": self.sup.router.holding}
+        return {Pausable.CLAIMS: self.claims_paused, Pausable.SENDING: self.sup.router.holding}
 
     def status(self) -> dict[str, Any]:
-        collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
+        collector, sender = self.sup.workers[Role.COLLECTOR].stats, self.sup.workers[Role.SENDER].stats
         rows = sum(len(b.token_ids) for b in self.sup.router.batches.values())
         return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
                 "workers": self._workers(), "in_flight": {"batches": len(self.sup.router), "rows": rows},
@@ -200,10 +194,10 @@ class Operator:
 
     def _workers(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
-        workers = {}
+        workers: dict[str, dict[str, Any]] = {}
         for role, worker in self.sup.workers.items():
             workers[role] = {"worker": role, "pid": worker.process.pid if worker.process else None,
-                             "up": worker.up, "state": "running" if worker.up else "down",
+                             "up": worker.up, "state": WorkerState.RUNNING if worker.up else WorkerState.DOWN,
                              "uptime_s": round(now - worker.started_at, 1) if worker.up else None,
                              "started": time.time() - (now - worker.started_at),
                              "restarts": worker.restarts, "last_heartbeat_s": round(now - worker.last_seen, 1),
@@ -222,7 +216,7 @@ class Operator:
         return {"sent_per_s": round((s1 - s0) / span, 2), "failed_per_s": round((f1 - f0) / span, 2)}
 
     def _tick_data(self) -> dict[str, Any]:
-        collector, sender = self.sup.workers[COLLECTOR].stats, self.sup.workers[SENDER].stats
+        collector, sender = self.sup.workers[Role.COLLECTOR].stats, self.sup.workers[Role.SENDER].stats
         return {**self._rates(), "workers": self._workers(), "in_flight": len(self.sup.router),
                 "queue_depth": collector.get("queue_depth"), "oldest_queued_s": collector.get("oldest_queued_s"),
                 "rate_limit": sender.get("rate_limit"), "ses": sender.get("ses", {})}
@@ -330,11 +324,11 @@ class Operator:
 
     def set_paused(self, what: str, paused: bool) -> bool:
         """Pause or resume claims or sending; whether anything changed."""
-        if what == "claims":
+        if what == Pausable.CLAIMS:
             if self.claims_paused == paused:
                 return False
             self.claims_paused = paused
-            self.sup.send(COLLECTOR, msg.SetClaiming(not paused))
+            self.sup.send(Role.COLLECTOR, msg.SetClaiming(not paused))
         else:
             router = self.sup.router
             if router.holding == paused:
@@ -350,17 +344,17 @@ class Operator:
         if self.sup.stopping:
             request.fail("invalid_state", "the supervisor is stopping")
             return
-        self.set_paused("claims", True)
+        self.set_paused(Pausable.CLAIMS, True)
         now = time.monotonic()
         self.drains.append((request, now, now + timeout_s))
         self._state_changed()
         self._answer_drains(now)
 
     def cmd_set_rate(self, request: Request, per_second: float) -> None:
-        if not self.sup.send(SENDER, msg.SetRate(per_second)):
+        if not self.sup.send(Role.SENDER, msg.SetRate(per_second)):
             request.fail("invalid_state", "the sender is not running")
             return
-        cap = (self.sup.workers[SENDER].stats.get("ses") or {}).get("max_send_rate") or 0
+        cap = (self.sup.workers[Role.SENDER].stats.get("ses") or {}).get("max_send_rate") or 0
         applied = min(per_second, cap) if cap > 0 else per_second
         request.reply({"per_second": applied, "requested": per_second, "capped": applied < per_second})
 
@@ -368,7 +362,7 @@ class Operator:
         if self.sup.stopping:
             request.fail("invalid_state", "the supervisor is stopping")
             return
-        self.sup.request_restart(worker)
+        self.sup.request_restart(Role(worker))
         request.reply({"worker": worker, "restarting": True})
 
     def cmd_shutdown(self, request: Request, mode: str = "graceful") -> None:
@@ -381,4 +375,4 @@ class Operator:
     def on_collector_started(self) -> None:
         """A new collector claims only if claims are not paused."""
         if self.claims_paused:
-            self.sup.send(COLLECTOR, msg.SetClaiming(False))
+            self.sup.send(Role.COLLECTOR, msg.SetClaiming(False))

@@ -21,12 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from mailroom.supervisor import messages as msg
-from mailroom.vocabulary import Outcome, OutcomeKind, TokenOutcomes
+from mailroom.vocabulary import BatchState, Outcome, OutcomeKind, Role, TokenOutcomes, batch_state
 
 logger = logging.getLogger("mailroom.supervisor")
-
-COLLECTOR = "collector"
-SENDER = "sender"
 
 #: A batch in flight at this many sender deaths is suspected of killing the sender:
 #: it goes back to the ledger as a delayed retry (whose attempts are bounded)
@@ -35,7 +32,7 @@ POISON_DEATHS = 3
 POISON_RETRY_AFTER = 60.0
 
 #: ``send(role, message) -> bool``: False when the worker is not there to take it.
-Send = Callable[[str, Any], bool]
+Send = Callable[[Role, Any], bool]
 #: ``event(name, data)``: what the router saw, for whoever watches (control socket).
 EventHook = Callable[[str, dict[str, Any]], None]
 
@@ -120,15 +117,15 @@ class Router:
         """A new collector: it adopts the batches in flight and records every
         outcome no collector confirmed yet."""
         claims = {b.batch_id: (b.token_ids, b.claimed_at) for b in self.batches.values()}
-        self.send(COLLECTOR, msg.Adopt(list(self.batches), claims))
+        self.send(Role.COLLECTOR, msg.Adopt(list(self.batches), claims))
         if self.unconfirmed:
             logger.info("handing %d unconfirmed outcome messages to the new collector",
                         len(self.unconfirmed))
         for message in list(self.unconfirmed.values()):
-            if not self.send(COLLECTOR, message):
+            if not self.send(Role.COLLECTOR, message):
                 break
         if draining:
-            self.send(COLLECTOR, msg.Drain())
+            self.send(Role.COLLECTOR, msg.Drain())
 
     def sender_started(self) -> None:
         """A new sender: hand it every batch in flight."""
@@ -152,7 +149,7 @@ class Router:
         """Send ``batch`` to the sender unless it already has it (or sending is held)."""
         if batch.dispatched or self.holding or not self.dispatching:
             return
-        batch.dispatched = self.send(SENDER, msg.SendBatch(batch.batch_id, batch.line, batch.token_ids))
+        batch.dispatched = self.send(Role.SENDER, msg.SendBatch(batch.batch_id, batch.line, batch.token_ids))
         if batch.dispatched:
             self.on_event("batch.dispatched", {"batch": batch.batch_id})
 
@@ -164,7 +161,7 @@ class Router:
     def to_collector(self, message: msg.RecordOutcomes | msg.Release) -> None:
         """Send to the collector; kept until it confirms, for the next one otherwise."""
         self.unconfirmed[message.batch_id] = message
-        self.send(COLLECTOR, message)
+        self.send(Role.COLLECTOR, message)
 
     def give_up(self, batch: Batch) -> None:
         """Hand a batch that keeps killing the sender back to the ledger, delayed."""
@@ -182,7 +179,7 @@ class Router:
             self.on_event("batch.done", {"batch": batch_id, "rows": len(batch.token_ids), "activation":
                                          batch.activation, "recovery": batch.recovery, "sent": 0, "failed": 0,
                                          "retry": len(batch.token_ids), "skipped": 0, "ms": 0.0,
-                                         "error": "released: sending paused"})
+                                         "error": "released: sending paused", "state": BatchState.RELEASED})
 
     def release_all(self) -> int:
         """Shutdown: every batch still in flight goes back to the queue; how many."""
@@ -210,4 +207,5 @@ class Router:
             "recovery": batch.recovery, "sent": counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
             "failed": counts[OutcomeKind.FAILED], "retry": counts[OutcomeKind.RETRY],
             "skipped": counts[OutcomeKind.SKIPPED], "ms": round(ms, 1), "error": first_error,
+            "state": batch_state(counts),
         })

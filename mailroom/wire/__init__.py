@@ -14,9 +14,10 @@ in use (``"c"`` or ``"python"``).  The rest of the project imports only this mod
 Example::
 
     from mailroom import wire
+    from mailroom.vocabulary import Action
 
     signer = wire.Signer(wire.parse_key(os.environ["MAILROOM_SECRET_KEY"]))
-    line = signer.encode_batch([(wire.ACTIVATION, "ann@example.test", "ann", secret, "12345")])
+    line = signer.encode_batch([(Action.ACTIVATION, "ann@example.test", "ann", secret, "12345")])
     rows = wire.decode_line(line)  # [(1, "ann@example.test", "ann", "<86 chars>", "12345")]
 """
 
@@ -26,8 +27,6 @@ import os
 from typing import TYPE_CHECKING, cast
 
 from mailroom.wire._base import (
-    ACTIVATION,
-    RECOVERY,
     SECRET_LENGTH,
     TOKEN_LENGTH,
     SignerProtocol,
@@ -38,9 +37,7 @@ from mailroom.wire._base import (
 )
 
 __all__ = [
-    "ACTIVATION",
     "IMPL",
-    "RECOVERY",
     "SECRET_LENGTH",
     "TOKEN_LENGTH",
     "WireFields",

@@ -12,8 +12,6 @@ import binascii
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-ACTIVATION = 1
-RECOVERY = 2
 TOKEN_LENGTH = 86
 SECRET_LENGTH = 32
 KEY_LENGTH = 32

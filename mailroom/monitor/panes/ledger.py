@@ -13,11 +13,10 @@ from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
 from mailroom.monitor.model import as_float, as_int, as_str
 from mailroom.monitor.panes.base import LedgerPane
 from mailroom.monitor.widgets import age, num, when
+from mailroom.vocabulary import ACTION_NAMES, DELIVERY_STATUSES, DeliveryStatus
 
 __all__ = ["LedgerCountsPane"]
 
-STATUSES = ("queued", "claimed", "sent", "emitted", "failed", "skipped")
-ACTIONS = ("activation", "password_recovery")
 DELIVERY_COLUMNS = ("token", "action", "status", "attempts", "created", "claimed",
                     "next attempt", "sent", "MessageId", "last error")
 
@@ -36,7 +35,7 @@ class LedgerCountsPane(LedgerPane):
     def compose(self) -> ComposeResult:
         yield Label("ledger: not loaded yet", id="ledger-info")
         counts: DataTable[Any] = DataTable(id="counts", cursor_type="none")
-        counts.add_columns("status", *ACTIONS, "total")
+        counts.add_columns("status", *ACTION_NAMES, "total")
         yield counts
         yield Input(placeholder="address to look up (Enter), Esc to close", id="search")
         yield Label("press / to look up an address: did jane get her email?", id="search-info")
@@ -67,10 +66,10 @@ class LedgerCountsPane(LedgerPane):
         by = by if isinstance(by, dict) else {}
         table = self.query_one("#counts", DataTable)
         table.clear()
-        for status in STATUSES:
+        for status in DELIVERY_STATUSES:
             row = by.get(status)
             row = row if isinstance(row, dict) else {}
-            values = [as_int(row.get(action), 0) or 0 for action in ACTIONS]
+            values = [as_int(row.get(action), 0) or 0 for action in ACTION_NAMES]
             table.add_row(status, *map(num, values), num(sum(values)))
         info.update(
             f"queue {self.queue}   oldest queued {age(as_float(result.get('oldest_queued_s')))}"
@@ -126,6 +125,6 @@ class LedgerCountsPane(LedgerPane):
                 when(r.get("next_attempt_at")), when(r.get("sent_at")),
                 as_str(r.get("message_id"), "") or "", (as_str(r.get("last_error"), "") or "")[:80],
             )
-        sent = sum(1 for r in rows if r.get("status") in ("sent", "emitted"))
+        sent = sum(1 for r in rows if r.get("status") in (DeliveryStatus.SENT, DeliveryStatus.EMITTED))
         info.update(f"{email}: {len(rows)} deliveries, {sent} sent"
                     + ("" if rows else " (no delivery for this address)"))

@@ -11,6 +11,7 @@ from textual.widgets import Label, Sparkline
 from mailroom.monitor.batch_table import BatchTable, Column
 from mailroom.monitor.model import Batch, MonitorState
 from mailroom.monitor.widgets import BigNumber, age, num
+from mailroom.vocabulary import BatchState
 
 __all__ = ["LivePane"]
 
@@ -21,7 +22,8 @@ COLUMNS = (
     Column("skipped", "skipped", right=True), Column("age", "age", right=True),
     Column("SES ms", "ms", right=True), Column("first error", "error"),
 )
-STATE_STYLE = {"failed": "bold red", "partial": "yellow", "done": "green", "sending": "cyan"}
+STATE_STYLE: dict[str, str] = {BatchState.FAILED: "bold red", BatchState.PARTIAL: "yellow", BatchState.DONE: "green",
+               BatchState.SENDING: "cyan", BatchState.RELEASED: "dim"}
 
 
 def _cells(batch: Batch, now: float) -> tuple[str, ...]:
@@ -73,7 +75,7 @@ class LivePane(Vertical):
         self.query_one("#big-queued", BigNumber).show(num(tick.queue_depth))
         in_flight = tick.in_flight
         if in_flight is None:
-            in_flight = sum(1 for b in state.batches.values() if b.state in ("claimed", "sending"))
+            in_flight = sum(1 for b in state.batches.values() if b.state in (BatchState.CLAIMED, BatchState.SENDING))
         self.query_one("#big-inflight", BigNumber).show(num(in_flight))
         self.query_one("#big-sent", BigNumber).show(num(state.sent_per_min))
         self.query_one("#big-failed", BigNumber).show(num(state.failed_last_15min()))
