@@ -293,3 +293,65 @@ def test_sighup_restarts_both_workers_and_loses_nothing(operated, db, stub):
     assert sup.stop() == 0
     sent = addresses(stub)
     assert len(sent) == 120 and set(sent.values()) == {1}
+
+
+def _scrape(port: int) -> dict[str, dict[tuple, float]]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def _top(port: int, name: str) -> float:
+    """The largest value of a series across its labels (0 when it has none)."""
+    return max(_scrape(port).get(name, {}).values(), default=0.0)
+
+
+def test_every_metric_moves_when_work_happens(operated, db, stub):
+    """OPERATIONS.md 3: every series is fed by the running system, none only by tests."""
+    port = free_port()
+    sup, ctl = operated(metrics_addr=f"127.0.0.1:{port}", batch_limit="5", claim_timeout="60000")
+    # Queued, not claimed: the queue gauges and the claims pause.
+    ctl.request("pause", what="claims")
+    insert_accounts(db, 20, "m")
+    wait_for(lambda: _top(port, "mailroom_queue_depth") == 20
+             and _top(port, "mailroom_oldest_queued_timestamp_seconds") > time.time() - 600,
+             timeout=30, what="the queue gauges")
+    # Claimed, not sent: batches in flight and the sending pause.
+    ctl.request("pause", what="sending")
+    ctl.request("resume", what="claims")
+    wait_for(lambda: _top(port, "mailroom_in_flight_batches") > 0, timeout=30, what="batches in flight")
+    m = _scrape(port)
+    assert m["mailroom_paused"][(("what", "sending"),)] == 1
+    ctl.request("resume", what="sending")
+    wait_for(lambda: ledger(db).get("sent") == 20, timeout=30, what="20 sent")
+    # A fresh sender reads the quota again (SentLast24Hours now counts ours).
+    ctl.request("restart", worker="sender")
+    wait_for(lambda: _top(port, "mailroom_worker_restarts_total") == 1, timeout=30, what="a restart")
+    wait_for(lambda: _top(port, "mailroom_ses_max_24h_send") > 0, timeout=30, what="the SES quota")
+    m = _scrape(port)
+    d = m["mailroom_deliveries_total"]
+    assert d[(("action", "activation"), ("outcome", "sent"))] == 20
+    assert m["mailroom_batches_total"][(("result", "done"),)] >= 4
+    assert sum(m["mailroom_batch_rows_sum"].values()) == 20
+    assert m["mailroom_batch_duration_seconds_count"][()] >= 4
+    # Fed from the sender's heartbeats: each SendBulkTemplatedEmail, by result.
+    calls = len(stub.bulk)
+    assert m["mailroom_ses_requests_total"][(("result", "ok"),)] == calls > 0
+    assert m["mailroom_ses_request_duration_seconds_count"][()] == calls
+    # Fed from the collector's RECORD: token created -> SES accepted, one per email.
+    latency = m["mailroom_delivery_latency_seconds_count"]
+    assert latency[(("action", "activation"),)] == 20
+    assert 0 < m["mailroom_delivery_latency_seconds_sum"][(("action", "activation"),)] < 20 * 600
+    assert m["mailroom_control_commands_total"][(("cmd", "pause"), ("result", "ok"))] == 2
+    assert m["mailroom_worker_restarts_total"][(("worker", "sender"),)] == 1
+    assert m["mailroom_worker_up"] == {(("worker", "collector"),): 1, (("worker", "sender"),): 1}
+    assert m["mailroom_send_rate_limit"][()] == 100000
+    assert m["mailroom_ses_max_send_rate"][()] > 0
+    assert m["mailroom_build_info"] and set(m["mailroom_build_info"].values()) == {1}
+    # Nothing left: the gauges of work in progress are back at 0.
+    wait_for(lambda: _top(port, "mailroom_in_flight_batches") == 0 and _top(port, "mailroom_queue_depth") == 0,
+             timeout=10, what="nothing queued or in flight")
+    assert sup.stop() == 0

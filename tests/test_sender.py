@@ -552,3 +552,16 @@ def test_concurrency_follows_the_quota_and_the_latency():
     assert pacing.Concurrency(16, pacing.TokenBucket(14.0), 50).target() == 2   # a sandbox account
     little.observe(0.5)
     assert 0.06 < little.latency < 0.5
+
+
+def test_each_ses_call_is_counted_by_result_with_its_duration(stub, make_settings, running):
+    """What feeds mailroom_ses_requests_total and mailroom_ses_request_duration_seconds."""
+    stub.script(throttling(), server_error(), success())
+    policy = SendPolicy(**{**FAST.__dict__, "backoff_base": 0.05, "backoff_cap": 0.1})
+    sender = running(make_settings(stub.url), policy)
+    [outcome] = sender.submit(rows(1)).result(30)
+    assert outcome.kind == SENT
+    calls = sender.take_calls()
+    assert [result for result, _ in calls] == ["throttled", "error", "ok"]
+    assert all(0 < seconds < 10 for _, seconds in calls)
+    assert sender.take_calls() == []  # each call is reported once

@@ -26,7 +26,7 @@ from mailroom.collector.refused import Refusals, refused
 from mailroom.config import Settings
 from mailroom.ledger import fleet
 from mailroom.supervisor import messages as msg
-from mailroom.vocabulary import DeliveryStatus
+from mailroom.vocabulary import Action, DeliveryStatus
 
 logger = logging.getLogger("mailroom.collector")
 
@@ -164,6 +164,7 @@ class PipeSink:
         applied = 0
         while self.pending:
             head = self.pending[0]
+            latencies: list[tuple[Action, float]] = []
             # Autocommit: each statement is committed when it returns, and
             # confirmed at once (a later one may fail and be tried again).
             if isinstance(head, msg.Release):
@@ -174,13 +175,14 @@ class PipeSink:
                 # is mostly its own, not its rows' (see ledger.record_claims).
                 batches = self._outcomes_ahead()
                 ledger.record_claims(conn, self.queue, [(m.outcomes, m.claimed_at) for m in batches],
-                                     max_attempts=self.max_attempts, backoff_ms=self.retry_backoff_ms)
+                                     max_attempts=self.max_attempts, backoff_ms=self.retry_backoff_ms,
+                                     latencies=latencies)
                 done = list(batches)
             for message in done:
                 self.pending.popleft()
                 self.in_flight.pop(message.batch_id, None)
             applied += len(done)
-            self._post(msg.Recorded([message.batch_id for message in done]))
+            self._post(msg.Recorded([message.batch_id for message in done], latencies))
         self.renew(conn)
         return applied
 

@@ -68,7 +68,7 @@ import psycopg
 
 from mailroom.ledger import sql as ledger_sql
 from mailroom.ledger.connection import count, execute_prepared
-from mailroom.vocabulary import DeliveryStatus, Outcome, OutcomeKind, Row
+from mailroom.vocabulary import Action, DeliveryStatus, Outcome, OutcomeKind, Row
 
 __all__ = [
     "STATUSES", "Claim", "Outcome", "Row", "claim", "mark_emitted", "next_due_in", "queue_stats",
@@ -196,16 +196,19 @@ def record_outcomes(conn: psycopg.Connection[Any], queue: str,
 
 def record_claims(conn: psycopg.Connection[Any], queue: str,
                   claims: Iterable[tuple[Iterable[tuple[int, Outcome]], dt.datetime | None]], *,
-                  max_attempts: int | None = None, backoff_ms: int = 30_000) -> int:
+                  max_attempts: int | None = None, backoff_ms: int = 30_000,
+                  latencies: list[tuple[Action, float]] | None = None) -> int:
     """:func:`record_outcomes` for several claims at once: ``claims`` pairs each
-    claim's outcomes with its ``Claim.claimed_at``.
+    claim's outcomes with its ``Claim.claimed_at``.  ``latencies``, when given,
+    gets ``(action, seconds from the delivery's creation)`` of each row recorded
+    ``sent`` (``mailroom_delivery_latency_seconds``, fed by the supervisor).
 
     Written as if each claim's outcomes were recorded in turn, in the order
     given, but in as few statements as that allows (one, unless a token comes
     twice): a statement's cost is mostly its own, not its rows', so a collector
     catching up on outcomes writes them together.  Returns how many rows changed.
     """
-    params = _RecordParams()
+    params = _RecordParams(latencies)
     changed = 0
     for outcomes, claimed_at in claims:
         for token, outcome in outcomes:
@@ -227,7 +230,8 @@ _PLANNED_FROM = 32
 class _RecordParams:
     """The arrays of one ``ledger_sql.RECORD`` statement, filled row by row."""
 
-    def __init__(self) -> None:
+    def __init__(self, latencies: list[tuple[Action, float]] | None = None) -> None:
+        self.latencies = latencies
         self.clear()
 
     def clear(self) -> None:
@@ -253,7 +257,7 @@ class _RecordParams:
         """Execute the statement for the rows added so far (if any) and start over."""
         if not self.tokens:
             return 0
-        changed = count(conn, ledger_sql.RECORD, dict(
+        row = conn.execute(ledger_sql.RECORD, dict(
             queue=queue, tokens=self.tokens, kinds=self.kinds, message_ids=self.message_ids,
             errors=self.errors, retry_after=self.retry_after, claimed_at=self.claimed_at,
             backoff_ms=backoff_ms, max=max_attempts if max_attempts is not None else 2**31 - 1),
@@ -263,9 +267,16 @@ class _RecordParams:
             # outcome with every row (30 ms instead of 5 for 200 rows); the plan
             # made for the actual arrays hashes them.  Below, making that plan
             # costs more than the loop (1.7 ms instead of 1.25 for one row).
-            prepare=None if len(self.tokens) < _PLANNED_FROM else False)
+            prepare=None if len(self.tokens) < _PLANNED_FROM else False).fetchone()
         self.clear()
-        return changed
+        if row is None:
+            return 0
+        changed, priorities, seconds = row
+        if self.latencies is not None:
+            # Priority 0 is password recovery, 1 activation (the deliveries table).
+            self.latencies.extend((Action.RECOVERY if priority == 0 else Action.ACTIVATION, float(s))
+                                  for priority, s in zip(priorities, seconds, strict=True))
+        return int(changed)
 
 
 def release(conn: psycopg.Connection[Any], queue: str, token_ids: Sequence[int], *,

@@ -356,12 +356,13 @@ held AS MATERIALIZED (
      WHERE q.job_type = %(queue)s AND q.token = ANY (ARRAY(SELECT unnest(%(tokens)s::bigint[])))
      ORDER BY q.token FOR UPDATE
 )"""
-_CLOSE = """
+_CLOSED = """
 closed AS (
     DELETE FROM delivery_queue AS q
      WHERE q.job_type = %(queue)s
        AND q.token = ANY (ARRAY(SELECT token FROM changed WHERE status <> 'queued'))
-)
+)"""
+_CLOSE = _CLOSED + """
 SELECT count(*) FROM changed"""
 
 
@@ -415,10 +416,17 @@ changed AS (
        AND d.token = o.token
        AND (    (d.status = 'claimed' AND (o.claimed_at IS NULL OR d.claimed_at = o.claimed_at))
              OR (o.kind = 'sent' AND d.status IN ('claimed', 'queued', 'failed')))
-    RETURNING d.token, d.status, d.priority, d.next_attempt_at
+    RETURNING d.token, d.status, d.priority, d.next_attempt_at,
+              -- Created -> accepted by SES, for mailroom_delivery_latency_seconds.
+              CASE WHEN o.kind = 'sent'
+                   THEN EXTRACT(EPOCH FROM statement_timestamp() - d.created_at)::float8 END AS latency
 ),
 {_REQUEUE},
-{_CLOSE}
+{_CLOSED}
+SELECT count(*),
+       COALESCE(array_agg(priority) FILTER (WHERE latency IS NOT NULL), '{{}}'),
+       COALESCE(array_agg(latency) FILTER (WHERE latency IS NOT NULL), '{{}}')
+  FROM changed
 """
 
 

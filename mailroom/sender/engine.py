@@ -23,6 +23,7 @@ holds or hands back what it cannot send, and one call probes later.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import sys
@@ -34,7 +35,7 @@ from mailroom._process import backoff
 from mailroom.config import Settings
 from mailroom.sender import health, pacing, raw, ses, warm
 from mailroom.sender.calls import AUTO_CONCURRENCY, Batch, Call, SendPolicy
-from mailroom.vocabulary import Action, Outcome, OutcomeKind, SesVerdict
+from mailroom.vocabulary import Action, Outcome, OutcomeKind, SesResult, SesVerdict
 from mailroom.wire import WireFields
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ SENT = OutcomeKind.SENT
 EMITTED = OutcomeKind.EMITTED
 FAILED = OutcomeKind.FAILED
 RETRY = OutcomeKind.RETRY
+
+#: SES calls kept for the next heartbeat at most (one heartbeat a second).
+CALL_LOG = 100_000
 
 _PROBE = object()  # queue marker: time to probe a paused account
 
@@ -83,6 +87,9 @@ class Sender:
             circuit_base=self.policy.circuit_base, circuit_cap=self.policy.circuit_cap,
             circuit_after=self.policy.circuit_after)
         self._stopping = threading.Event()  # wakes every wait when close() gives up
+        #: SES calls made and not yet reported (:meth:`take_calls`): how each ended
+        #: and how long it took.  Bounded, for a sender nobody asks (stdin mode).
+        self._calls: collections.deque[tuple[SesResult, float]] = collections.deque(maxlen=CALL_LOG)
 
     @property
     def concurrency(self) -> int:
@@ -108,6 +115,11 @@ class Sender:
     def paused(self) -> bool:
         """True while SES says the account cannot send (a probe will tell when it can)."""
         return self.health.kind is not None
+
+    def take_calls(self) -> list[tuple[SesResult, float]]:
+        """The SES calls finished since the last time, ``(result, seconds)`` each
+        (the worker's heartbeat carries them to ``/metrics``); thread-safe."""
+        return [self._calls.popleft() for _ in range(len(self._calls))]
 
     def start(self) -> None:
         """Create the SES client and the sending threads, and read the send quota.
@@ -299,9 +311,13 @@ class Sender:
         count = len(call.destinations)
         if self._warm is not None:
             self._warm.touch()
+        counted = not isinstance(self._client, ses.PrintingClient)  # debug mode calls no SES
+        started = time.monotonic()
         try:
             response = self._client.send_bulk_templated_email(**request)
         except Exception as exc:  # noqa: BLE001 - classified below, bugs included
+            if counted:
+                self._calls.append((ses.call_result(exc), time.monotonic() - started))
             verdict = ses.classify_exception(exc)
             path = self._raw.write_last() if self._raw and ses.is_service_error(exc) else None
             log.warning(
@@ -312,6 +328,8 @@ class Sender:
                 f"; raw response in {path}" if path else "",
             )
             return [verdict] * count, True
+        if counted:
+            self._calls.append((ses.call_result(None), time.monotonic() - started))
         statuses = response.get("Status") or []
         verdicts = [ses.classify_status(entry) for entry in statuses[:count]]
         # Fewer statuses than destinations should not happen; losing an email is

@@ -91,13 +91,17 @@ class PipeOutcomes:
         window = self.window()
         beat = now - self.last_beat >= msg.HEARTBEAT_INTERVAL
         if beat:
-            self.last_beat = now
-            self.post(msg.Heartbeat({**self.stats(), "rss": rss_bytes()}))
+            self.beat()
         # At once when it changes, and with every heartbeat for a collector that
         # started since (the supervisor forwards it, it does not keep it).
         if beat or window != self.last_window:
             self.last_window = window
             self.post(msg.Window(window))
+
+    def beat(self) -> None:
+        """Send a heartbeat now, with the stats of the moment."""
+        self.last_beat = time.monotonic()
+        self.post(msg.Heartbeat({**self.stats(), "rss": rss_bytes()}))
 
     def stopping(self, stop: StopRequest) -> None:
         logger.info("stopping: finishing the batches in flight (at most %g s)", stop.timeout)

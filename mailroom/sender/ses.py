@@ -26,7 +26,7 @@ import idna
 
 from mailroom._process import one_line
 from mailroom.config import Settings
-from mailroom.vocabulary import Action, SesVerdict
+from mailroom.vocabulary import Action, SesResult, SesVerdict
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,25 @@ def classify_exception(exc: BaseException) -> Verdict:
     ):
         return Verdict(SesVerdict.RETRY, one_line(exc, named=True))
     return Verdict(SesVerdict.FAIL, one_line(exc, named=True))
+
+
+_THROTTLED = {"Throttling", "ThrottlingException", "AccountThrottled", "RequestThrottled",
+              "TooManyRequestsException"}
+
+
+def call_result(exc: BaseException | None) -> SesResult:
+    """How a call ended as a whole, for ``mailroom_ses_requests_total``: ``ok``
+    when SES answered (``exc`` None), ``throttled`` when it said slow down."""
+    if exc is None:
+        return SesResult.OK
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _THROTTLED or status == 429:
+            return SesResult.THROTTLED
+    return SesResult.ERROR
 
 
 def is_service_error(exc: BaseException) -> bool:

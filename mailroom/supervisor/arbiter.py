@@ -128,7 +128,8 @@ class Supervisor:
         self.workers = {Role.COLLECTOR: Worker(Role.COLLECTOR), Role.SENDER: Worker(Role.SENDER)}
         self.operator = Operator(self)
         self.router = Router(self.send, on_event=self.operator.on_router_event,
-                             on_finished=self.operator.on_batch_finished)
+                             on_finished=self.operator.on_batch_finished,
+                             on_released=self.operator.on_batch_released)
         self.signals = SignalFlag()
         self.phase = Phase.RUNNING
         self.deadline = 0.0
@@ -303,6 +304,7 @@ class Supervisor:
         worker.last_seen = time.monotonic()
         if isinstance(message, msg.Heartbeat):
             worker.stats = message.stats
+            self.operator.on_heartbeat(message)
         elif isinstance(message, msg.Ready):
             logger.debug("%s worker ready", worker.role)
             if not self.announced_ready and worker.role == Role.COLLECTOR:
@@ -317,6 +319,7 @@ class Supervisor:
             self.send(Role.COLLECTOR, message)
         elif isinstance(message, msg.Recorded) and worker.role == Role.COLLECTOR:
             self.router.on_recorded(message)
+            self.operator.on_recorded(message)
         else:
             logger.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mailroom.vocabulary import TokenOutcomes
+from mailroom.vocabulary import Action, TokenOutcomes
 
 #: Seconds between heartbeats; a worker silent for ``MAILROOM_WORKER_TIMEOUT`` is killed.
 HEARTBEAT_INTERVAL = 1.0
@@ -92,9 +92,11 @@ class Adopt:
 class Recorded:
     """collector -> supervisor: the outcomes (or releases) of these batches are
     committed to the ledger; until then the supervisor keeps them, and hands
-    them to the next collector if this one dies."""
+    them to the next collector if this one dies.  ``latencies``: each row
+    recorded ``sent``, its action and seconds from its creation to now."""
 
     batch_ids: list[str]
+    latencies: list[tuple[Action, float]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -146,6 +146,20 @@ class Operator:
         if entry is not None:
             entry["_line"], entry["_outcomes"] = batch.line, outcomes
 
+    def on_batch_released(self, batch: Batch) -> None:
+        """A batch went back to the queue unsent (paused sending, shutdown)."""
+        self.metrics.batch_released()
+
+    def on_heartbeat(self, beat: msg.Heartbeat) -> None:
+        """The SES calls a sender made since its last heartbeat."""
+        for result, seconds in beat.stats.get("calls", ()):
+            self.metrics.ses_request(result, seconds)
+
+    def on_recorded(self, recorded: msg.Recorded) -> None:
+        """Rows the collector recorded ``sent``: how long after their creation."""
+        for action, seconds in recorded.latencies:
+            self.metrics.delivery_latency(action.db_name, seconds)
+
     def on_worker(self, event: str, role: Role, pid: int, **extra: Any) -> None:
         if event == "worker.exited" and extra.get("restarting"):
             self.metrics.worker_restarted(role)

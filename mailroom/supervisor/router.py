@@ -56,6 +56,14 @@ class Batch:
 FinishedHook = Callable[["Batch", TokenOutcomes, float], None]
 
 
+#: ``released(batch)``: a batch went back to the queue unsent (metrics).
+ReleasedHook = Callable[["Batch"], None]
+
+
+def _no_release(batch: Batch) -> None:
+    return None
+
+
 def _no_event(name: str, data: dict[str, Any]) -> None:
     return None
 
@@ -68,10 +76,11 @@ class Router:
     """Routes batches and outcomes between the workers; see the module docstring."""
 
     def __init__(self, send: Send, on_event: EventHook = _no_event,
-                 on_finished: FinishedHook = _no_finish) -> None:
+                 on_finished: FinishedHook = _no_finish, on_released: ReleasedHook = _no_release) -> None:
         self.send = send
         self.on_event = on_event
         self.on_finished = on_finished
+        self.on_released = on_released
         self.batches: dict[str, Batch] = {}
         #: Outcomes and releases not yet confirmed recorded, in the order made.
         self.unconfirmed: dict[str, msg.RecordOutcomes | msg.Release] = {}
@@ -176,6 +185,7 @@ class Router:
         batch = self.batches.pop(batch_id, None)
         if batch is not None:
             self.to_collector(msg.Release(batch.batch_id, batch.token_ids, batch.claimed_at))
+            self.on_released(batch)
             self.on_event("batch.done", {"batch": batch_id, "rows": len(batch.token_ids), "activation":
                                          batch.activation, "recovery": batch.recovery, "sent": 0, "failed": 0,
                                          "retry": len(batch.token_ids), "skipped": 0, "ms": 0.0,
@@ -186,6 +196,7 @@ class Router:
         count = len(self.batches)
         for batch in self.batches.values():
             self.to_collector(msg.Release(batch.batch_id, batch.token_ids, batch.claimed_at))
+            self.on_released(batch)
         self.batches.clear()
         return count
 

@@ -96,7 +96,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     quota = QuotaWatch(sender)
     quota.start()
 
-    sink = PipeOutcomes(pipe, lambda: {**quota.stats(), "ses_paused": sender.health.paused_reason},
+    sink = PipeOutcomes(pipe, lambda: {**quota.stats(), "calls": sender.take_calls()},
                         lambda: window(sender, settings.batch_limit))
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
     # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
@@ -118,4 +118,5 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     threading.Thread(target=read_pipe, args=(pipe, driver, quota), name="pipe-reader", daemon=True).start()
     sink.post(msg.Ready())
     driver.run()
+    sink.beat()  # the SES calls made since the last heartbeat count too
     return config.EXIT_OK
