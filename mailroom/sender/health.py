@@ -15,8 +15,8 @@ answer that is not the same condition again resumes everything held.
 :class:`Health` keeps that state and the held calls; the engine
 (:mod:`mailroom.sender.engine`) asks it before each call and tells it each
 result.  It logs one line when sending stops and one when it resumes; the
-failed probes in between are DEBUG.  ``reason`` is what the sender worker
-reports in its heartbeat as ``ses_paused`` (None while SES is being called).
+failed probes in between are DEBUG.  The sender worker's heartbeat reports
+whether SES is being called (``paused`` of its quota stats).
 """
 
 from __future__ import annotations
@@ -55,11 +55,6 @@ class Health:
         self._level = 0
         self._failures = 0  # whole calls failed in a row
         self.held: list[Any] = []
-
-    @property
-    def paused_reason(self) -> str | None:
-        """Why SES is not being called now, or None."""
-        return self.reason
 
     def describe(self) -> str:
         """Why a call is not being made, for the outcome of one handed back."""
