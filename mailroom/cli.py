@@ -118,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(monitor)
     add_version(monitor)
+    tokens = sub.add_parser("tokens", help="check a link's token (mailroom tokens verify --help)",
+                            description="Signed tokens, for support staff.")
+    add_version(tokens)
+    verify = tokens.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND").add_parser(
+        "verify", help="which key signed a link's token, and what the token is",
+        description="Check TOKEN (or a whole link holding it) against MAILROOM_SECRET_KEY and"
+        " MAILROOM_SECRET_KEY_FALLBACKS; with MAILROOM_DATABASE_URL, also show its action, account"
+        " and expiry. Prints no secret. Exit 0 authentic, 1 not.")
+    verify.add_argument("token", metavar="TOKEN", help="the 86-character token, or the link that holds it")
+    verify.add_argument("--code", help="the 5-digit code of a password recovery token (needed without"
+                        " the database)")
+    add_version(verify)
     from mailroom.templates import commands as template_commands
 
     template_commands.add_arguments(sub.add_parser(
@@ -128,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``unskip``,
-    ``monitor``, ``templates``, ``demo``."""
+    ``monitor``, ``templates``, ``tokens verify``, ``demo``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:  # its own parser; needs no database
         from mailroom.control import ctl
@@ -156,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mailroom.templates import commands as template_commands
 
         sys.exit(template_commands.main(args, _settings((), "SES")))
+    if args.command == "tokens":
+        sys.exit(_tokens_verify(args, _settings((config.SECRET,), "PG")))
     settings = _settings((config.DATABASE,), "PG")
     if args.command == "status":
         from mailroom.ledger import report
@@ -164,6 +178,62 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mailroom.ledger import commands
 
     sys.exit(commands.main(args.command, args, settings))
+
+
+def _tokens_verify(args: argparse.Namespace, settings: config.Settings) -> int:
+    """``mailroom tokens verify TOKEN``: which key signed it, and (from the database,
+    when configured) what it is. Never prints the token, its secret or a key."""
+    import re
+    import time
+
+    from mailroom import tokens
+
+    # A whole pasted link will do: the token is its one run of 86 base64url characters.
+    found = re.findall(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{86}(?![A-Za-z0-9_-])", args.token)
+    secret = tokens.token_secret(found[0]) if len(found) == 1 else None
+    if secret is None:
+        print("not a mailroom token: expected 86 base64url characters")
+        return config.EXIT_FAILURE
+    token = found[0]
+    row = None
+    if settings.database_url:
+        import psycopg
+
+        from mailroom.ledger import admin
+        try:
+            with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
+                row = admin.token_by_secret(conn, secret)
+        except psycopg.Error as exc:
+            return _fail(f"cannot read the tokens table: {config.redact(one_line(exc), settings.database_url)}",
+                         config.EXIT_CONFIG)
+    action, code = ("password_recovery", args.code) if args.code is not None else ("activation", None)
+    if row is not None:
+        action, code = row["action"], row["code"]
+    keys = [settings.secret_key, *settings.secret_key_fallbacks]
+    matched = tokens.match(keys, token, action, code)
+    if matched is None:
+        print("NOT authentic: no configured key signed it"
+              + ("" if row is not None or args.code is not None else
+                 " as an activation token (a password recovery token needs --code or MAILROOM_DATABASE_URL)"))
+    elif matched.index == 0:
+        print("authentic: signed with the current key (MAILROOM_SECRET_KEY)")
+    else:
+        print(f"authentic: signed with fallback key {matched.index} of {len(keys) - 1}"
+              " (MAILROOM_SECRET_KEY_FALLBACKS): mailroom no longer signs with it")
+    print(f"action: {action}")
+    if row is None:
+        print("token: " + ("not in the tokens table" if settings.database_url
+                           else "not looked up (MAILROOM_DATABASE_URL is not set)"))
+    else:
+        print(f"token: id {row['id']}, account {row['account']} {row['email']} ({row['account_status']})")
+        left = row["expires_at"] - row["now"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row["expires_at"]))
+        print(f"expires: {when}, " + (f"in {left // 60} min {left % 60} s" if left > 0
+                                      else f"EXPIRED {-left // 60} min {-left % 60} s ago"))
+        consumed = row["consumed_at"]
+        print("consumed: " + ("no" if consumed is None
+                              else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(consumed))))
+    return config.EXIT_OK if matched is not None else config.EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ class Settings:
     #: through a transaction pooler (PgBouncer); None: LISTEN on ``database_url``.
     listen_url: str | None = dataclasses.field(default=None, repr=False)
     secret_key: bytes = dataclasses.field(default=b"", repr=False)
+    #: Older keys still accepted by ``mailroom tokens verify`` during a rotation;
+    #: mailroom never signs with them.
+    secret_key_fallbacks: tuple[bytes, ...] = dataclasses.field(default=(), repr=False)
     channel_name: str = "token_insert"
     queue_name: str = "mailroom"
     healthcheck_interval: int = 270_000
@@ -238,6 +241,20 @@ def _secret_key(raw: str) -> bytes:
         raise ValueError("must be 64 hexadecimal characters (32 bytes); it contains a non-hex character") from None
 
 
+def _secret_keys(raw: str) -> tuple[bytes, ...]:
+    """Comma-separated keys in the secret key's format; an empty value is no key."""
+    parts = [part.strip() for part in raw.split(",")]
+    if parts == [""]:
+        return ()
+    keys = []
+    for number, part in enumerate(parts, 1):
+        try:
+            keys.append(_secret_key(part))
+        except ValueError as exc:  # says the length or "non-hex", never the value
+            raise ValueError(f"key {number} of {len(parts)}: {exc}") from None
+    return tuple(keys)
+
+
 def _impl(raw: str) -> str:
     choice = raw.strip().lower()
     if choice not in {"", "c", "python"}:
@@ -318,6 +335,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "database_url": ("MAILROOM_DATABASE_URL", _database_url),
     "listen_url": ("MAILROOM_LISTEN_URL", _optional_database_url),
     "secret_key": ("MAILROOM_SECRET_KEY", _secret_key),
+    "secret_key_fallbacks": ("MAILROOM_SECRET_KEY_FALLBACKS", _secret_keys),
     "channel_name": ("MAILROOM_CHANNEL_NAME", _identifier),
     "queue_name": ("MAILROOM_QUEUE_NAME", _text),
     "healthcheck_interval": ("MAILROOM_HEALTHCHECK_INTERVAL", _bounded_int(_DAY_MS)),

@@ -31,12 +31,13 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from mailroom.addresses import spellings
 from mailroom.vocabulary import ACTION_NAMES, DELIVERY_STATUSES
 
 __all__ = ["SKIPPED_BY_OPERATOR", "WINDOW_TOKENS", "accounts_of", "attempts", "counts", "deliveries", "failure_groups",
-           "retry", "skip", "unskip"]
+           "retry", "skip", "token_by_secret", "unskip"]
 
 #: How many of the latest deliveries the windowed reads (counts of finished rows,
 #: failure groups) cover when no ``since`` is given.
@@ -90,6 +91,18 @@ def accounts_of(conn: psycopg.Connection[Any], email: str) -> list[int]:
     if saved is not None:  # the caller's own statements (a retry, a skip) keep the caller's
         conn.execute("SELECT set_config('statement_timeout', %s, true)", (saved[0],))
     return found
+
+
+def token_by_secret(conn: psycopg.Connection[Any], secret: bytes) -> dict[str, Any] | None:
+    """The token row whose secret is ``secret`` (unique, indexed) with its account, and
+    the database's clock (``now``, epoch seconds, as ``expires_at``); None if none.
+    For ``mailroom tokens verify``: the caller shows it without the secret."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT t.id, t.action::text AS action, t.code, t.account, a.email,"
+            " a.status::text AS account_status, t.expires_at, t.consumed_at, t.created_at,"
+            " EXTRACT(EPOCH FROM now())::bigint AS now"
+            " FROM tokens t JOIN accounts a ON a.id = t.account WHERE t.secret = %s", [secret]).fetchone()
 
 
 def attempts(conn: psycopg.Connection[Any], queue: str, tokens: Sequence[int]) -> dict[int, int]:
