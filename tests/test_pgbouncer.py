@@ -102,12 +102,14 @@ def _insert_one_at_a_time(url: str, n: int, prefix: str, gap: float) -> None:
             time.sleep(gap)
 
 
-def _latencies(url: str) -> tuple[float, float]:
-    """p50 and max of created -> sent, seconds."""
+def _latencies(url: str, first: int) -> tuple[float, float]:
+    """p50 and max of created -> sent of the ``first`` tokens (the ones inserted one
+    at a time: a burst's latency is mostly its own sending), seconds."""
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s), max(s) FROM"
                            " (SELECT extract(epoch FROM sent_at - created_at)::float8 AS s"
-                           "  FROM deliveries WHERE status = 'sent') AS t").fetchone()
+                           "  FROM deliveries WHERE status = 'sent' ORDER BY token LIMIT %s) AS t",
+                           (first,)).fetchone()
     assert row is not None
     return float(row[0]), float(row[1])
 
@@ -127,13 +129,14 @@ def _run(db: str, env: dict[str, str], supervisors, stub, prefix: str) -> tuple[
     assert len(sup.started("collector")) == 1, log
     counts = collections.Counter(a for request in stub.bulk for a in request.addresses)
     assert len(counts) == 240 and max(counts.values()) == 1, counts.most_common(3)
-    return _latencies(db)
+    return _latencies(db, 40)
 
 
 def test_behind_pgbouncer_without_a_listen_url_the_collector_polls(db, pooled, base_env, supervisors, stub):
     env = supervisor_env(base_env, pooled, stub.url, batch_limit=50, batch_timeout=1000)
     p50, worst = _run(db, env, supervisors, stub, "poll_")
-    print(f"PgBouncer, polling every 1 s: created -> sent p50 {p50 * 1000:.0f} ms, max {worst * 1000:.0f} ms")
+    print(f"PgBouncer, polling every 1 s: created -> sent (40 single sign-ups) p50 {p50 * 1000:.0f} ms,"
+          f" max {worst * 1000:.0f} ms")
     # Bounded by the poll interval (1 s), the claim and the send.
     assert worst < 3.0, worst
 
@@ -142,7 +145,7 @@ def test_behind_pgbouncer_with_a_listen_url_notifications_wake_the_collector(db,
                                                                              supervisors, stub):
     env = supervisor_env(base_env, pooled, stub.url, batch_limit=50, batch_timeout=1000, listen_url=db)
     p50, worst = _run(db, env, supervisors, stub, "listen_")
-    print(f"PgBouncer, LISTEN on MAILROOM_LISTEN_URL: created -> sent p50 {p50 * 1000:.0f} ms,"
+    print(f"PgBouncer, LISTEN on MAILROOM_LISTEN_URL: created -> sent (40 single sign-ups) p50 {p50 * 1000:.0f} ms,"
           f" max {worst * 1000:.0f} ms")
     # Woken by the notification, not by a poll a second later.
     assert p50 < 0.5, p50
