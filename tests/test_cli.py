@@ -263,6 +263,11 @@ def test_ctl_status_and_batch_for_people(db, base_env, moto, supervisors):
     add_accounts(db, 3)
     wait_for(lambda: statuses(db).get("sent") == 3, what="3 sent")
 
+    def heard_from_both() -> bool:  # RSS and the rate limit arrive with the workers' heartbeats
+        raw = json.loads(ctl(env, "--json", "status").stdout)
+        return raw["ses"]["rate_limit"] is not None and all(w["rss"] for w in raw["workers"].values())
+    wait_for(heard_from_both, what="heartbeats of both workers")
+
     shown = ctl(env, "status")
     assert (shown.returncode, shown.stderr) == (0, ""), shown
     lines = shown.stdout.splitlines()
