@@ -20,8 +20,10 @@ from mailroom import wire
 from mailroom.config import Settings
 from mailroom.supervisor import messages as msg
 from mailroom.supervisor.operator import HOLD_SHARE_OF_LEASE, Operator
-from mailroom.supervisor.router import COLLECTOR, POISON_DEATHS, SENDER, Router
-from mailroom.vocabulary import Outcome, OutcomeKind
+from mailroom.supervisor.router import POISON_DEATHS, Router
+from mailroom.vocabulary import Outcome, OutcomeKind, Role
+
+COLLECTOR, SENDER = Role.COLLECTOR, Role.SENDER
 
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
 LEASE_MS = 60_000

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from mailroom.supervisor import messages as msg
-from mailroom.supervisor.router import COLLECTOR, POISON_DEATHS, POISON_RETRY_AFTER, SENDER, Router
-from mailroom.vocabulary import Outcome, OutcomeKind
+from mailroom.supervisor.router import POISON_DEATHS, POISON_RETRY_AFTER, Router
+from mailroom.vocabulary import Outcome, OutcomeKind, Role
+
+COLLECTOR, SENDER = Role.COLLECTOR, Role.SENDER
 
 
 class Pipes:
