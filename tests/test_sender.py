@@ -272,15 +272,37 @@ def test_rate_limit_holds_within_ten_percent(stub, make_settings, running):
 def test_token_bucket_makes_each_caller_pay_for_the_one_before():
     clock = [0.0]
     bucket = pacing.TokenBucket(10.0, clock=lambda: clock[0])
-    assert bucket.reserve(50) == 0.0  # full at start; a call larger than the bucket still goes...
-    assert bucket.reserve(10) == 4.0  # ...and the next one waits until it is paid for
+    assert bucket.take(50) == 0.0  # full at start; a call larger than the bucket still goes...
+    assert bucket.take(10) == 4.0  # ...and the next one waits until it is paid for
     clock[0] = 4.0
-    assert bucket.reserve(10) == 1.0
+    assert bucket.take(10) == 0.0
+    assert bucket.take(10) == pytest.approx(1.0)
     clock[0] = 100.0  # idle: the bucket refills, but only to one second's worth
-    assert bucket.reserve(10) == 0.0
-    assert bucket.reserve(10) == pytest.approx(0.0)
-    assert bucket.reserve(1) == pytest.approx(1.0)
-    assert pacing.TokenBucket(None).reserve(10**6) == 0.0
+    assert bucket.take(10) == 0.0
+    assert bucket.take(1) == pytest.approx(0.0)
+    assert bucket.take(1) == pytest.approx(0.1)
+    assert pacing.TokenBucket(None).take(10**6) == 0.0
+
+
+def test_a_rate_change_wakes_a_caller_waiting_at_the_old_rate():
+    bucket = pacing.TokenBucket(0.01)
+    stop = threading.Event()
+    assert bucket.acquire(50, stop)  # the bucket now owes 49 tokens: 4900 s at 0.01/s
+    went = threading.Event()
+    waiter = threading.Thread(target=lambda: bucket.acquire(1, stop) and went.set())
+    waiter.start()
+    assert not went.wait(0.2)
+    bucket.set_rate(10_000.0)  # the debt is paid in 5 ms at the new rate
+    assert went.wait(5)
+    assert bucket.acquire(50, stop)
+    bucket.set_rate(0.01)
+    blocked = threading.Thread(target=bucket.acquire, args=(1, stop))
+    blocked.start()
+    stop.set()
+    bucket.interrupt()  # a stop is seen at once, not after the wait
+    blocked.join(5)
+    assert not blocked.is_alive()
+    waiter.join(5)
 
 
 def test_calls_run_concurrently_but_bounded(stub, make_settings, running):

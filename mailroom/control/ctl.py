@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drain", help="pause claims and wait until nothing is in flight")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="answer after at most SECONDS even if work is still in flight (default 300)")
-    p = sub.add_parser("set-rate", help="send-rate limit (emails/s, capped at SES MaxSendRate)")
+    p = sub.add_parser("set-rate", help="send-rate limit in recipients/s, capped at the send quota"
+                       " (MAILROOM_SES_MAX_SEND_RATE, else SES MaxSendRate); kept across sender restarts")
     p.add_argument("per_second", type=float, metavar="PER_SECOND",
-                   help="recipients per second (0 < PER_SECOND <= the SES quota)")
+                   help="recipients per second (0 < PER_SECOND <= the send quota)")
     p = sub.add_parser("restart", help="restart a worker")
     p.add_argument("worker", choices=ROLES, help="which worker process")
     p = sub.add_parser("shutdown", help="stop the supervisor (graceful unless --now)")

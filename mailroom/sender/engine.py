@@ -111,6 +111,17 @@ class Sender:
         """The rate limit in force; None before :meth:`start`."""
         return self._bucket
 
+    def set_rate(self, rate: float | None) -> None:
+        """Limit sending to ``rate`` recipients/s (None: no limit) from now on.
+
+        Calls already waiting for tokens or for a slot are woken to go at the new
+        rate: none keeps sleeping for a wait computed at the old one."""
+        if self._bucket is None:
+            return
+        self._bucket.set_rate(rate)
+        if self._concurrency is not None:
+            self._concurrency.rate_changed()
+
     @property
     def paused(self) -> bool:
         """True while SES says the account cannot send (a probe will tell when it can)."""
@@ -462,6 +473,8 @@ class Sender:
             log.warning("shutdown: %d batches not finished in time; their tokens are handed back",
                         len(left))
         self._stopping.set()
+        if self._bucket is not None:
+            self._bucket.interrupt()  # a call waiting for tokens sees the stop now
         if self._concurrency is not None:
             self._concurrency.close()
         for batch in left:

@@ -18,56 +18,75 @@ from typing import Any
 
 
 class TokenBucket:
-    """Thread-safe recipients-per-second limit (token bucket with reservations).
+    """Thread-safe recipients-per-second limit (token bucket with debt).
 
-    ``acquire(n)`` reserves ``n`` tokens and sleeps until they are paid for, so a
-    call larger than the bucket (50 recipients at a 1/s sandbox rate) still goes,
-    and the calls after it wait.  The bucket holds at most one second's worth,
-    so neither a fresh start nor an idle spell allows a burst above ``rate``
-    plus one call.  It starts full, as after an idle spell: a burst right after
-    a start (the backlog of a restart, a 20-token transaction) is not made to
-    wait for tokens SES would have granted.  ``rate=None`` means no limit.
+    ``acquire(n)`` waits until the bucket is not in debt, then takes ``n`` tokens
+    at once, so a call larger than the bucket (50 recipients at a 1/s sandbox
+    rate) still goes, and the calls after it wait until it is paid for.  The
+    bucket holds at most one second's worth, so neither a fresh start nor an
+    idle spell allows a burst above ``rate`` plus one call.  It starts full, as
+    after an idle spell: a burst right after a start (the backlog of a restart,
+    a 20-token transaction) is not made to wait for tokens SES would have
+    granted.  ``rate=None`` means no limit.
+
+    A waiting caller sleeps on a condition, not for a wait computed once: an
+    operator's :meth:`set_rate` wakes every waiter to recompute at the new rate
+    (issue 19: after ``set-rate 0.01`` then ``set-rate 10000``, threads that had
+    computed an hour's wait must go at once), and :meth:`interrupt` wakes them to
+    see their stop event.
     """
 
     def __init__(self, rate: float | None, *, clock: Any = time.monotonic) -> None:
         self.rate = rate
         self._clock = clock
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._capacity = max(rate or 0.0, 1.0)
         self._tokens = self._capacity
         self._last = clock()
 
+    def _refill(self) -> None:
+        now = self._clock()
+        if self.rate is not None:
+            self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
     def set_rate(self, rate: float | None) -> None:
-        """Change the limit from now on (an operator's ``set_rate``); None: no limit."""
-        with self._lock:
-            now = self._clock()
-            if self.rate is not None:  # settle what the old rate earned so far
-                self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
-            self._last = now
+        """Change the limit from now on (an operator's ``set_rate``); None: no limit.
+
+        The debt left by calls already made stays, to be paid at the new rate."""
+        with self._cond:
+            self._refill()  # settle what the old rate earned so far
             self.rate = rate
             self._capacity = max(rate or 0.0, 1.0)
             self._tokens = min(self._tokens, self._capacity)
+            self._cond.notify_all()
 
-    def reserve(self, n: int) -> float:
-        """Take ``n`` tokens now; return how many seconds the caller must wait for them."""
-        if self.rate is None:
-            return 0.0
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            # Debt model: whoever finds the bucket non-negative goes now; the debt
-            # it leaves is waited for by the next caller, in arrival order.
-            wait = 0.0 if self._tokens >= 0 else -self._tokens / self.rate
-            self._tokens -= n
-        return wait
+    def interrupt(self) -> None:
+        """Wake every waiter to look at its stop event (set it first)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def take(self, n: int) -> float:
+        """Take ``n`` tokens if the bucket is not in debt and return 0.0; else take
+        nothing and return the seconds until it is out of debt at the current rate."""
+        with self._cond:
+            if self.rate is None:
+                return 0.0
+            self._refill()
+            if self._tokens >= 0:
+                self._tokens -= n
+                return 0.0
+            return -self._tokens / self.rate
 
     def acquire(self, n: int, stop: threading.Event) -> bool:
         """Take ``n`` tokens, waiting as needed; False if ``stop`` was set meanwhile."""
-        wait = self.reserve(n)
-        if wait > 0:
-            return not stop.wait(wait)
-        return not stop.is_set()
+        with self._cond:
+            while not stop.is_set():
+                wait = self.take(n)  # the condition's lock is reentrant
+                if wait <= 0:
+                    return True
+                self._cond.wait(wait)
+            return False
 
 
 class Schedule:
@@ -182,6 +201,11 @@ class Concurrency:
         with self._cond:
             self._active -= 1
             self._cond.notify()
+
+    def rate_changed(self) -> None:
+        """The bucket's rate changed: waiters look at the new target."""
+        with self._cond:
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:

@@ -3,7 +3,10 @@
 :class:`QuotaWatch` reads ``GetSendQuota`` in a thread of its own, at start and
 every :data:`REFRESH_S` seconds, so no quota call ever sits in the path of an
 email.  It reports the numbers for the worker's heartbeat and applies an
-operator's ``set_rate``, capped at the account's ``MaxSendRate``.
+operator's ``set_rate``, capped at the effective quota: ``MAILROOM_SES_MAX_SEND_RATE``
+when set (the operator's word on the account, as at start), else the account's
+``MaxSendRate``.  The rate asked is kept and applied again when a quota read
+changes the cap.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class QuotaWatch:
     def __init__(self, sender: Sender) -> None:
         self.sender = sender
         self.quota: dict[str, float] | None = None
+        self.asked: float | None = None  # the operator's last set_rate
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -41,23 +45,36 @@ class QuotaWatch:
         while True:
             quota = ses.read_send_quota(self.sender.client)
             if quota is not None:
+                before = self.cap()
                 self.quota = quota
+                # A rate asked before the quota was known (one handed to a new
+                # sender at start) is capped as soon as it is.
+                if self.asked is not None and self.cap() != before:
+                    self.set_rate(self.asked)
             if self._stop.wait(REFRESH_S):
                 return
 
     def stop(self) -> None:
         self._stop.set()
 
+    def cap(self) -> float | None:
+        """The effective quota (recipients/s): ``MAILROOM_SES_MAX_SEND_RATE`` when
+        set, else the account's MaxSendRate once read; None when neither is known."""
+        configured = self.sender.settings.ses_max_send_rate
+        if configured is not None:
+            return configured
+        reported = (self.quota or {}).get("max_send_rate", 0.0)
+        return reported if reported > 0 else None
+
     def set_rate(self, per_second: float) -> float:
-        """Limit sending to ``per_second`` recipients/s, capped at the account's
-        MaxSendRate when it is known; return the limit applied."""
-        cap = (self.quota or {}).get("max_send_rate", 0.0)
-        applied = min(per_second, cap) if cap > 0 else per_second
-        bucket = self.sender.bucket
-        if bucket is not None:
-            bucket.set_rate(applied)
+        """Limit sending to ``per_second`` recipients/s, capped at :meth:`cap`;
+        return the limit applied."""
+        self.asked = per_second
+        cap = self.cap()
+        applied = min(per_second, cap) if cap is not None else per_second
+        self.sender.set_rate(applied)
         log.info("send rate limit set to %g recipients/s%s", applied,
-                 f" (asked {per_second:g}, capped at the SES quota)" if applied < per_second else "")
+                 f" (asked {per_second:g}, capped at the send quota)" if applied < per_second else "")
         return applied
 
     def stats(self) -> dict[str, Any]:

@@ -206,6 +206,7 @@ class Supervisor:
             self.operator.on_collector_started()
         else:
             self.router.dispatching = not self.stopping
+            self.operator.on_sender_started()  # its rate before its first batch
             self.router.sender_started()
 
     def _child_main(self, role: Role, pipe: Connection, parent_end: Connection) -> None:

@@ -50,6 +50,9 @@ class Operator:
         self.control: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self.claims_paused = False
+        # An operator's set_rate (recipients/s, as asked): held here so that a new
+        # sender (a restart, a crash) gets it, instead of reverting to the quota.
+        self.send_rate: float | None = None
         self.recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.counters = collections.Counter[str]()
         self.history: collections.deque[tuple[float, int, int]] = collections.deque()
@@ -368,9 +371,18 @@ class Operator:
         if not self.sup.send(Role.SENDER, msg.SetRate(per_second)):
             request.fail("invalid_state", "the sender is not running")
             return
-        cap = (self.sup.workers[Role.SENDER].stats.get("ses") or {}).get("max_send_rate") or 0
-        applied = min(per_second, cap) if cap > 0 else per_second
+        self.send_rate = per_second
+        cap = self.rate_cap()
+        applied = min(per_second, cap) if cap is not None else per_second
         request.reply({"per_second": applied, "requested": per_second, "capped": applied < per_second})
+
+    def rate_cap(self) -> float | None:
+        """The effective send quota, as the sender applies it: MAILROOM_SES_MAX_SEND_RATE
+        when set, else the MaxSendRate of the sender's last heartbeat (None: not known)."""
+        if self.settings.ses_max_send_rate is not None:
+            return self.settings.ses_max_send_rate
+        reported = (self.sup.workers[Role.SENDER].stats.get("ses") or {}).get("max_send_rate") or 0
+        return float(reported) if reported > 0 else None
 
     def cmd_restart(self, request: Request, worker: str) -> None:
         if self.sup.stopping:
@@ -385,6 +397,11 @@ class Operator:
             self.sup.handle_quit()
         elif not self.sup.stopping:
             self.sup.handle_term()
+
+    def on_sender_started(self) -> None:
+        """A new sender sends at the operator's rate, if one was set (it caps it itself)."""
+        if self.send_rate is not None:
+            self.sup.send(Role.SENDER, msg.SetRate(self.send_rate))
 
     def on_collector_started(self) -> None:
         """A new collector claims only if claims are not paused."""
