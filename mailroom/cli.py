@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         one = sub.add_parser(name, help=text, description=description)
         commands.add_arguments(name, one)
         add_version(one)
+    from mailroom.ledger import suppression_commands
+
+    suppression_commands.add_arguments(sub.add_parser(
+        "suppression", help="addresses never sent to again: list, add, remove, check",
+        description="The suppression list: addresses that bounced for good, complained, or were added by hand"
+                    " (DESIGN.md 11). A claimed email to one of them is skipped, never sent."))
     monitor = sub.add_parser("monitor", help="the Textual monitor (live batches and the ledger)",
                              description="Watch and steer mailroom: the supervisor's socket and the ledger.")
     from mailroom.monitor import add_arguments
@@ -140,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``unskip``,
-    ``monitor``, ``templates``, ``tokens verify``, ``demo``."""
+    ``suppression``, ``monitor``, ``templates``, ``tokens verify``, ``demo``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:  # its own parser; needs no database
         from mailroom.control import ctl
@@ -175,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mailroom.ledger import report
 
         sys.exit(report.main(settings, as_json=args.json))
+    if args.command == "suppression":
+        from mailroom.ledger import suppression_commands
+
+        sys.exit(suppression_commands.main(args, settings))
     from mailroom.ledger import commands
 
     sys.exit(commands.main(args.command, args, settings))

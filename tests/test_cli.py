@@ -22,7 +22,8 @@ SCRIPTS = ("mailroom", "mailroom-supervisor", "mailroom-collector", "mailroom-se
 # Every `mailroom` subcommand, and a few of the levels below.
 SUBCOMMANDS = (["migrate"], ["migrate", "up"], ["status"], ["ctl"], ["ctl", "status"], ["ctl", "set-rate"],
                ["demo"], ["deliveries"], ["retry"], ["skip"], ["unskip"], ["monitor"],
-               ["templates"], ["templates", "push"])
+               ["templates"], ["templates", "push"], ["suppression"], ["suppression", "list"],
+               ["suppression", "add"], ["suppression", "check"])
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -169,3 +169,37 @@ def test_operator_add_and_remove_are_audited(conn: psycopg.Connection) -> None:
     audit = conn.execute("SELECT action, address, reason, actor FROM suppression_audit ORDER BY id").fetchall()
     assert audit == [("add", "Jane@example.com", "asked us to stop", "alice"),
                      ("remove", "Jane@example.com", "was operator", "bob")]
+
+
+# ------------------------------------------------------------------ the claim
+
+
+@pytest.mark.parametrize("ranges", [False, True], ids=["probes", "ranges"])
+def test_a_claim_skips_suppressed_addresses(conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+                                            ranges: bool) -> None:
+    if ranges:  # large claims read key ranges: the same rule there
+        from mailroom.ledger import operations
+
+        monkeypatch.setattr(operations, "_RANGES_FROM", 1)
+    ledger_events.record_events(conn, [
+        event("m1", "hard@example.com", Feedback.BOUNCED, subtype="Permanent", diagnostic="5.1.1 user unknown")])
+    suppressions.add(conn, "spam@xn--bcher-kva.de", actor="alice")
+    emails = ["ok@example.com", "HARD@example.com", "hard@EXAMPLE.com", "spam@bücher.de", "fine@bücher.de"]
+    for n, email in enumerate(emails):
+        conn.execute("INSERT INTO accounts (email, login) VALUES (%s, %s)", (email, f"l{n}"))
+    claim = ledger.claim(conn, Q, 10, lease_ms=60_000)
+    assert sorted(r[1] for r in claim.rows) == ["HARD@example.com", "fine@bücher.de", "ok@example.com"]
+    assert (claim.picked, claim.skipped) == (5, 2)
+    rows = dict(conn.execute(
+        "SELECT a.email, d.status::text || ' ' || COALESCE(d.last_error, '') FROM deliveries AS d"
+        " JOIN tokens AS t ON t.id = d.token JOIN accounts AS a ON a.id = t.account").fetchall())
+    assert rows["hard@EXAMPLE.com"] == "skipped suppressed: bounced (5.1.1 user unknown)"
+    assert rows["spam@bücher.de"] == "skipped suppressed: operator"
+    assert rows["ok@example.com"] == "claimed "
+    assert conn.execute("SELECT count(*) FROM delivery_queue WHERE claimed_at IS NULL").fetchone() == (0,)
+    # Unsuppressed, the next token of the address is sent again.
+    suppressions.remove(conn, "hard@example.com", actor="alice")
+    conn.execute("INSERT INTO tokens (action, account) SELECT 'activation', id FROM accounts"
+                 " WHERE email = 'hard@EXAMPLE.com'")
+    again = ledger.claim(conn, Q, 10, lease_ms=60_000)
+    assert [r[1] for r in again.rows] == ["hard@EXAMPLE.com"]

@@ -120,6 +120,21 @@ picked AS MATERIALIZED (
      WHERE (SELECT n > 0 FROM late)
 ),
 {lookups},
+-- Suppressed addresses among the picked rows (DESIGN.md 11): never handed to
+-- SES.  The list keeps each address with its domain in both IDNA forms,
+-- lower-cased; the account's email is compared with its domain lower-cased
+-- (SQL cannot convert IDNA).  One probe of each index for all the rows
+-- (= ANY of an array), and none at all while the list is empty.
+barred AS MATERIALIZED (
+    SELECT s.address AS key, s.reason, s.detail FROM suppressions AS s
+     WHERE (SELECT EXISTS (SELECT FROM suppressions))
+       AND s.address = ANY (ARRAY(SELECT {email_key} FROM looked_up AS x))
+    UNION ALL
+    SELECT s.address_unicode, s.reason, s.detail FROM suppressions AS s
+     WHERE (SELECT EXISTS (SELECT FROM suppressions))
+       AND s.address_unicode = ANY (ARRAY(SELECT {email_key} FROM looked_up AS x))
+       AND s.address_unicode <> s.address
+),
 checked AS MATERIALIZED (
     SELECT x.id, x.token, x.priority, x.pass, x.action, x.secret, x.code, x.email, x.login,
            CASE
@@ -132,6 +147,9 @@ checked AS MATERIALIZED (
                WHEN x.action = 'password_recovery' AND x.account_status <> 'active'
                    THEN format('account is %s, password recovery needs active',
                                x.account_status)
+               WHEN EXISTS (SELECT FROM barred) THEN
+                   (SELECT 'suppressed: ' || b.reason || COALESCE(' (' || b.detail || ')', '')
+                      FROM barred AS b WHERE b.key = {email_key} LIMIT 1)
            END AS reason
       FROM looked_up AS x
 ),
@@ -316,6 +334,12 @@ leased AS (
 )"""
 
 
+# An account's email with its domain (after the last @) lower-cased: how the
+# suppression list is keyed, up to the IDNA form (see barred in the claim).
+_EMAIL_KEY = ("(left(x.email, -strpos(reverse(x.email), '@'))"
+              " || lower(right(x.email, strpos(reverse(x.email), '@'))))")
+
+
 @functools.lru_cache(maxsize=16)
 def claim_sql(queue: str, limit: int, final_status: str, ttl: float, ranges_from: int) -> str:
     """The claim's text for one queue, limit and final status (``claimed`` or
@@ -330,7 +354,8 @@ def claim_sql(queue: str, limit: int, final_status: str, ttl: float, ranges_from
                 .replace("{dequeue}", _DEQUEUE_ALL if final_status == "emitted" else _DEQUEUE_LEASE))
     return template.format(
         queue="'" + queue.replace("'", "''") + "'::job_type", limit=int(limit), ttl=float(ttl),
-        final=final_status, guc="mailroom.claim_hint_" + hashlib.sha1(queue.encode()).hexdigest()[:16],
+        final=final_status, email_key=_EMAIL_KEY,
+        guc="mailroom.claim_hint_" + hashlib.sha1(queue.encode()).hexdigest()[:16],
         behind_hint="(q.priority < (SELECT priority FROM hint) OR (q.priority = (SELECT priority"
                     " FROM hint) AND q.token <= (SELECT token FROM hint)))")
 
