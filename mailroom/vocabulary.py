@@ -146,6 +146,14 @@ class WorkerState(enum.StrEnum):
     EXITED = "exited"
 
 
+class RestartReason(enum.StrEnum):
+    """Why a worker was started again (``mailroom_worker_restarts_total{reason}``,
+    ``worker.exited``): a crash alert must not fire on a reload."""
+
+    PLANNED = "planned"  # asked for: SIGHUP, ``ctl restart``
+    CRASH = "crash"  # exited or was killed without being asked
+
+
 class Pausable(enum.StrEnum):
     """What an operator can pause (``pause {what}``, ``mailroom_paused{what}``)."""
 
@@ -200,6 +208,7 @@ BATCH_RESULTS = (BatchState.DONE.value, BatchState.PARTIAL.value, BatchState.FAI
 RUN_STATES = _values(RunState)
 ROLES = _values(Role)
 PAUSABLE = _values(Pausable)
+RESTART_REASONS = _values(RestartReason)
 SES_RESULTS = _values(SesResult)
 
 

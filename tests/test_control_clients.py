@@ -193,7 +193,7 @@ def test_metrics_move():
     metrics.ses_request("ok", 0.05)
     metrics.ses_request("throttled", 0.01)
     metrics.delivery_latency("activation", 1.5)
-    metrics.worker_restarted("sender")
+    metrics.worker_restarted("sender", "crash")
     metrics.command("pause", "ok")
     metrics.command("pause", "forbidden")
     metrics.set_gauges(in_flight=2, queue_depth=1234, paused={"claims": True}, worker_up={"sender": True})
@@ -209,7 +209,8 @@ def test_metrics_move():
     assert families(metrics.render().decode())["mailroom_batches_total"][(("result", "released"),)] == 1
     assert m["mailroom_batch_rows_count"][()] == 3 and m["mailroom_batch_rows_sum"][()] == 17
     assert m["mailroom_ses_requests_total"][(("result", "throttled"),)] == 1
-    assert m["mailroom_worker_restarts_total"][(("worker", "sender"),)] == 1
+    assert m["mailroom_worker_restarts_total"][(("reason", "crash"), ("worker", "sender"))] == 1
+    assert m["mailroom_worker_restarts_total"][(("reason", "planned"), ("worker", "sender"))] == 0
     assert m["mailroom_control_commands_total"][(("cmd", "pause"), ("result", "forbidden"))] == 1
     assert m["mailroom_queue_depth"][()] == 1234 and m["mailroom_in_flight_batches"][()] == 2
     assert m["mailroom_paused"][(("what", "claims"),)] == 1 and m["mailroom_paused"][(("what", "sending"),)] == 0

@@ -346,7 +346,9 @@ def test_every_metric_moves_when_work_happens(operated, db, stub):
     assert latency[(("action", "activation"),)] == 20
     assert 0 < m["mailroom_delivery_latency_seconds_sum"][(("action", "activation"),)] < 20 * 600
     assert m["mailroom_control_commands_total"][(("cmd", "pause"), ("result", "ok"))] == 2
-    assert m["mailroom_worker_restarts_total"][(("worker", "sender"),)] == 1
+    restarts = m["mailroom_worker_restarts_total"]
+    assert restarts[(("reason", "planned"), ("worker", "sender"))] == 1  # ctl restart: planned
+    assert restarts[(("reason", "crash"), ("worker", "sender"))] == 0
     assert m["mailroom_worker_up"] == {(("worker", "collector"),): 1, (("worker", "sender"),): 1}
     assert m["mailroom_send_rate_limit"][()] == 100000
     assert m["mailroom_ses_max_send_rate"][()] > 0

@@ -39,7 +39,7 @@ from mailroom.config import Settings
 from mailroom.supervisor import messages as msg
 from mailroom.supervisor.operator import Operator, StartError
 from mailroom.supervisor.router import Router
-from mailroom.vocabulary import Role
+from mailroom.vocabulary import RestartReason, Role
 
 logger = logging.getLogger("mailroom.supervisor")
 
@@ -253,7 +253,8 @@ class Supervisor:
             worker.restarts += 1
             worker.restart_at = now
             logger.info("%s worker (pid %d) stopped to be restarted: %s", worker.role, pid, describe_exit(code))
-            self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True)
+            self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True,
+                                    reason=RestartReason.PLANNED)
             if worker.role == Role.SENDER:
                 self.router.sender_died(asked=True)
             return
@@ -269,7 +270,8 @@ class Supervisor:
         worker.failures += 1
         worker.restarts += 1
         worker.restart_at = now + delay
-        self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True)
+        self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True,
+                                reason=RestartReason.CRASH)
         logger.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
                        worker.role, pid, describe_exit(code), delay)
         if worker.role == Role.SENDER:

@@ -22,7 +22,17 @@ from mailroom.control.server import ControlServer, ControlSocketError, Request, 
 from mailroom.supervisor import messages as msg
 from mailroom.supervisor.router import Batch
 from mailroom.supervisor.view import SupervisorView
-from mailroom.vocabulary import Action, BatchState, OutcomeKind, Pausable, Role, RunState, TokenOutcomes, WorkerState
+from mailroom.vocabulary import (
+    Action,
+    BatchState,
+    OutcomeKind,
+    Pausable,
+    RestartReason,
+    Role,
+    RunState,
+    TokenOutcomes,
+    WorkerState,
+)
 
 logger = logging.getLogger("mailroom.supervisor")
 
@@ -165,7 +175,7 @@ class Operator:
 
     def on_worker(self, event: str, role: Role, pid: int, **extra: Any) -> None:
         if event == "worker.exited" and extra.get("restarting"):
-            self.metrics.worker_restarted(role)
+            self.metrics.worker_restarted(role, extra.get("reason", RestartReason.CRASH))
         data: dict[str, Any] = {"worker": role, "pid": pid, **extra}
         if event == "worker.started":
             data.update(state=WorkerState.RUNNING, started=time.time())
