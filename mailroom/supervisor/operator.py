@@ -8,6 +8,10 @@ shutdown), turns what the router and the arbiter see into events, and keeps the
 Prometheus numbers.  Numbers only a worker knows arrive in its heartbeats.
 """
 
+# A little past the house's ~400 lines: opening both listeners at start (with the
+# one-line StartError), every command, the events and the gauges all read the same
+# state of one supervisor; the control server and the metrics live in control/.
+
 from __future__ import annotations
 
 import collections
