@@ -20,6 +20,7 @@ class SupervisorProcess:
     """A running ``mailroom-supervisor`` with its log in a file."""
 
     def __init__(self, env: dict[str, str]) -> None:
+        self.env = env  # for clients that need its socket or database
         self.logfile = tempfile.NamedTemporaryFile(prefix="mailroom-supervisor-", suffix=".log")
         self.proc = subprocess.Popen(console_script("mailroom-supervisor"), env=env,
                                      stdout=subprocess.DEVNULL, stderr=self.logfile)

@@ -11,11 +11,13 @@ at a lower one lets them go at once.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from collector_util import insert_accounts, wait_for
+from pgutil import console_script
 from supervisor_util import SupervisorProcess, ledger, supervisor_env
 
 from mailroom.control.client import ControlClient
@@ -61,12 +63,19 @@ def sender_rate(ctl: ControlClient) -> float | None:
 
 def test_set_rate_is_capped_at_the_configured_quota_not_at_what_ses_reports(operated):
     # moto says 1/s; the operator said 500/s: the cap is 500, as in the demo.
-    _, ctl = operated(ses_max_send_rate="500")
+    sup, ctl = operated(ses_max_send_rate="500")
     wait_for(lambda: sender_rate(ctl) == 500, what="the sender at the configured 500/s")
     assert ctl.request("set_rate", per_second=2000) == {"per_second": 500, "requested": 2000, "capped": True}
     assert ctl.request("set_rate", per_second=300) == {"per_second": 300, "requested": 300, "capped": False}
     # The sender applies the same cap (it used to cap at SES's 1/s again).
     wait_for(lambda: sender_rate(ctl) == 300, what="the sender at 300/s")
+    # `ctl status` shows how far set-rate may go.
+    assert ctl.request("status")["ses"]["rate_cap"] == 500
+    shown = subprocess.run([*console_script("mailroom"), "ctl", "status"], env=sup.env, capture_output=True,
+                           text=True, timeout=60)
+    assert "rate limit" in shown.stdout, shown
+    [line] = [line for line in shown.stdout.splitlines() if line.startswith("rate limit")]
+    assert line.split(None, 2)[2] == "300 recipients/s (the send quota allows 500)"
 
 
 def test_raising_the_rate_frees_calls_already_waiting_at_the_old_one(operated, db, moto):

@@ -68,6 +68,16 @@ def _dict(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _rate_limit(limit: Any, cap: Any) -> str:
+    """The limit in force, and the send quota when it allows more (what set-rate may reach)."""
+    if limit is None:
+        return "none"
+    text = f"{_count(limit)} recipients/s"
+    if isinstance(cap, int | float) and isinstance(limit, int | float) and cap > limit:
+        text += f" (the send quota allows {_count(cap)})"
+    return text
+
+
 def status(result: Mapping[str, Any]) -> str:
     """``ctl status``: the supervisor, its queue, rates and quota, then one line per worker."""
     paused = _dict(result.get("paused"))
@@ -94,7 +104,7 @@ def status(result: Mapping[str, Any]) -> str:
         ("failed", f"{_rate(rates.get('failed_per_s'))} now, {_count(counters.get('failed', 0))} since start"),
         ("batches", f"{_count(counters.get('batches', 0))} done, {_count(counters.get('retry', 0))} rows"
                     f" given back to retry, {_count(counters.get('skipped', 0))} skipped"),
-        ("rate limit", "none" if ses.get("rate_limit") is None else f"{_count(ses.get('rate_limit'))} recipients/s"),
+        ("rate limit", _rate_limit(ses.get("rate_limit"), ses.get("rate_cap"))),
         ("SES quota", quota),
     ])
     workers = _dict(result.get("workers"))

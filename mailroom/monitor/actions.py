@@ -156,7 +156,7 @@ class OperatorActions(App[None]):
             "Send-rate limit, recipients per second", "" if tick.rate_limit is None else f"{tick.rate_limit:g}",
             "rate",
             lambda rate: (f"Set the send rate to {rate:g}/s?\n\nnow {num(tick.rate_limit, 1)}/s, "
-                          f"SES MaxSendRate {num(tick.max_send_rate, 1)}/s (the cap)."),
+                          f"at most {num(tick.rate_cap, 1)}/s (the send quota)."),
             lambda rate: self._command("set_rate", per_second=rate))
 
     @work(group="command")

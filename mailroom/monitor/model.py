@@ -85,6 +85,7 @@ class Tick:
     queue_depth: int | None = None
     oldest_queued_s: float | None = None
     rate_limit: float | None = None
+    rate_cap: float | None = None  # the send quota: MAILROOM_SES_MAX_SEND_RATE, else SES's
     max_send_rate: float | None = None
     max_24h_send: float | None = None
     sent_last_24h: float | None = None
@@ -100,7 +101,7 @@ class Tick:
             value = as_int(data.get(name))
             if value is not None:
                 setattr(self, name, value)
-        for name in ("oldest_queued_s", "rate_limit"):
+        for name in ("oldest_queued_s", "rate_limit", "rate_cap"):
             if name in data:
                 setattr(self, name, as_float(data.get(name)))
         ses = _dict(data.get("ses"))

@@ -218,7 +218,7 @@ class Operator:
         return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
                 "workers": self._workers(), "in_flight": {"batches": len(self.sup.router), "rows": rows},
                 "counters": dict(self.counters), "rates": self._rates(),
-                "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit")},
+                "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit"), "rate_cap": self.rate_cap()},
                 "queue": self.settings.queue_name, "queue_depth": collector.get("queue_depth"),
                 "oldest_queued_s": collector.get("oldest_queued_s"),
                 "tick": self._tick_data()}
@@ -250,7 +250,7 @@ class Operator:
         collector, sender = self.sup.workers[Role.COLLECTOR].stats, self.sup.workers[Role.SENDER].stats
         return {**self._rates(), "workers": self._workers(), "in_flight": len(self.sup.router),
                 "queue_depth": collector.get("queue_depth"), "oldest_queued_s": collector.get("oldest_queued_s"),
-                "rate_limit": sender.get("rate_limit"), "ses": sender.get("ses", {})}
+                "rate_limit": sender.get("rate_limit"), "rate_cap": self.rate_cap(), "ses": sender.get("ses", {})}
 
     # -- the loop's turn -----------------------------------------------------------------
     def tick(self, now: float) -> None:
