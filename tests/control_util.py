@@ -4,17 +4,60 @@ its own), a scripted handler, and raw socket clients."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
 import select
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from mailroom.control import protocol
 from mailroom.control.server import ControlServer, Request
+
+#: The uid and gid the viewer tests run a client as (``nobody`` / ``nogroup``).
+NOBODY = 65534
+
+
+@functools.cache
+def nobody_cannot_run(python: str = sys.executable, code: str = "import mailroom") -> str | None:
+    """Why uid ``nobody`` cannot run ``code`` with ``python``, or None when it can.
+
+    The viewer tests start a client as ``nobody``.  Where the interpreter or the
+    checkout lives under a directory other users cannot traverse (a virtualenv in a
+    0700 home, say), that client cannot even start: the test would fail for a reason
+    that is the machine's, not the code's.  One quick run as ``nobody`` tells.
+    """
+    if os.geteuid() != 0:
+        return "running a client as user nobody needs root"
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    try:
+        done = subprocess.run([python, "-c", code], preexec_fn=drop, capture_output=True, text=True,
+                              timeout=30, cwd="/", env={"PATH": os.environ.get("PATH", "")})
+    except OSError as exc:
+        return f"user nobody cannot execute {python}: {exc}"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]
+        return f"user nobody cannot run {python} -c {code!r}: {last}"
+    return None
+
+
+def require_nobody(code: str = "import mailroom") -> None:
+    """Skip the test, with the reason, when uid ``nobody`` cannot run ``code`` here."""
+    reason = nobody_cannot_run(sys.executable, code)
+    if reason:
+        pytest.skip(reason)
 
 
 class Handler:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from control_util import Handler, LoopThread, Raw, make_server
+from control_util import Handler, LoopThread, Raw, make_server, nobody_cannot_run, require_nobody
 
 from mailroom.control import protocol
 from mailroom.control import server as server_mod
@@ -271,6 +271,7 @@ def test_a_subscriber_that_stops_reading_is_dropped(running):
 
 def _as_nobody(path: str, lines: list[dict]) -> list[dict]:
     """Send ``lines`` as uid/gid nobody from a fresh interpreter; the replies."""
+    require_nobody("import json, socket")
     code = (
         "import json, socket, sys\n"
         "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
@@ -287,6 +288,20 @@ def _as_nobody(path: str, lines: list[dict]) -> list[dict]:
                           input="".join(json.dumps(x) + "\n" for x in lines), text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_the_nobody_probe_says_why_nobody_cannot_run_the_interpreter(tmp_path):
+    """Where the interpreter lives under a 0700 directory (a venv in a private home),
+    the viewer tests skip with this reason instead of failing."""
+    if os.geteuid() != 0:
+        assert nobody_cannot_run() == "running a client as user nobody needs root"
+        return
+    private = tmp_path / "home"
+    private.mkdir(mode=0o700)
+    python = private / "python"
+    python.symlink_to(sys.executable)
+    reason = nobody_cannot_run(str(python), "pass")
+    assert reason is not None and "user nobody cannot" in reason and str(python) in reason
 
 
 def test_a_viewer_is_forbidden_every_state_change(sockdir, caplog):

@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 from collector_util import insert_accounts, wait_for
+from control_util import NOBODY, require_nobody
 from prometheus_client.parser import text_string_to_metric_families
 from ses_emulator import free_port
 from supervisor_util import SupervisorProcess, ledger, supervisor_env
@@ -241,6 +242,7 @@ def test_a_viewer_cannot_change_state(operated, db, stub):
     import sys
     import tempfile
 
+    require_nobody("from mailroom.control.client import ControlClient")
     # pytest's own tmp_path is 0700 under root: another uid could not reach it.
     where = tempfile.mkdtemp(prefix="mailroom-viewer-")
     os.chmod(where, 0o711)
@@ -250,9 +252,8 @@ def test_a_viewer_cannot_change_state(operated, db, stub):
             "c = ControlClient(sys.argv[1]); c.connect()\n"
             "try:\n    c.request('pause', what='claims'); print('accepted')\n"
             "except ControlRefused as e:\n    print(e.code)\n")
-    nobody = 65534
     done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=30,
-                          user=nobody, group="nogroup", extra_groups=[], env={"PATH": os.environ["PATH"]})
+                          user=NOBODY, group="nogroup", extra_groups=[], env={"PATH": os.environ["PATH"]})
     assert done.stdout.strip() == "forbidden", done.stderr
     assert ctl.request("status")["paused"] == {"claims": False, "sending": False}
     with pytest.raises(ControlRefused):
