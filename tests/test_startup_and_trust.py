@@ -199,3 +199,11 @@ def test_the_monitors_client_refuses_it_too(impostor):
     with pytest.raises(UntrustedSocket, match=f"served by uid {NOBODY}"):
         asyncio.run(connect())
     assert _heard(heard) == b""
+
+
+def test_an_unknown_control_owner_is_one_line_exit_2(base_env):
+    result = subprocess.run([*console_script("mailroom"), "ctl", "status"], capture_output=True, text=True,
+                            env=dict(base_env, MAILROOM_CONTROL_OWNER="no-such-user-here"), timeout=30)
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert "MAILROOM_CONTROL_OWNER" in line and "no such user 'no-such-user-here'" in line

@@ -423,7 +423,9 @@ class Supervisor:
         the sender abandons its calls, the collector releases what it holds) and by
         SIGTERM, killed after :data:`STOP_GRACE`. Claimed rows that were in flight go
         back to the queue when their lease expires, as after a SIGKILL."""
-        for role in (Role.SENDER, Role.COLLECTOR):
+        # The collector last (it records and releases), whatever other roles exist.
+        order = sorted(self.workers, key=lambda r: (r is Role.COLLECTOR, r is not Role.SENDER))
+        for role in order:
             worker = self.workers[role]
             if worker.pipe is not None:
                 worker.pipe.close()
