@@ -105,7 +105,7 @@ def test_the_operators_rate_outlives_a_sender_restart(operated, db, moto):
     assert sup.worker("sender") != first
     # The supervisor hands the new sender the operator's rate (it used to start at
     # the configured 100000/s and stay there).
-    wait_for(lambda: sup.log().count(applied) == 2, what="the new sender at 0.01/s")
+    wait_for(lambda: sup.log().count(applied) >= 2, what="the new sender at 0.01/s")
     insert_accounts(db, 120, "r")
     wait_for(lambda: moto.bulk_calls(), what="the first SES call of the new sender")
     # At 0.01/s the first call leaves hours of debt: the rest stays claimed.  A
