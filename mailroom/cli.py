@@ -141,12 +141,17 @@ def _parser() -> argparse.ArgumentParser:
     template_commands.add_arguments(sub.add_parser(
         "templates", help="SES templates as files: push, pull, diff, check (mailroom templates --help)",
         description="SES templates as files (MAILROOM_TEMPLATES_DIR, one folder per template)"))
+    from mailroom.events import setup as ses_setup
+
+    ses_setup.add_arguments(sub.add_parser(
+        "ses", help="wire SES to mailroom: setup-events (mailroom ses --help)",
+        description="Set up what SES needs around mailroom"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``unskip``,
-    ``suppression``, ``monitor``, ``templates``, ``tokens verify``, ``demo``."""
+    ``suppression``, ``monitor``, ``templates``, ``ses setup-events``, ``tokens verify``, ``demo``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:  # its own parser; needs no database
         from mailroom.control import ctl
@@ -174,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mailroom.templates import commands as template_commands
 
         sys.exit(template_commands.main(args, _settings((), "SES")))
+    if args.command == "ses":
+        # SES with the sender's settings; SNS and SQS by boto3's own configuration. No database.
+        from mailroom.events import setup as ses_setup
+
+        sys.exit(ses_setup.main(args, _settings((), "SES")))
     if args.command == "tokens":
         sys.exit(_tokens_verify(args, _settings((config.SECRET,), "PG")))
     settings = _settings((config.DATABASE,), "PG")

@@ -23,7 +23,8 @@ SCRIPTS = ("mailroom", "mailroom-supervisor", "mailroom-collector", "mailroom-se
 SUBCOMMANDS = (["migrate"], ["migrate", "up"], ["status"], ["ctl"], ["ctl", "status"], ["ctl", "set-rate"],
                ["demo"], ["deliveries"], ["retry"], ["skip"], ["unskip"], ["monitor"],
                ["templates"], ["templates", "push"], ["suppression"], ["suppression", "list"],
-               ["suppression", "add"], ["suppression", "check"], ["tokens"], ["tokens", "verify"])
+               ["suppression", "add"], ["suppression", "check"], ["ses"], ["ses", "setup-events"],
+               ["tokens"], ["tokens", "verify"])
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
