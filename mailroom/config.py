@@ -85,6 +85,9 @@ class Settings:
     ses_output_max_bytes: int = 100 * 1024 * 1024
     send_retry_backoff: int = 30_000
     templates_dir: str = "./templates"
+    #: The SQS queue SES events arrive on (DESIGN.md 11); set, the supervisor forks
+    #: the events worker.  Its endpoint is boto3's (``AWS_ENDPOINT_URL_SQS``).
+    ses_events_queue_url: str | None = None
 
 
 def _text(raw: str) -> str:
@@ -99,6 +102,17 @@ def _identifier(raw: str) -> str:
     if not raw or len(raw.encode()) > 63 or "\x00" in raw:
         raise ValueError("must be 1 to 63 bytes long")
     return raw
+
+
+def _queue_url(raw: str) -> str | None:
+    """An SQS queue URL (``https://sqs.REGION.amazonaws.com/ACCOUNT/NAME``, or an
+    emulator's ``http://...``); empty: none."""
+    text = raw.strip()
+    if not text:
+        return None
+    if not re.match(r"^https?://[^/\s]+/\S+$", text):
+        raise ValueError(f"expected an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME), got {raw!r}")
+    return text
 
 
 def _positive_int(raw: str) -> int:
@@ -360,6 +374,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ses_output_max_bytes": ("MAILROOM_SES_OUTPUT_MAX_BYTES", _bounded_int(2**50)),
     "send_retry_backoff": ("MAILROOM_SEND_RETRY_BACKOFF", _bounded_int(_DAY_MS)),
     "templates_dir": ("MAILROOM_TEMPLATES_DIR", _text),
+    "ses_events_queue_url": ("MAILROOM_SES_EVENTS_QUEUE_URL", _queue_url),
     "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _bounded_int(1_000)),
     "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _auto_or(_bounded_int(1_000))),
     "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _bounded_int(_DAY_MS)),

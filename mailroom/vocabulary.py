@@ -136,6 +136,7 @@ class Role(enum.StrEnum):
 
     COLLECTOR = "collector"
     SENDER = "sender"
+    EVENTS = "events"  # only when MAILROOM_SES_EVENTS_QUEUE_URL is set
 
 
 class WorkerState(enum.StrEnum):

@@ -13,7 +13,7 @@ from collector_util import pid_alive, wait_for
 from pgutil import console_script
 from ses_emulator import AWS_ENV, SOURCE
 
-_STARTED = re.compile(r"(collector|sender) worker started \(pid (\d+)\)")
+_STARTED = re.compile(r"(collector|sender|events) worker started \(pid (\d+)\)")
 
 
 class SupervisorProcess:
@@ -50,7 +50,7 @@ class SupervisorProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        for role in ("collector", "sender"):
+        for role in ("collector", "sender", "events"):
             for pid in self.started(role):
                 if pid_alive(pid):
                     os.kill(pid, signal.SIGKILL)

@@ -1,4 +1,5 @@
-"""The arbiter of ``mailroom-supervisor``: fork, watch and restart the two workers.
+"""The arbiter of ``mailroom-supervisor``: fork, watch and restart the workers (collector
+and sender; the events worker too when ``MAILROOM_SES_EVENTS_QUEUE_URL`` is set).
 
 The shape is gunicorn's arbiter: signal handlers only queue the signal and poke a
 wake-up pipe; the main loop waits on the workers' pipes and that wake-up pipe
@@ -126,6 +127,9 @@ class Supervisor:
         self.settings = settings
         self.ctx = multiprocessing.get_context("fork")
         self.workers = {Role.COLLECTOR: Worker(Role.COLLECTOR), Role.SENDER: Worker(Role.SENDER)}
+        if settings.ses_events_queue_url:
+            # Independent of the other two: it reads SQS and writes the ledger, no batches.
+            self.workers[Role.EVENTS] = Worker(Role.EVENTS)
         self.operator = Operator(self)
         self.router = Router(self.send, on_event=self.operator.on_router_event,
                              on_finished=self.operator.on_batch_finished,
@@ -170,9 +174,10 @@ class Supervisor:
         """SIGHUP: restart both workers gracefully (new credentials, a fresh SES quota)."""
         if self.stopping:
             return
-        logger.info("SIGHUP: restarting both workers")
-        for role in (Role.SENDER, Role.COLLECTOR):
-            self.request_restart(role)
+        logger.info("SIGHUP: restarting the workers")
+        for role in (Role.SENDER, Role.COLLECTOR, Role.EVENTS):
+            if role in self.workers:
+                self.request_restart(role)
 
     def request_restart(self, role: Role) -> None:
         """Stop a worker the graceful way; it is started again as soon as it exits."""
@@ -185,7 +190,7 @@ class Supervisor:
             self.router.dispatching = False
             self.send(Role.SENDER, msg.Stop(self.settings.shutdown_timeout / 1000))
         else:
-            self.send(Role.COLLECTOR, msg.Stop())
+            self.send(role, msg.Stop())
 
     # -- worker lifecycle ------------------------------------------------------
     def spawn(self, worker: Worker) -> None:
@@ -204,7 +209,7 @@ class Supervisor:
         if worker.role == Role.COLLECTOR:
             self.router.collector_started(draining=self.stopping)
             self.operator.on_collector_started()
-        else:
+        elif worker.role == Role.SENDER:
             self.router.dispatching = not self.stopping
             self.operator.on_sender_started()  # its rate before its first batch
             self.router.sender_started()
@@ -224,7 +229,8 @@ class Supervisor:
                 worker.pipe.close()
         from mailroom.supervisor import workers
 
-        entry = workers.collector_worker if role == Role.COLLECTOR else workers.sender_worker
+        entry = {Role.COLLECTOR: workers.collector_worker, Role.SENDER: workers.sender_worker,
+                 Role.EVENTS: workers.events_worker}[role]
         sys.exit(entry(pipe, self.settings))
 
     def reap(self) -> None:
@@ -282,6 +288,10 @@ class Supervisor:
         self.phase = Phase.DRAIN
         self.deadline = time.monotonic() + grace
         self.send(Role.COLLECTOR, msg.Drain())
+        # The events worker holds no batch: it finishes the events it is recording,
+        # deletes their messages and exits, while the others drain.
+        if Role.EVENTS in self.workers:
+            self.send(Role.EVENTS, msg.Stop())
 
     def kill_all(self) -> None:
         for worker in self.workers.values():
@@ -391,7 +401,8 @@ class Supervisor:
             self.send(Role.COLLECTOR, msg.Stop())
             self.deadline = now + STOP_GRACE
         if self.phase is Phase.STOP_COLLECTOR:
-            if collector.up and now < self.deadline:
+            events = self.workers.get(Role.EVENTS)
+            if (collector.up or (events is not None and events.up)) and now < self.deadline:
                 return
             self.kill_all()
             self.done = True
@@ -447,8 +458,8 @@ class Supervisor:
         self.install_signals()
         logger.info("starting (pid %d), queue %s, channel %s", os.getpid(),
                     self.settings.queue_name, self.settings.channel_name)
-        self.spawn(self.workers[Role.COLLECTOR])
-        self.spawn(self.workers[Role.SENDER])
+        for worker in self.workers.values():
+            self.spawn(worker)
         while not self.done:
             pipes = [w.pipe for w in self.workers.values() if w.pipe is not None]
             # A client with output pending is written to on every turn: turn quickly.

@@ -69,6 +69,12 @@ class Operator:
         self.send_rate: float | None = None
         self.recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.counters = collections.Counter[str]()
+        #: The events worker's totals since this supervisor started (its heartbeats
+        #: carry what changed since the last one); ``None`` without an events worker.
+        self.events: dict[str, Any] | None = None
+        if Role.EVENTS in supervisor.workers:
+            self.events = {"received": 0, "recorded": collections.Counter[str](), "unmatched": 0,
+                           "unparsable": 0, "ignored": 0, "suppressed": 0, "rematched": 0, "lag_s": None}
         self.history: collections.deque[tuple[float, int, int]] = collections.deque()
         self.drains: list[tuple[Request, float, float]] = []
         self.started_at = time.monotonic()
@@ -168,9 +174,19 @@ class Operator:
         self.metrics.batch_released()
 
     def on_heartbeat(self, beat: msg.Heartbeat) -> None:
-        """The SES calls a sender made since its last heartbeat."""
+        """The SES calls a sender made since its last heartbeat; the events worker's
+        counts since its last one."""
         for result, seconds in beat.stats.get("calls", ()):
             self.metrics.ses_request(result, seconds)
+        changed = beat.stats.get("events")
+        if changed and self.events is not None:
+            for key, value in changed.items():
+                if key == "recorded":
+                    self.events["recorded"].update(value)
+                elif key == "lag_s":
+                    self.events["lag_s"] = value if value is not None else self.events["lag_s"]
+                elif key in self.events:
+                    self.events[key] += int(value or 0)
 
     def on_recorded(self, recorded: msg.Recorded) -> None:
         """Rows the collector recorded ``sent``: how long after their creation."""
@@ -221,6 +237,7 @@ class Operator:
                 "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit"), "rate_cap": self.rate_cap()},
                 "queue": self.settings.queue_name, "queue_depth": collector.get("queue_depth"),
                 "oldest_queued_s": collector.get("oldest_queued_s"),
+                "events": None if self.events is None else {**self.events, "recorded": dict(self.events["recorded"])},
                 "tick": self._tick_data()}
 
     def _workers(self) -> dict[str, dict[str, Any]]:
@@ -401,6 +418,9 @@ class Operator:
     def cmd_restart(self, request: Request, worker: str) -> None:
         if self.sup.stopping:
             request.fail("invalid_state", "the supervisor is stopping")
+            return
+        if Role(worker) not in self.sup.workers:
+            request.fail("invalid_state", f"no {worker} worker here (MAILROOM_SES_EVENTS_QUEUE_URL is not set)")
             return
         self.sup.request_restart(Role(worker))
         request.reply({"worker": worker, "restarting": True})

@@ -1,4 +1,5 @@
-"""The two worker processes of ``mailroom-supervisor``, run after the fork.
+"""The worker processes of ``mailroom-supervisor`` (collector, sender, and the events
+worker when ``MAILROOM_SES_EVENTS_QUEUE_URL`` is set), run after the fork.
 
 Everything that holds a database connection, a thread or an SES client is
 created here, inside the child, never in the supervisor before the fork.  This
@@ -16,10 +17,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from mailroom import config
-from mailroom._process import SignalFlag, die_with_parent, name_process, one_line, setup_logging
+from mailroom._process import SignalFlag, die_with_parent, name_process, one_line, rss_bytes, setup_logging
 from mailroom.collector import Collector
 from mailroom.collector.pipe import PipeSink
 from mailroom.config import Settings
@@ -119,4 +121,66 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     sink.post(msg.Ready())
     driver.run()
     sink.beat()  # the SES calls made since the last heartbeat count too
+    return config.EXIT_OK
+
+
+# -- events worker ---------------------------------------------------------------
+
+def events_worker(pipe: Connection, settings: Settings) -> int:
+    """Entry point of the events worker (``MAILROOM_SES_EVENTS_QUEUE_URL`` set); returns
+    its exit code.  The loop runs here; a thread reads the pipe and watches for SIGTERM
+    and the supervisor's death, since the long poll blocks the loop for up to 20 s."""
+    stop = _boot("events", "SQS", settings)
+    from mailroom.events.worker import EventsLoop
+    from mailroom.ledger.connection import SchemaError
+
+    assert settings.ses_events_queue_url is not None
+    last_beat = 0.0
+
+    def beat() -> None:
+        nonlocal last_beat
+        now = time.monotonic()
+        if now - last_beat < msg.HEARTBEAT_INTERVAL:
+            return
+        last_beat = now
+        try:
+            pipe.send(msg.Heartbeat({"events": loop.take_counts().as_stats(), "rss": rss_bytes()}))
+        except OSError:  # the supervisor is gone: the pipe thread stops us
+            pass
+
+    try:
+        loop = EventsLoop(settings, settings.ses_events_queue_url, beat=beat)
+    except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings: configuration
+        logger.error("cannot start the events worker: %s", one_line(exc))
+        return config.EXIT_CONFIG
+    try:
+        loop.connect()
+    except SchemaError as exc:
+        logger.error("%s", exc)
+        return config.EXIT_SCHEMA
+    except Exception as exc:  # noqa: BLE001 - the database is down: the loop retries with backoff
+        logger.warning("database unavailable at start (%s); events wait on the queue", one_line(exc))
+    parent = os.getppid()
+
+    def watch() -> None:
+        """Stop on the supervisor's word, SIGTERM or the supervisor's death.  In the long
+        poll the loop holds no message: exit at once rather than after the poll."""
+        while True:
+            try:
+                if pipe.poll(0.25):
+                    message = pipe.recv()
+                    if not isinstance(message, msg.Stop):
+                        continue
+                elif not stop() and os.getppid() == parent:
+                    continue
+            except (EOFError, OSError):
+                pass  # the supervisor is gone
+            if loop.stop():
+                logging.shutdown()
+                os._exit(config.EXIT_OK)
+            return
+
+    threading.Thread(target=watch, name="pipe-reader", daemon=True).start()
+    pipe.send(msg.Ready())
+    loop.run()
     return config.EXIT_OK

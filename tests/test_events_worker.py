@@ -1,0 +1,168 @@
+"""The events worker end to end: a real ``mailroom-supervisor`` with
+``MAILROOM_SES_EVENTS_QUEUE_URL`` set, moto's SES and SQS over HTTP, a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import psycopg
+import pytest
+import ses_events as ses
+from collector_util import wait_for
+from pgutil import console_script
+from supervisor_util import supervisor_env
+
+from mailroom.events import worker as events_worker
+
+
+def sqs(moto) -> Any:
+    import boto3
+
+    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                 region_name="us-east-1").client("sqs", endpoint_url=moto.url)
+
+
+def on_queue(client: Any, url: str) -> int:
+    """Messages still on the queue, visible or not (not deleted)."""
+    attrs = client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def sent(db: str, email: str) -> str | None:
+    """The MessageId of the latest delivery to ``email`` once SES accepted it."""
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT d.message_id FROM deliveries AS d JOIN tokens AS t ON t.id = d.token"
+                           " JOIN accounts AS a ON a.id = t.account WHERE a.email = %s AND d.status = 'sent'"
+                           " ORDER BY d.token DESC LIMIT 1", (email,)).fetchone()
+    return row[0] if row else None
+
+
+def rows(db: str, sql: str) -> list[tuple]:
+    with psycopg.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def ctl_status(env: dict[str, str]) -> dict[str, Any]:
+    done = subprocess.run([*console_script("mailroom"), "ctl", "status", "--json"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_region_of_a_queue_url() -> None:
+    assert events_worker.region_of("https://sqs.eu-west-1.amazonaws.com/123456789012/ses-events") == "eu-west-1"
+    assert events_worker.region_of("http://127.0.0.1:5000/123456789012/q") is None
+
+
+def test_bounce_suppresses_and_the_next_token_is_never_sent(db, base_env, moto, supervisors) -> None:
+    client = sqs(moto)
+    queue = client.create_queue(QueueName="ses-events", Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
+    env = supervisor_env(base_env, db, moto.url, ses_events_queue_url=queue, worker_timeout=6000)
+    env["AWS_ENDPOINT_URL_SQS"] = moto.url  # boto3's own variable: no mailroom setting
+    sup = supervisors(env)
+    events_pid = sup.worker("events")
+
+    def title() -> bytes:
+        with open(f"/proc/{events_pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0]
+
+    wait_for(lambda: title() == b"mailroom: events", what="the events worker's process title")
+
+    with psycopg.connect(db) as conn:
+        conn.execute("INSERT INTO accounts (email, login) VALUES ('gone@example.com', 'gone'),"
+                     " ('fine@example.com', 'fine'), ('a@example.com', 'a')")
+    gone = wait_for(lambda: sent(db, "gone@example.com"), what="gone@ sent")
+    fine = wait_for(lambda: sent(db, "fine@example.com"), what="fine@ sent")
+    a_id = wait_for(lambda: sent(db, "a@example.com"), what="a@ sent")
+
+    bounce = ses.sns(ses.bounce(gone, "gone@example.com"), sns_id="sns-bounce")
+    for body in (bounce, ses.raw(ses.delivery(fine, "fine@example.com")),
+                 ses.sns(ses.delivery_delay(a_id, "a@example.com")),
+                 ses.sns(ses.complaint("not-ours", "stranger@example.org")),  # another sender's
+                 "{this is not json"):
+        client.send_message(QueueUrl=queue, MessageBody=body)
+
+    def feedback() -> dict[str, str | None]:
+        return dict(rows(db, "SELECT a.email, d.feedback::text FROM deliveries AS d JOIN tokens AS t"
+                             " ON t.id = d.token JOIN accounts AS a ON a.id = t.account"))
+
+    wait_for(lambda: feedback() == {"gone@example.com": "bounced", "fine@example.com": "delivered",
+                                    "a@example.com": "delayed"}, what="feedback recorded")
+    # Everything recorded is deleted; the garbage stays for the redrive policy.
+    wait_for(lambda: on_queue(client, queue) == 1, what="recorded messages deleted")
+    events = rows(db, "SELECT recipient, type::text, token IS NOT NULL, diagnostic FROM delivery_events ORDER BY id")
+    assert sorted(events) == [("a@example.com", "delayed", True, "4.4.1 timed out"),
+                              ("fine@example.com", "delivered", True, "250 2.6.0 Message received"),
+                              ("gone@example.com", "bounced", True, "5.1.1 user unknown"),
+                              ("stranger@example.org", "complained", False, None)]
+    assert sorted(rows(db, "SELECT address, reason FROM suppressions")) == [
+        ("gone@example.com", "bounced"), ("stranger@example.org", "complained")]
+
+    # SQS delivers at least once: the same bounce again changes nothing.
+    client.send_message(QueueUrl=queue, MessageBody=bounce)
+    wait_for(lambda: ctl_status(env)["events"]["received"] >= 6, what="redelivery received")
+    wait_for(lambda: on_queue(client, queue) == 1, what="redelivery deleted")
+    assert len(rows(db, "SELECT 1 FROM delivery_events")) == 4
+    assert len(rows(db, "SELECT 1 FROM suppressions")) == 2
+
+    # The bounced address's next token is skipped in the claim and never reaches SES.
+    calls_before = [a for call in moto.bulk_calls() for a, _ in call.destinations]
+    with psycopg.connect(db) as conn:
+        conn.execute("INSERT INTO tokens (action, account) SELECT 'activation', id FROM accounts"
+                     " WHERE email = 'gone@example.com'")
+    skipped = wait_for(lambda: rows(db, "SELECT last_error FROM deliveries WHERE status = 'skipped'"),
+                       what="the suppressed token skipped")
+    assert skipped == [("suppressed: bounced (5.1.1 user unknown)",)]
+    assert [a for call in moto.bulk_calls() for a, _ in call.destinations] == calls_before
+    assert calls_before.count("gone@example.com") == 1
+
+    counts = ctl_status(env)["events"]
+    assert counts["recorded"] == {"bounced": 1, "delivered": 1, "delayed": 1, "complained": 1}
+    assert counts["unmatched"] == 1 and counts["suppressed"] == 2 and counts["unparsable"] >= 1
+    log = sup.log()
+    assert log.count("unparsable message") == 1  # one line per message, however often it comes back
+    assert sup.stop() == 0
+    assert "events worker (pid" in sup.log() and "Traceback" not in sup.log()
+
+
+def test_sqs_unreachable_is_one_line_and_no_restart_loop(db, base_env, moto, supervisors) -> None:
+    env = supervisor_env(base_env, db, moto.url, ses_events_queue_url="http://127.0.0.1:9/1/nowhere",
+                         worker_timeout=3000)
+    env["AWS_ENDPOINT_URL_SQS"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    sup = supervisors(env)
+    sup.worker("events")
+    wait_for(lambda: "SQS unavailable" in sup.log(), what="the SQS line")
+    # Several backoff rounds later: still the same worker, still one line.
+    wait_for(lambda: ctl_status(env)["workers"]["events"]["uptime_s"] > 5, timeout=30, what="5 s of uptime")
+    assert len(sup.started("events")) == 1
+    assert sup.log().count("SQS unavailable") == 1
+    assert sup.stop() == 0
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL"])
+def test_a_killed_events_worker_loses_nothing_and_counts_nothing_twice(db, base_env, moto, supervisors,
+                                                                       signal_name: str) -> None:
+    import os
+    import signal
+
+    client = sqs(moto)
+    queue = client.create_queue(QueueName="ses-events-kill", Attributes={"VisibilityTimeout": "2"})["QueueUrl"]
+    env = supervisor_env(base_env, db, moto.url, ses_events_queue_url=queue)
+    env["AWS_ENDPOINT_URL_SQS"] = moto.url
+    sup = supervisors(env)
+    first = sup.worker("events")
+    for n in range(30):
+        client.send_message(QueueUrl=queue, MessageBody=ses.sns(ses.delivery(f"m{n}", f"u{n}@example.com")))
+    wait_for(lambda: rows(db, "SELECT count(*) FROM delivery_events")[0][0] > 0, what="some recorded")
+    os.kill(first, getattr(signal, signal_name))
+    wait_for(lambda: len(sup.started("events")) == 2, what="the events worker restarted")
+    wait_for(lambda: on_queue(client, queue) == 0, timeout=30, what="every message deleted")
+    assert rows(db, "SELECT count(*), count(DISTINCT message_id) FROM delivery_events") == [(30, 30)]
+    # Counted when recorded anew: what the killed worker recorded and the next one
+    # received again is not counted a second time.
+    since = ctl_status(env)["workers"]["events"]["uptime_s"]
+    wait_for(lambda: ctl_status(env)["workers"]["events"]["uptime_s"] > since + 1.5, what="a heartbeat after")
+    assert ctl_status(env)["events"]["recorded"].get("delivered", 0) <= 30
+    assert sup.stop() == 0
