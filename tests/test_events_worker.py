@@ -129,13 +129,13 @@ def test_bounce_suppresses_and_the_next_token_is_never_sent(db, base_env, moto, 
 
 def test_sqs_unreachable_is_one_line_and_no_restart_loop(db, base_env, moto, supervisors) -> None:
     env = supervisor_env(base_env, db, moto.url, ses_events_queue_url="http://127.0.0.1:9/1/nowhere",
-                         worker_timeout=3000)
+                         worker_timeout=10000)
     env["AWS_ENDPOINT_URL_SQS"] = "http://127.0.0.1:9"  # nothing listens on the discard port
     sup = supervisors(env)
     sup.worker("events")
-    wait_for(lambda: "SQS unavailable" in sup.log(), what="the SQS line")
+    wait_for(lambda: "SQS unavailable" in sup.log(), timeout=60, what="the SQS line")
     # Several backoff rounds later: still the same worker, still one line.
-    wait_for(lambda: ctl_status(env)["workers"]["events"]["uptime_s"] > 5, timeout=30, what="5 s of uptime")
+    wait_for(lambda: ctl_status(env)["workers"]["events"]["uptime_s"] > 5, timeout=60, what="5 s of uptime")
     assert len(sup.started("events")) == 1
     assert sup.log().count("SQS unavailable") == 1
     assert sup.stop() == 0
