@@ -63,6 +63,9 @@ BAD = [
     ({"MAILROOM_METRICS_ADDR": "127.0.0.1:65536"}, "MAILROOM_METRICS_ADDR", "1 to 65535"),
     ({"MAILROOM_METRICS_ADDR": "localhost:http"}, "MAILROOM_METRICS_ADDR", "host:port"),
     ({"MAILROOM_METRICS_ADDR": "::1:9464"}, "MAILROOM_METRICS_ADDR", "brackets"),
+    ({"MAILROOM_SES_EVENTS_QUEUE_URL": "ses-events"}, "MAILROOM_SES_EVENTS_QUEUE_URL", "SQS queue URL"),
+    ({"MAILROOM_SES_EVENTS_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com"}, "MAILROOM_SES_EVENTS_QUEUE_URL",
+     "SQS queue URL"),
 ]
 
 

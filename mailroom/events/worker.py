@@ -183,6 +183,7 @@ class EventsLoop:
             self._give_back(messages)
             return
         self.handle(messages)
+        self._rematch()  # a queue that never runs dry must not starve the rematch
 
     def handle(self, messages: list[dict[str, Any]]) -> None:
         """Parse, record in one transaction, then delete what was recorded or carried nothing."""
