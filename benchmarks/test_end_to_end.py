@@ -142,7 +142,7 @@ def test_end_to_end_rate_and_memory(benchmark):
                 def setup():
                     nonlocal inserted
                     seconds = stages(template, sender)
-                    for rounds, value in zip((drained, sent, both), (*seconds, max(seconds))):
+                    for rounds, value in zip((drained, sent, both), (*seconds, max(seconds)), strict=True):
                         rounds.seconds.append(value)
                     insert_accounts(url, ACCOUNTS, f"e2e{inserted}_")
                     inserted += ACCOUNTS

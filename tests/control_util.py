@@ -48,7 +48,7 @@ def nobody_cannot_run(python: str = sys.executable, code: str = "import mailroom
     except OSError as exc:
         return f"user nobody cannot execute {python}: {exc}"
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         return f"user nobody cannot run {python} -c {code!r}: {last}"
     return None
 
@@ -131,7 +131,7 @@ class LoopThread:
                 fn, done = self._calls.get()
                 try:
                     done.put((True, fn()))
-                except Exception as exc:  # handed back to the test
+                except Exception as exc:  # noqa: BLE001 - handed back to the test
                     done.put((False, exc))
             self.server.service(set(readable), set(writable))
 

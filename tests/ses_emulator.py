@@ -356,7 +356,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def answer(self, body: bytes) -> Reply:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         reply = self.answer(body)
         if reply.delay:
@@ -408,7 +408,7 @@ class _FastHandler(_Handler):
             + b"</Status></SendBulkTemplatedEmailResult></SendBulkTemplatedEmailResponse>"
         ), delay=self.delay)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         """``GET /received``: the bulk calls so far as JSON ``[[monotonic, [address, ...]], ...]``;
         ``GET /received?clear`` forgets them after answering."""
         with self.lock:

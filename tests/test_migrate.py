@@ -303,7 +303,7 @@ def test_columns_match_schema_md(db0: str, table: str) -> None:
             (table,),
         ).fetchall()
     assert [row[0] for row in found] == [col[0] for col in COLUMNS[table]]
-    for (name, dtype, length, nullable, default, _udt), want in zip(found, COLUMNS[table]):
+    for (name, dtype, length, nullable, default, _udt), want in zip(found, COLUMNS[table], strict=True):
         assert (name, dtype, length, nullable) == want[:4]
         if want[4] is None:
             assert default is None, name

@@ -231,7 +231,7 @@ def test_seq_gap_asks_for_a_new_snapshot() -> None:
 
 def test_screens_switch_with_1_to_5_and_help_opens() -> None:
     async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
-        for key, pane in zip("23451", ("ledger", "failures", "processes", "events", "live")):
+        for key, pane in zip("23451", ("ledger", "failures", "processes", "events", "live"), strict=True):
             await pilot.press(key)
             assert app.current == pane and app.query_one("ContentSwitcher").current == pane
         await pilot.press("question_mark")

@@ -115,7 +115,7 @@ async def _shoot(app: MonitorApp, pilot: Any, out: Path) -> None:
         "processes": lambda: app.query_one("#fleet").row_count == 2,
         "events": lambda: len(app.query_one("#event-log").lines) > 10,
     }
-    for key, pane in zip("12345", EXPECTED):
+    for key, pane in zip("12345", EXPECTED, strict=True):
         await pilot.press(key)
         if pane == "ledger":
             await pilot.press("slash", *"jane@example.com", "enter")

@@ -391,7 +391,7 @@ def test_debug_mode_prints_requests_and_sends_nothing(stub, make_settings):
     requests = [json.loads(text) for text in out.getvalue().splitlines()]
     assert [r["Template"] for r in requests] == ["activationv1", "passwordrecoveryv1"]
     decoded = wire.decode_line(data)
-    for request, row in zip(requests, decoded):
+    for request, row in zip(requests, decoded, strict=True):
         assert request["Source"] == SOURCE and request["ConfigurationSetName"] == "default"
         assert json.loads(request["Destinations"][0]["ReplacementTemplateData"]) == expected_data(row)
         assert request["Destinations"][0]["Destination"] == {"ToAddresses": [row[1]]}

@@ -84,8 +84,8 @@ def test_killed_workers_and_backend_lose_nothing(db, base_env, supervisors, stub
     assert new_sender != first_sender and new_collector != first_collector
     assert pid_alive(new_sender) and pid_alive(new_collector)
     log = sup.log()
-    assert "sender worker (pid %d) exited: killed by SIGKILL" % first_sender in log
-    assert "collector worker (pid %d) exited: killed by SIGKILL" % first_collector in log
+    assert f"sender worker (pid {first_sender}) exited: killed by SIGKILL" in log
+    assert f"collector worker (pid {first_collector}) exited: killed by SIGKILL" in log
     assert sup.stop() == 0
 
 
@@ -201,7 +201,7 @@ def test_silent_worker_is_killed_and_restarted(db, base_env, supervisors, stub):
     frozen = sup.worker("collector")
     signal_pid(frozen, signal.SIGSTOP)              # alive, but no more heartbeats
     wait_for(lambda: len(sup.started("collector")) == 2, timeout=30, what="a new collector")
-    assert "collector worker (pid %d) silent for" % frozen in sup.log()
+    assert f"collector worker (pid {frozen}) silent for" in sup.log()
     assert not pid_alive(frozen)
     insert_accounts(db, 5, "after")
     wait_for(lambda: ledger(db).get("sent") == 5, timeout=30, what="sent by the new collector")

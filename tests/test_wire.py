@@ -148,7 +148,7 @@ def test_limit3_vector_lines(impl):
 
 def test_limit3_vector_each_row(impl):
     signer = impl.Signer(KEY)
-    for ids, line in zip(LIMIT3_BATCHES, expected_lines()):
+    for ids, line in zip(LIMIT3_BATCHES, expected_lines(), strict=True):
         fields = line.rstrip(b"\n").split(b",")  # no field of this vector is quoted
         for n, token_id in enumerate(ids):
             row = FIXTURE_ROWS[token_id]

@@ -59,8 +59,8 @@ def _fields(rows: Sequence[tuple[str, str]], indent: str = "") -> list[str]:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return [indent + "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths)).rstrip()
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [indent + "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths, strict=True)).rstrip()
             for line in (header, *rows)]
 
 

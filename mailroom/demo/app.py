@@ -162,7 +162,7 @@ class Demo:
         def start_ses() -> None:
             try:
                 ses.start()
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
                 ses_error.append(exc)
 
         ses_thread = threading.Thread(target=start_ses, name="demo-ses-start", daemon=True)

@@ -57,7 +57,7 @@ class Traffic(threading.Thread):
         try:
             with psycopg.connect(self.database_url, autocommit=True) as conn:
                 self._loop(conn)
-        except BaseException as exc:  # reported by the demo, which then stops
+        except BaseException as exc:  # noqa: BLE001 - reported by the demo, which then stops
             if not self._halt.is_set():
                 _log.error("traffic generator stopped: %s", exc)
                 self.error = exc

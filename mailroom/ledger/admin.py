@@ -68,7 +68,7 @@ def deliveries(conn: psycopg.Connection[Any], queue: str, email: str, limit: int
              ORDER BY d.created_at DESC, d.token DESC
              LIMIT %(limit)s""",
         {"queue": queue, "accounts": accounts_of(conn, email), "limit": limit}).fetchall()
-    return [dict(zip(_COLUMNS, row)) for row in rows]
+    return [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
 
 
 def accounts_of(conn: psycopg.Connection[Any], email: str) -> list[int]:

@@ -65,8 +65,8 @@ def record_events(conn: psycopg.Connection[Any], events: Sequence[DeliveryEvent]
         "event_at": [e.event_at for e in events],
         "diagnostics": [e.diagnostic for e in events],
         "raws": [None if e.raw is None else e.raw[:RAW_CAP] for e in events],
-        "addresses": [normalise(e.recipient) if s else None for e, s in zip(events, suppress)],
-        "unicode": [normalise_unicode(e.recipient) if s else None for e, s in zip(events, suppress)],
+        "addresses": [normalise(e.recipient) if s else None for e, s in zip(events, suppress, strict=True)],
+        "unicode": [normalise_unicode(e.recipient) if s else None for e, s in zip(events, suppress, strict=True)],
     }
     row = conn.execute(ledger_sql.RECORD_EVENTS, params).fetchone()
     assert row is not None

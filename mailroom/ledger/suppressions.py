@@ -29,7 +29,7 @@ _SELECT = "SELECT address, reason, detail, created_at, created_by, event_id FROM
 
 
 def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
-    return dict(zip(_COLUMNS, row))
+    return dict(zip(_COLUMNS, row, strict=True))
 
 
 def entries(conn: psycopg.Connection[Any], *, search: str | None = None, reason: str | None = None,

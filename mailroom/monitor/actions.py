@@ -166,7 +166,7 @@ class OperatorActions(App[None]):
             if feed is None:
                 raise ConnectionError("not connected to the supervisor")
             result = await feed.request(cmd, **args)
-        except Exception as exc:  # refused or disconnected: a notice, never a crash
+        except Exception as exc:  # noqa: BLE001 - refused or disconnected: a notice, never a crash
             self.notify(f"{cmd} failed: {_describe(exc)}", severity="error")
             return
         changed = result.get("changed")

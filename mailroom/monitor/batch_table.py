@@ -260,7 +260,7 @@ class BatchTable(ScrollView, can_focus=True):
     def _strip(self, cells: Sequence[str], style: Style, cell_styles: dict[int, dict[str, Style]],
                width: int) -> Strip:
         segments = []
-        for i, (text, w, column) in enumerate(zip(cells, self._widths, self.columns)):
+        for i, (text, w, column) in enumerate(zip(cells, self._widths, self.columns, strict=True)):
             shown = text if len(text) == w else set_cell_size(text, w) if not column.right \
                 else text.rjust(w)[-w:]
             extra = cell_styles.get(i, {}).get(text) if cell_styles else None

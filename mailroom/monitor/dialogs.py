@@ -72,7 +72,7 @@ class BatchDetail(ModalScreen[None]):
             if feed is None:
                 raise ConnectionError("no control socket")
             result = await feed.request("batch", id=self.batch_id)
-        except Exception as exc:  # refused, gone, not found: say so, stay open
+        except Exception as exc:  # noqa: BLE001 - refused, gone, not found: say so, stay open
             info.update(Text(f"batch {self.batch_id}: {exc}", style="bold red"))
             return
         rows = destinations(result)

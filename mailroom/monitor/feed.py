@@ -83,7 +83,7 @@ class ControlFeed:
         while True:
             try:
                 client = self.factory(self.path)
-            except Exception as exc:  # the client module is missing or broken
+            except Exception as exc:  # noqa: BLE001 - the client module is missing or broken
                 self.error = one_line(exc, named=True)
                 log.warning("control client unavailable: %s", self.error)
                 return
@@ -101,7 +101,7 @@ class ControlFeed:
             except asyncio.CancelledError:
                 await self._close(client)
                 raise
-            except Exception as exc:  # every failure of the peer means: reconnect
+            except Exception as exc:  # noqa: BLE001 - every failure of the peer means: reconnect
                 self.error = one_line(exc, named=True)
             self.connected, self._client = False, None
             await self._close(client)
@@ -114,7 +114,7 @@ class ControlFeed:
     async def _close(client: ControlConnection) -> None:
         try:
             await client.close()
-        except Exception:  # closing a broken connection may fail too; nothing to do
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail too; nothing to do
             pass
 
     async def request(self, cmd: str, **args: Any) -> dict[str, Any]:
@@ -132,5 +132,5 @@ class ControlFeed:
         """After a gap in ``seq``: fetch a fresh snapshot with ``status``."""
         try:
             self._push("snapshot", await self.request("status"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the next reconnect resyncs
             log.info("resync failed: %s", one_line(exc, named=True))

@@ -79,7 +79,7 @@ class LedgerSource:
         if conn is not None:
             try:
                 conn.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
                 pass
 
     def close(self) -> None:

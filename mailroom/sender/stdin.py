@@ -117,7 +117,7 @@ class _LogSink:
         if not rows:
             return
         counts = collections.Counter(outcome.kind for outcome in outcomes)
-        for row, outcome in zip(rows, outcomes):
+        for row, outcome in zip(rows, outcomes, strict=True):
             if outcome.kind == FAILED:
                 log.warning("line %s: failed to send to %s: %s", job.key, _printable(row[1]), outcome.error)
             elif outcome.kind == RETRY:

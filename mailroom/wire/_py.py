@@ -191,7 +191,7 @@ def decode_line(line: bytes) -> list[WireFields]:
     if set(map(len, tokens)) != {TOKEN_LENGTH} or not _BASE64URL_RUN("".join(tokens)):
         return _decode_exact(line)
     values = [1 if action == "1" else 2 for action in actions]
-    return list(zip(values, fields[1::5], fields[2::5], tokens, fields[4::5]))
+    return list(zip(values, fields[1::5], fields[2::5], tokens, fields[4::5], strict=True))
 
 
 def _split_fields(text: str) -> list[str] | None:

@@ -40,7 +40,7 @@ class Pane(Protocol):
 class LedgerPane(Vertical):
     """A pane whose numbers come from the ledger: :meth:`fetch` runs a query and shows it."""
 
-    def __init__(self, ledger: LedgerSource | None, queue: str, *, id: str) -> None:
+    def __init__(self, ledger: LedgerSource | None, queue: str, *, id: str) -> None:  # noqa: A002 - Textual's keyword
         super().__init__(id=id)
         self.ledger = ledger
         self.queue = queue
