@@ -282,7 +282,7 @@ class EventsLoop:
                    for i, m in enumerate(messages)]
         try:
             self.sqs.change_message_visibility_batch(QueueUrl=self.queue_url, Entries=entries)
-        except Exception:  # noqa: BLE001, S110 - they come back after their visibility timeout anyway
+        except Exception:  # noqa: BLE001 - they come back after their visibility timeout anyway
             pass
 
     def _report(self, message: dict[str, Any], exc: Unparsable) -> None:
