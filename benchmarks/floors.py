@@ -101,6 +101,9 @@ class NullSink:
     def tick(self) -> None:
         return None
 
+    def actions(self) -> frozenset[int] | None:
+        return None
+
 
 class AckSink(NullSink):
     """A sink that acknowledges every batch at once as sent: the collector's whole

@@ -28,6 +28,11 @@ class Action(enum.IntEnum):
     RECOVERY = 2
 
     @property
+    def priority(self) -> int:
+        """The ledger's ``priority`` of its rows (recovery is claimed first)."""
+        return 0 if self is Action.RECOVERY else 1
+
+    @property
     def db_name(self) -> str:
         """The ``token_action`` enum label in the database."""
         return "activation" if self is Action.ACTIVATION else "password_recovery"
@@ -90,6 +95,9 @@ class OutcomeKind(enum.StrEnum):
     FAILED = "failed"  # refused for good, or out of attempts (``error`` says why)
     RETRY = "retry"  # not sent now; may be queued again after ``retry_after`` s
     SKIPPED = "skipped"  # never handed to SES (no longer eligible)
+    #: not sent: the action's template is missing or does not render; the row
+    #: goes back to the queue with its attempt given back (not the row's fault)
+    HELD = "held"
 
 
 class BatchState(enum.StrEnum):
@@ -177,6 +185,8 @@ class SesVerdict(enum.StrEnum):
     RETRY = "retry"  # worth another attempt (counts against send_max_attempts)
     PAUSE = "pause"  # the account cannot send now: hold, probe later, no attempt burnt
     FAIL = "fail"  # permanent for this destination
+    #: SES has no such template: the action is held (worker mode) or it is a failure
+    NO_TEMPLATE = "no_template"
 
 
 class SesResult(enum.StrEnum):

@@ -237,6 +237,9 @@ class _RefusingSink:
     def service(self, conn) -> int:
         return 0
 
+    def actions(self):
+        return None
+
     def tick(self) -> None:
         pass
 

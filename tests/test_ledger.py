@@ -603,3 +603,39 @@ def test_claim_stays_index_bound(fresh_db: str) -> None:
         elapsed = time.perf_counter() - started
         assert big.picked == 1000 and tokens_of(big)[0] > 200_000
         assert elapsed < 2.0, f"1000-row claim took {elapsed:.3f}s"
+
+
+# ------------------------------------------------------------ held actions (templates)
+
+
+def test_claims_leave_a_held_action_queued_and_not_due(conn: psycopg.Connection) -> None:
+    recovery = new_tokens(conn, 3)
+    activation = new_tokens(conn, 3, "activation")
+    # Recovery held: only activations are claimed, whatever the limit and the order.
+    only = claim(conn, 100, actions={1})
+    assert set(activation) <= set(tokens_of(only)) and not set(recovery) & set(tokens_of(only))
+    assert all(row[0] == 1 for row in only.rows)
+    assert all(statuses(conn)[t] == "queued" for t in recovery)
+    assert ledger.next_due_in(conn, Q, 3_600_000, actions={1}) != 0  # the held rows are not due
+    assert ledger.next_due_in(conn, Q, 3_600_000) == 0  # unfiltered, the recoveries are due
+    assert claim(conn, 100, actions=()).rows == []  # everything held: nothing claimed
+    # Released: a claim takes them at once (the hint of the filtered claims is not theirs).
+    released = claim(conn, 100)
+    assert set(recovery) <= set(tokens_of(released))
+    assert "queued" not in statuses(conn).values()
+    assert_queue_matches(conn)
+
+
+def test_a_held_outcome_queues_the_row_again_with_its_attempt_given_back(conn: psycopg.Connection) -> None:
+    tokens = new_tokens(conn, 2)
+    c = claim(conn, 100)
+    assert set(tokens) <= set(tokens_of(c))
+    attempts = dict(rows_of(conn, "SELECT token, attempts FROM deliveries WHERE token = ANY(%s)", (tokens,)))
+    assert set(attempts.values()) == {1}
+    ledger.record_outcomes(conn, Q, [(t, Outcome("held", None, "held: template x does not exist in SES", 0.0))
+                                     for t in tokens], claimed_at=c.claimed_at, max_attempts=1)
+    # max_attempts=1 would fail a retry; a held row is not the row's fault and stays queued.
+    assert rows_of(conn, "SELECT status::text, attempts, last_error FROM deliveries WHERE token = ANY(%s)",
+                   (tokens,)) == [("queued", 0, "held: template x does not exist in SES")] * 2
+    assert set(tokens) <= set(tokens_of(claim(conn, 100)))
+    assert_queue_matches(conn)

@@ -127,6 +127,21 @@ def test_tick_fills_big_numbers_header_and_ses_paused_banner() -> None:
     scenario(test)
 
 
+def test_a_held_template_shows_in_the_banner_until_it_renders() -> None:
+    async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
+        ok = {"template": "activationv1", "action": "activation", "ok": True, "reason": None}
+        held = {"template": "passwordrecoveryv1", "action": "password_recovery", "ok": False,
+                "reason": "template passwordrecoveryv1 does not exist in SES"}
+        await server.event("templates.changed", {"templates": [ok, held]})
+        banner = app.query_one("#banner")
+        await until(pilot, lambda: banner.display, "template banner")
+        text = str(banner.render())
+        assert "TEMPLATE HELD" in text and "passwordrecoveryv1: template passwordrecoveryv1 does not exist" in text
+        await server.event("templates.changed", {"templates": [ok, {**held, "ok": True, "reason": None}]})
+        await until(pilot, lambda: not banner.display, "banner gone")
+    scenario(test)
+
+
 def test_enter_opens_the_batch_detail_and_esc_closes_it() -> None:
     async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
         server.batches["b-1"] = [

@@ -63,3 +63,18 @@ def test_the_feeds_reconnect_backoff_is_jittered_and_capped() -> None:
     late = [backoff(50, BACKOFF_BASE_S, BACKOFF_CAP_S) for _ in range(200)]
     assert all(0.125 <= d <= 0.25 for d in first) and len(set(first)) > 1
     assert all(BACKOFF_CAP_S / 2 <= d <= BACKOFF_CAP_S for d in late) and len(set(late)) > 1
+
+
+def test_a_held_template_reaches_the_state_from_an_event_a_tick_and_a_snapshot():
+    held = [{"template": "activationv1", "action": "activation", "ok": True, "reason": None},
+            {"template": "passwordrecoveryv1", "action": "password_recovery", "ok": False,
+             "reason": "template passwordrecoveryv1 does not exist in SES"}]
+    state = MonitorState()
+    state.apply_event({"event": "templates.changed", "seq": 1, "data": {"templates": held}})
+    assert state.tick.templates_held == [("passwordrecoveryv1", "template passwordrecoveryv1 does not exist in SES")]
+    state.apply_event({"event": "tick", "seq": 2, "data": {"templates": held[:1]}})
+    assert state.tick.templates_held == []
+    state.apply_snapshot({"state": "running", "tick": {"templates": held}})
+    assert [name for name, _ in state.tick.templates_held] == ["passwordrecoveryv1"]
+    state.apply_event({"event": "tick", "seq": 3, "data": {"templates": "garbage"}})  # tolerated, kept
+    assert len(state.tick.templates_held) == 1

@@ -10,12 +10,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
+from collector_util import insert_accounts, wait_for
 from pgutil import console_script
-from ses_emulator import AWS_ENV
+from ses_emulator import AWS_ENV, free_port
+from supervisor_util import supervisor_env
 
 SHIPPED = Path(__file__).resolve().parents[1] / "templates"
 NAMES = ["activationv1", "passwordrecoveryv1"]
@@ -153,11 +158,110 @@ def test_check_of_a_template_that_is_not_configured_is_a_usage_error(env):
 
 
 def test_an_unreachable_ses_is_one_line_per_template(env, tmp_path):
-    from ses_emulator import free_port
-
     env["MAILROOM_SES_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
     result = templates(env, "push")
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert [line.split(":")[0] for line in lines] == NAMES
     assert all("error: EndpointConnectionError" in line for line in lines), lines
+
+
+# --- held, not failed: a real supervisor --------------------------------------------------
+
+
+def _deliveries(url: str) -> dict[str, list[tuple[str, int]]]:
+    """action -> [(status, attempts)] of every delivery."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    with psycopg.connect(url) as conn:
+        for action, status, attempts in conn.execute(
+                "SELECT t.action::text, d.status::text, d.attempts FROM deliveries d"
+                " JOIN tokens t ON t.id = d.token ORDER BY d.token"):
+            found.setdefault(action, []).append((status, attempts))
+    return found
+
+
+def _insert_both(url: str, n: int, prefix: str) -> None:
+    """``n`` activations (new accounts) and ``n`` password recoveries (active accounts)."""
+    insert_accounts(url, n, f"{prefix}a")
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO accounts (email, login, status) SELECT %s || i || '@example.test',"
+                     " %s || i, 'active' FROM generate_series(1, %s) AS i", (f"{prefix}r", f"{prefix}r", n))
+        conn.execute("INSERT INTO tokens (action, account) SELECT 'password_recovery', id FROM accounts"
+                     " WHERE status = 'active' AND login LIKE %s", (f"{prefix}r%",))
+
+
+def _ctl_status(env: dict[str, str]) -> dict:
+    result = subprocess.run([*console_script("mailroom"), "ctl", "--json", "status"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _metric(addr: str, line_start: str) -> str | None:
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(line_start):
+                return line
+    return None
+
+
+def test_a_missing_recovery_template_holds_recoveries_while_activations_flow(db, base_env, env, ses,
+                                                                              supervisors):
+    assert templates(env, "push", "activationv1").returncode == 0  # the recovery template is missing
+    metrics = f"127.0.0.1:{free_port()}"
+    sup_env = supervisor_env(base_env, db, ses.url, metrics_addr=metrics)
+    sup = supervisors(sup_env)
+    wait_for(lambda: "claiming all but password_recovery" in sup.log(), timeout=30, what="the collector told")
+    assert "holding password_recovery emails: template passwordrecoveryv1 does not exist in SES" in sup.log()
+    _insert_both(db, 5, "h")
+
+    wait_for(lambda: _deliveries(db).get("activation") == [("sent", 1)] * 5, timeout=30, what="activations sent")
+    # Held: never claimed, never failed, no attempt spent; the operator can see why.
+    assert _deliveries(db)["password_recovery"] == [("queued", 0)] * 5
+    status = wait_for(lambda: (s := _ctl_status(sup_env)).get("templates") and s, what="templates in status")
+    assert status["templates"] == [
+        {"template": "activationv1", "action": "activation", "ok": True, "reason": None},
+        {"template": "passwordrecoveryv1", "action": "password_recovery", "ok": False,
+         "reason": "template passwordrecoveryv1 does not exist in SES"}]
+    assert wait_for(lambda: _metric(metrics, 'mailroom_template_ok{template="passwordrecoveryv1"}'),
+                    what="metric").endswith(" 0.0")
+    assert _metric(metrics, 'mailroom_template_ok{template="activationv1"}').endswith(" 1.0")
+    assert sup.log().count("holding password_recovery emails") == 1  # said once
+    assert {call.template for call in ses.bulk_calls()} == {"activationv1"}
+
+    # The fix: push the template, SIGHUP; the held rows go out without a restart of the supervisor.
+    assert templates(env, "push").stdout == "activationv1: unchanged\npasswordrecoveryv1: created\n"
+    sup.signal(signal.SIGHUP)
+    wait_for(lambda: _deliveries(db).get("password_recovery") == [("sent", 1)] * 5, timeout=30,
+             what="recoveries sent")
+    assert wait_for(lambda: _metric(metrics, 'mailroom_template_ok{template="passwordrecoveryv1"}')
+                    .endswith(" 1.0"), what="metric back to 1")
+    assert sup.stop() == 0
+    recovered = [a for call in ses.bulk_calls() if call.template == "passwordrecoveryv1"
+                 for a, _ in call.destinations]
+    assert sorted(recovered) == sorted(f"hr{i}@example.test" for i in range(1, 6))
+
+
+def test_a_template_gone_at_send_time_holds_its_rows_without_spending_attempts(db, base_env, env, ses,
+                                                                                supervisors):
+    assert templates(env, "push").returncode == 0
+    sup_env = supervisor_env(base_env, db, ses.url)
+    sup = supervisors(sup_env)
+    sup.worker("collector")
+    wait_for(lambda: _ctl_status(sup_env).get("templates"), what="the sender up")
+    ses.client().delete_template(TemplateName="passwordrecoveryv1")  # after the start check
+    _insert_both(db, 3, "g")
+
+    wait_for(lambda: _deliveries(db).get("activation") == [("sent", 1)] * 3, timeout=30, what="activations sent")
+    wait_for(lambda: "holding password_recovery emails" in sup.log(), what="the hold")
+    # SES refused the call: the rows are queued again with the claim's attempt given back.
+    wait_for(lambda: _deliveries(db).get("password_recovery") == [("queued", 0)] * 3, what="recoveries held")
+    with psycopg.connect(db) as conn:
+        errors = {e for (e,) in conn.execute("SELECT last_error FROM deliveries WHERE status = 'queued'")}
+    assert len(errors) == 1 and errors.pop().startswith("held: template passwordrecoveryv1 does not exist in SES")
+
+    assert templates(env, "push").stdout == "activationv1: unchanged\npasswordrecoveryv1: created\n"
+    sup.signal(signal.SIGHUP)
+    wait_for(lambda: _deliveries(db).get("password_recovery") == [("sent", 1)] * 3, timeout=30,
+             what="recoveries sent")
+    assert sup.stop() == 0

@@ -79,6 +79,10 @@ class BatchSink(Protocol):
     def tick(self) -> None:
         """Called at least every :data:`MAX_WAIT` seconds (heartbeats)."""
 
+    def actions(self) -> frozenset[int] | None:
+        """The actions to claim (None: all); the sender holds an action whose
+        template does not render, and its rows stay queued."""
+
 
 class Collector:
     """One LISTEN connection, one queue; call :meth:`run` until ``should_stop()``."""
@@ -193,7 +197,8 @@ class Collector:
         # autocommit (one round trip); the batch is handed on once it is
         # committed, and rows that could not be handed on are released.
         claim = ledger.claim(conn, self.settings.queue_name, limit,
-                             lease_ms=self.settings.claim_timeout, final_status=self.sink.final_status)
+                             lease_ms=self.settings.claim_timeout, final_status=self.sink.final_status,
+                             actions=self.sink.actions())
         if claim.rows:
             try:
                 self.sink.deliver(claim, self.signer.encode_batch(claim.rows))
@@ -387,7 +392,8 @@ class Collector:
 
     def _due_at(self) -> float | None:
         assert self.conn is not None
-        due_in = ledger.next_due_in(self.conn, self.settings.queue_name, self.settings.claim_timeout)
+        due_in = ledger.next_due_in(self.conn, self.settings.queue_name, self.settings.claim_timeout,
+                                    actions=self.sink.actions())
         # A row that is due but locked by another collector's open claim would make
         # us spin; a short floor keeps that to a few cheap queries.
         return None if due_in is None else time.monotonic() + max(MIN_RETRY_WAIT, due_in)

@@ -78,6 +78,9 @@ class PipeSink:
         self.draining = False
         self.stopping = False
         self.claiming = True  # False while an operator pauses claims
+        #: Actions the sender holds (their template does not render): not claimed.
+        self.held_actions: frozenset[int] = frozenset()
+        self.released = False  # an action was released: look for due rows at once
         self.counter = 0
         self.last_beat = 0.0
         self.stats: dict[str, Any] = {}
@@ -90,6 +93,11 @@ class PipeSink:
     def ready(self) -> bool:
         return (self.claiming and not self.draining and not self.stopping
                 and len(self.in_flight) < self.max_in_flight)
+
+    def actions(self) -> frozenset[int] | None:
+        if not self.held_actions:
+            return None
+        return frozenset(int(a) for a in Action) - self.held_actions
 
     def idle(self) -> bool:
         """No batch of ours (adopted ones included) waits for its outcomes."""
@@ -132,6 +140,14 @@ class PipeSink:
                     self.renewed_at = float("-inf")
                 elif isinstance(message, msg.SetClaiming):
                     self.claiming = message.enabled
+                elif isinstance(message, msg.HoldActions):
+                    held = frozenset(message.actions)
+                    if self.held_actions - held:
+                        self.released = True
+                    if held != self.held_actions:
+                        logger.info("claiming %s", "every action" if not held else "all but "
+                                    + ", ".join(Action(a).db_name for a in sorted(held)) + " (template held)")
+                    self.held_actions = held
                 elif isinstance(message, (msg.RecordOutcomes, msg.Release)):
                     self.pending.append(message)
                 else:
@@ -184,6 +200,11 @@ class PipeSink:
             applied += len(done)
             self._post(msg.Recorded([message.batch_id for message in done], latencies))
         self.renew(conn)
+        if self.released:
+            # Counted as applied: the loop then asks what is due, and the rows
+            # of the released action are (they waited without a time).
+            self.released = False
+            applied += 1
         return applied
 
     def _outcomes_ahead(self) -> list[msg.RecordOutcomes]:

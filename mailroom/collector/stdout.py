@@ -32,6 +32,9 @@ class StdoutSink:
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
 
+    def actions(self) -> frozenset[int] | None:
+        return None  # compatibility mode prints every action, as the original did
+
     def ready(self) -> bool:
         return True
 

@@ -113,6 +113,9 @@ class Metrics:
                                  "SES Max24HourSend: recipients the account may send in 24 hours", registry=r)
         self.paused = Gauge("mailroom_paused", "1 while paused", ("what",), registry=r)
         self.worker_up = Gauge("mailroom_worker_up", "1 while the worker runs", ("worker",), registry=r)
+        self.template_ok = Gauge("mailroom_template_ok",
+                                 "1 while the template renders with mailroom's data, 0 while its action is held",
+                                 ("template",), registry=r)
         self.build_info = Gauge("mailroom_build_info", "Version and wire implementation",
                                 ("version", "impl"), registry=r)
         # Known label combinations exist from the start, at 0: a rate() over a
@@ -173,7 +176,8 @@ class Metrics:
                    oldest_queued_ts: float | None = None, send_rate_limit: float | None = None,
                    ses_max_send_rate: float | None = None, ses_sent_last_24h: float | None = None,
                    ses_max_24h_send: float | None = None, paused: Mapping[str, bool] | None = None,
-                   worker_up: Mapping[str, bool] | None = None) -> None:
+                   worker_up: Mapping[str, bool] | None = None,
+                   template_ok: Mapping[str, bool] | None = None) -> None:
         """Set the gauges given (``None`` leaves one as it is). ``oldest_queued_ts`` is a
         Unix time, 0 when nothing is queued."""
         pairs: Iterable[tuple[Gauge, float | None]] = (
@@ -188,6 +192,8 @@ class Metrics:
             self.paused.labels(what).set(1 if flag else 0)
         for worker, flag in (worker_up or {}).items():
             self.worker_up.labels(worker).set(1 if flag else 0)
+        for template, flag in (template_ok or {}).items():
+            self.template_ok.labels(template).set(1 if flag else 0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

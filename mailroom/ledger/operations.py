@@ -61,7 +61,7 @@ stale clock.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
@@ -80,7 +80,7 @@ STATUSES = tuple(status.value for status in DeliveryStatus)
 
 #: The outcome kinds :func:`record_outcomes` takes (``skipped`` is the claim's own).
 _RECORDED_KINDS = frozenset({OutcomeKind.SENT, OutcomeKind.EMITTED, OutcomeKind.FAILED,
-                             OutcomeKind.RETRY})
+                             OutcomeKind.RETRY, OutcomeKind.HELD})
 
 #: How long a chain of hinted claims may go on before a claim reads the queue
 #: from its start again (seconds): the longest a row the hint cannot see waits
@@ -111,7 +111,8 @@ _RANGES_FROM = 64
 
 
 def claim(conn: psycopg.Connection[Any], queue: str, limit: int, *, lease_ms: int,
-          final_status: str = "claimed", begin: bool = False) -> Claim:
+          final_status: str = "claimed", begin: bool = False,
+          actions: Collection[int] | None = None) -> Claim:
     """Take up to ``limit`` due rows of ``queue`` off the queue, in one statement.
 
     Password recovery first, then token order; rows locked by another claimer
@@ -125,17 +126,32 @@ def claim(conn: psycopg.Connection[Any], queue: str, limit: int, *, lease_ms: in
 
     ``begin=True`` opens a transaction in the same round trip as the claim;
     the caller then commits or rolls back.
+
+    ``actions`` (None: all) claims only rows of those actions: an action whose
+    template is held stays queued (design notes, section 12).  No action at
+    all claims nothing.
     """
     if final_status not in ("claimed", "emitted"):
         raise ValueError(f"final_status must be 'claimed' or 'emitted', not {final_status!r}")
     if limit < 1 or lease_ms < 1:
         raise ValueError("limit and lease_ms must be >= 1")
-    sql = ledger_sql.claim_sql(queue, limit, final_status, _HINT_TTL_S, _RANGES_FROM)
+    priorities = _priorities(actions)
+    if priorities == ():
+        return Claim([], 0, 0, None)
+    sql = ledger_sql.claim_sql(queue, limit, final_status, _HINT_TTL_S, _RANGES_FROM, priorities)
     head, *rows = execute_prepared(conn, sql, begin)
     if not head[0]:
         return Claim([], 0, 0, None)
     claimed_at = _EPOCH + dt.timedelta(microseconds=head[5])
     return Claim(rows, head[0], head[0] - len(rows), claimed_at)
+
+
+def _priorities(actions: Collection[int] | None) -> tuple[int, ...] | None:
+    """The ledger priorities of ``actions``, sorted; None when that is every action."""
+    if actions is None:
+        return None
+    found = tuple(sorted({Action(a).priority for a in actions}))
+    return None if len(found) == len(Action) else found
 
 
 def requeue_expired(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
@@ -301,16 +317,22 @@ def _move_claimed(conn: psycopg.Connection[Any], sql: str, queue: str, token_ids
     return count(conn, sql, {"queue": queue, "tokens": list(token_ids), "claimed_at": claimed_at})
 
 
-def next_due_in(conn: psycopg.Connection[Any], queue: str, lease_ms: int) -> float | None:
+def next_due_in(conn: psycopg.Connection[Any], queue: str, lease_ms: int,
+                actions: Collection[int] | None = None) -> float | None:
     """Seconds until something of ``queue`` needs the collector, ``None`` if nothing will.
 
     0 when a queued row is due now; else the earlier of the next retry's
     ``next_attempt_at`` and the oldest claim's lease expiry.  The "due now"
     probe stops at the first due row of the queued index and the lease side is
     one probe of the claimed index; only when nothing is due does it read the
-    queued rows, which are then just those waiting for a retry.
+    queued rows, which are then just those waiting for a retry.  ``actions``
+    as for :func:`claim`: rows of other actions (held) are not due.
     """
-    row = conn.execute(ledger_sql.NEXT_DUE_IN, {"queue": queue, "lease_ms": lease_ms}).fetchone()
+    priorities = _priorities(actions)
+    # Rows of a held action wait without a time: they must not make the queue look due.
+    sql = ledger_sql.NEXT_DUE_IN if priorities is None else ledger_sql.NEXT_DUE_IN_ACTIONS
+    row = conn.execute(sql, {"queue": queue, "lease_ms": lease_ms,
+                             "priorities": list(priorities or ())}).fetchone()
     return None if row is None or row[0] is None else max(0.0, row[0])
 
 

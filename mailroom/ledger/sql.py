@@ -18,9 +18,9 @@ import functools
 import hashlib
 
 __all__ = [
-    "CHECK_QUEUE", "LAST_SEQ", "MARK_EMITTED", "NEXT_DUE_IN", "QUEUE_STATS", "RECORD", "RELEASE", "RENEW",
-    "RECORD_EVENTS", "REMATCH_EVENTS", "REQUEUE_EXPIRED", "SCHEMA_TABLES", "SCHEMA_VERSION", "SESSION_SETTINGS",
-    "STATUS_COUNTS",
+    "CHECK_QUEUE", "LAST_SEQ", "MARK_EMITTED", "NEXT_DUE_IN", "NEXT_DUE_IN_ACTIONS", "QUEUE_STATS", "RECORD",
+    "RELEASE", "RENEW", "RECORD_EVENTS", "REMATCH_EVENTS", "REQUEUE_EXPIRED", "SCHEMA_TABLES", "SCHEMA_VERSION",
+    "SESSION_SETTINGS", "STATUS_COUNTS",
     "claim_sql", "move_claimed_sql",
 ]
 
@@ -53,7 +53,7 @@ WITH hint AS MATERIALIZED (
 ahead AS MATERIALIZED (
     SELECT q.ctid AS id, q.priority, q.token
       FROM delivery_queue AS q
-     WHERE q.job_type = {queue} AND q.claimed_at IS NULL
+     WHERE q.job_type = {queue} AND q.claimed_at IS NULL{only}
        AND (q.priority, q.token) > ((SELECT priority FROM hint), (SELECT token FROM hint))
        AND q.next_attempt_at <= statement_timestamp()
      ORDER BY q.priority, q.token LIMIT {limit}
@@ -70,7 +70,7 @@ arrived AS MATERIALIZED (
     SELECT q.ctid AS id, q.priority, q.token
       FROM delivery_queue AS q
      WHERE (SELECT fresh FROM hint) AND (SELECT yes FROM full_ahead)
-       AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL
+       AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL{only}
        AND q.queued_by >= (SELECT xmax FROM hint)
        AND {behind_hint}
        AND q.next_attempt_at <= statement_timestamp()
@@ -81,7 +81,7 @@ inflight AS MATERIALIZED (
     SELECT q.ctid AS id, q.priority, q.token
       FROM delivery_queue AS q
      WHERE (SELECT fresh FROM hint) AND (SELECT yes FROM full_ahead)
-       AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL
+       AND (q.job_type = {queue}) IS TRUE AND q.claimed_at IS NULL{only}
        -- Without xids there is nothing to read; said apart from the ANY as a
        -- one-time test, because a plan cached while the queue was nearly empty
        -- (and kept until the next ANALYZE) reads the queued index through and
@@ -98,7 +98,7 @@ behind AS MATERIALIZED (
     SELECT q.ctid AS id, q.priority, q.token
       FROM delivery_queue AS q
      WHERE NOT (SELECT yes FROM full_ahead)
-       AND q.job_type = {queue} AND q.claimed_at IS NULL
+       AND q.job_type = {queue} AND q.claimed_at IS NULL{only}
        AND (q.priority, q.token) <= ((SELECT priority FROM hint), (SELECT token FROM hint))
        AND q.next_attempt_at <= statement_timestamp()
      ORDER BY q.priority, q.token LIMIT {limit} - (SELECT count(*) FROM ahead)
@@ -340,22 +340,32 @@ _EMAIL_KEY = ("(left(x.email, -strpos(reverse(x.email), '@'))"
               " || lower(right(x.email, strpos(reverse(x.email), '@'))))")
 
 
+def _only(priorities: tuple[int, ...] | None) -> str:
+    if priorities is None:
+        return ""
+    return f" AND q.priority IN ({', '.join(str(int(p)) for p in priorities)})"
+
+
 @functools.lru_cache(maxsize=16)
-def claim_sql(queue: str, limit: int, final_status: str, ttl: float, ranges_from: int) -> str:
+def claim_sql(queue: str, limit: int, final_status: str, ttl: float, ranges_from: int,
+              priorities: tuple[int, ...] | None = None) -> str:
     """The claim's text for one queue, limit and final status (``claimed`` or
     ``emitted``); a hint is followed for ``ttl`` seconds, and key ranges are
     read from a limit of ``ranges_from`` rows on.  No parameters: the limit is
     in the text so the cached plan knows it, and the statement can be PREPAREd.
     The hint's setting is named after the queue (hex digits only, so a valid
-    name)."""
+    name).  ``priorities`` (None: all) restricts every scan of the queue to
+    those priorities, i.e. actions (an action whose template is held); the
+    hint is then one of its own, so a hint left by a claim of other rows never
+    hides rows of an action released since behind it."""
     ranges = limit >= ranges_from
     template = (_CLAIM.replace("{lookups}", _LOOKUPS_RANGE if ranges else _LOOKUPS_PROBE)
                 .replace("{mark}", _MARK_RANGE if ranges else _MARK_PROBE)
                 .replace("{dequeue}", _DEQUEUE_ALL if final_status == "emitted" else _DEQUEUE_LEASE))
     return template.format(
         queue="'" + queue.replace("'", "''") + "'::job_type", limit=int(limit), ttl=float(ttl),
-        final=final_status, email_key=_EMAIL_KEY,
-        guc="mailroom.claim_hint_" + hashlib.sha1(queue.encode()).hexdigest()[:16],
+        final=final_status, email_key=_EMAIL_KEY, only=_only(priorities),
+        guc="mailroom.claim_hint_" + hashlib.sha1(f"{queue}{priorities or ''}".encode()).hexdigest()[:16],
         behind_hint="(q.priority < (SELECT priority FROM hint) OR (q.priority = (SELECT priority"
                     " FROM hint) AND q.token <= (SELECT token FROM hint)))")
 
@@ -410,7 +420,11 @@ changed AS (
                          -- debug mode printed the request and sent nothing
                          WHEN o.kind = 'emitted' THEN 'emitted'
                          WHEN o.kind = 'retry' AND d.attempts < %(max)s THEN 'queued'
+                         -- held (its action's template is missing): queued again,
+                         -- and the claim's attempt given back below
+                         WHEN o.kind = 'held' THEN 'queued'
                          ELSE 'failed' END::delivery_status,
+           attempts = CASE WHEN o.kind = 'held' THEN GREATEST(d.attempts - 1, 0) ELSE d.attempts END,
            sent_at = CASE WHEN o.kind = 'sent' THEN statement_timestamp() ELSE d.sent_at END,
            message_id = CASE WHEN o.kind = 'sent' THEN o.message_id ELSE d.message_id END,
            last_error = CASE WHEN o.kind IN ('sent', 'emitted') THEN d.last_error
@@ -421,7 +435,9 @@ changed AS (
            -- A retry without its own delay waits by the ledger's count of
            -- attempts: backoff_ms doubling per attempt, capped at 120 times it,
            -- so retries span an outage of minutes, not the seconds of one process.
-           next_attempt_at = CASE WHEN o.kind <> 'retry' THEN d.next_attempt_at
+           next_attempt_at = CASE WHEN o.kind = 'held'
+                                  THEN statement_timestamp() + COALESCE(o.retry_after, 0) * interval '1 s'
+                                  WHEN o.kind <> 'retry' THEN d.next_attempt_at
                                   ELSE statement_timestamp()
                                        + COALESCE(o.retry_after * 1000,
                                                   LEAST(120, power(2, LEAST(GREATEST(d.attempts, 1), 31) - 1))
@@ -583,24 +599,28 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM delivery_queue
 #: stops at the first due row of the queued index and the lease side is one probe
 #: of the claimed index; only when nothing is due does it read the queued rows,
 #: which are then just those waiting for a retry.
-NEXT_DUE_IN = """
+_NEXT_DUE_IN = """
 SELECT CASE
            -- Not EXISTS: its planner may seq-scan for a "common" row;
            -- ORDER BY + LIMIT walks the queued index from its start.
            WHEN (SELECT true FROM delivery_queue
-                  WHERE job_type = %(queue)s AND claimed_at IS NULL
+                  WHERE job_type = %(queue)s AND claimed_at IS NULL{only}
                     AND next_attempt_at <= statement_timestamp()
                   ORDER BY priority, token LIMIT 1)
            THEN 0
            ELSE EXTRACT(EPOCH FROM LEAST(
                     (SELECT min(next_attempt_at) FROM delivery_queue
-                      WHERE job_type = %(queue)s AND claimed_at IS NULL),
+                      WHERE job_type = %(queue)s AND claimed_at IS NULL{only}),
                     (SELECT min(claimed_at) FROM delivery_queue
                       WHERE job_type = %(queue)s AND claimed_at IS NOT NULL)
                     + %(lease_ms)s * interval '1 millisecond'
                 ) - statement_timestamp())
        END::float8
 """
+NEXT_DUE_IN = _NEXT_DUE_IN.replace("{only}", "")
+#: The same, for the rows of some actions only (``%(priorities)s``): the rows of
+#: an action whose template is held wait without a time and are never due.
+NEXT_DUE_IN_ACTIONS = _NEXT_DUE_IN.replace("{only}", " AND priority = ANY(%(priorities)s::smallint[])")
 
 
 # -- status and checks: once per connection, or for a dashboard ------------------

@@ -188,6 +188,10 @@ class MonitorApp(OperatorActions):
         elif self.state.tick.ses_paused or self.state.run_state == "ses_paused":
             banner.show(" SES PAUSED SENDING (account-level pause or quota): nothing is sent",
                         warning=True)
+        elif self.state.tick.templates_held:
+            held = "; ".join(f"{name}: {reason}" for name, reason in self.state.tick.templates_held)
+            banner.show(f" TEMPLATE HELD, its emails stay queued ({held}): mailroom templates push, then SIGHUP",
+                        warning=True)
         else:
             banner.show(None)
 

@@ -90,6 +90,8 @@ class Tick:
     max_24h_send: float | None = None
     sent_last_24h: float | None = None
     ses_paused: bool = False
+    #: Templates the sender holds (missing or not rendering): (template, reason).
+    templates_held: list[tuple[str, str]] = field(default_factory=list)
 
     def update(self, data: Mapping[str, Any]) -> None:
         """Take the known fields of a tick (or of a snapshot's same-named fields)."""
@@ -111,6 +113,10 @@ class Tick:
         paused = as_bool(ses.get("paused"))
         if paused is not None:
             self.ses_paused = paused
+        templates = data.get("templates")
+        if isinstance(templates, list):
+            self.templates_held = [(str(t.get("template")), str(t.get("reason") or "does not render"))
+                                   for t in templates if isinstance(t, Mapping) and t.get("ok") is False]
 
 
 @dataclass
@@ -308,6 +314,10 @@ class MonitorState:
         if worker is not None and not as_str(data.get("state")):
             worker.state = state
 
+    def _on_templates(self, data: Mapping[str, Any]) -> None:
+        # At once, not at the next tick: the banner says which template is held.
+        self.tick.update({"templates": data.get("templates")})
+
     def _on_tick(self, data: Mapping[str, Any]) -> None:
         self.tick.update(data)
         workers = data.get("workers")  # uptime, heartbeat and RSS move every second
@@ -337,6 +347,7 @@ _HANDLERS = {
     "worker.exited": lambda s, d: s._on_worker(d, WorkerState.EXITED),
     "state.changed": MonitorState._take_state,
     "tick": MonitorState._on_tick,
+    "templates.changed": MonitorState._on_templates,
 }
 
 

@@ -53,11 +53,18 @@ class SendPolicy:
     #: Fill each call with queued calls of other batches (worker mode); stdin mode
     #: keeps one call per action per line, as the original did.
     fill_calls: bool = False
+    #: Render both templates at start and hold an action whose template does not
+    #: render or does not exist (:mod:`mailroom.sender.template_hold`): its rows
+    #: are handed back as "held", never sent or failed (worker mode: the ledger
+    #: keeps them queued).  Stdin mode has nowhere to keep them and fails them.
+    hold_templates: bool = False
 
 
 #: The sender worker's policy: short retries here, then the ledger's backoff;
-#: a circuit after 5 whole calls failed in a row; paused or open, calls are held.
-WORKER_POLICY = SendPolicy(in_process_attempts=3, circuit_after=5, hold_when_paused=True, fill_calls=True)
+#: a circuit after 5 whole calls failed in a row; paused or open, calls are held;
+#: an action whose template does not render is held.
+WORKER_POLICY = SendPolicy(in_process_attempts=3, circuit_after=5, hold_when_paused=True, fill_calls=True,
+                           hold_templates=True)
 
 
 class Batch:

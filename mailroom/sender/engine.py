@@ -35,6 +35,7 @@ from mailroom._process import backoff
 from mailroom.config import Settings
 from mailroom.sender import health, pacing, raw, ses, warm
 from mailroom.sender.calls import AUTO_CONCURRENCY, Batch, Call, SendPolicy
+from mailroom.sender.template_hold import HELD_RETRY_AFTER, TemplateHold
 from mailroom.vocabulary import Action, Outcome, OutcomeKind, SesResult, SesVerdict
 from mailroom.wire import WireFields
 
@@ -47,6 +48,7 @@ SENT = OutcomeKind.SENT
 EMITTED = OutcomeKind.EMITTED
 FAILED = OutcomeKind.FAILED
 RETRY = OutcomeKind.RETRY
+HELD = OutcomeKind.HELD
 
 #: SES calls kept for the next heartbeat at most (one heartbeat a second).
 CALL_LOG = 100_000
@@ -90,6 +92,8 @@ class Sender:
         #: SES calls made and not yet reported (:meth:`take_calls`): how each ended
         #: and how long it took.  Bounded, for a sender nobody asks (stdin mode).
         self._calls: collections.deque[tuple[SesResult, float]] = collections.deque(maxlen=CALL_LOG)
+        #: Actions held for their template (None: not checked, see SendPolicy.hold_templates).
+        self.templates: TemplateHold | None = None
 
     @property
     def concurrency(self) -> int:
@@ -168,6 +172,12 @@ class Sender:
             else:
                 self._warm.ping()
             self._warm.start()
+            if self.policy.hold_templates:
+                # Before the first batch: a template that does not render holds its
+                # action from the start instead of after SES dropped its emails.
+                self.templates = TemplateHold(self.settings)
+                self.templates.check(self._client)
+                self.templates.start()
         self._bucket = pacing.TokenBucket(rate)
         self._concurrency = pacing.Concurrency(concurrency, self._bucket, ses.MAX_DESTINATIONS)
         if not self.settings.debug:
@@ -201,6 +211,10 @@ class Sender:
                 address = ses.normalize_address(email)
             except ses.AddressError as exc:
                 self._resolve(batch, index, Outcome(FAILED, error=f"bad address: {exc}"))
+                continue
+            held = self.templates.reason(action) if self.templates is not None else None
+            if held is not None:
+                self._resolve(batch, index, Outcome(HELD, error=f"held: {held}", retry_after=HELD_RETRY_AFTER))
                 continue
             indices, destinations = groups.setdefault(action, ([], []))
             indices.append(index)
@@ -309,6 +323,16 @@ class Sender:
             self._resolve(call.batch, call.indices[position], outcome)
         for position in by_kind[SesVerdict.EMITTED]:
             self._resolve(call.batch, call.indices[position], Outcome(EMITTED))
+        if by_kind[SesVerdict.NO_TEMPLATE]:
+            reason = verdicts[by_kind[SesVerdict.NO_TEMPLATE][0]].detail or "template does not exist"
+            if self.templates is not None:
+                self.templates.missing_at_send(call.action, reason)
+                held = f"held: {self.templates.reason(call.action) or reason}"
+                for position in by_kind[SesVerdict.NO_TEMPLATE]:
+                    outcome = Outcome(HELD, error=held, retry_after=HELD_RETRY_AFTER)
+                    self._resolve(call.batch, call.indices[position], outcome)
+            else:
+                by_kind[SesVerdict.FAIL] += by_kind[SesVerdict.NO_TEMPLATE]
         for position in by_kind[SesVerdict.FAIL]:
             outcome = Outcome(FAILED, error=verdicts[position].detail)
             self._resolve(call.batch, call.indices[position], outcome)
@@ -475,6 +499,8 @@ class Sender:
         self._stopping.set()
         if self._bucket is not None:
             self._bucket.interrupt()  # a call waiting for tokens sees the stop now
+        if self.templates is not None:
+            self.templates.stop()
         if self._concurrency is not None:
             self._concurrency.close()
         for batch in left:

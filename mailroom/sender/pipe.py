@@ -63,12 +63,14 @@ class PipeOutcomes:
     """The sender worker's outcome sink: outcomes and heartbeats to the supervisor."""
 
     def __init__(self, pipe: Connection, stats: Callable[[], dict[str, Any]],
-                 window: Callable[[], int]) -> None:
+                 window: Callable[[], int], held: Callable[[], tuple[int, ...]] = tuple) -> None:
         self.pipe = pipe
         self.stats = stats
         self.window = window
+        self.held = held
         self.last_beat = 0.0
         self.last_window = 0
+        self.last_held: tuple[int, ...] | None = None
 
     def post(self, message: object) -> bool:
         try:
@@ -97,6 +99,10 @@ class PipeOutcomes:
         if beat or window != self.last_window:
             self.last_window = window
             self.post(msg.Window(window))
+        held = self.held()
+        if beat or held != self.last_held:
+            self.last_held = held
+            self.post(msg.HoldActions(held))
 
     def beat(self) -> None:
         """Send a heartbeat now, with the stats of the moment."""

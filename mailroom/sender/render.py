@@ -59,8 +59,7 @@ class RenderResult(NamedTuple):
         return self.verdict is Verdict.RENDERS
 
 
-#: SES error codes meaning the template is not there (moto and SES spell it both ways).
-_NO_TEMPLATE = {"TemplateDoesNotExist", "TemplateDoesNotExistException"}
+_NO_TEMPLATE = ses.NO_TEMPLATE_CODES  # one list for both questions
 #: Codes meaning the template exists but does not render with this data.
 _BROKEN = {"MissingRenderingAttribute", "MissingRenderingAttributeException",
            "InvalidRenderingParameter", "InvalidRenderingParameterException", "InvalidTemplate",

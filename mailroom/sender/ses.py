@@ -233,6 +233,8 @@ _ERROR_RETRY = {
     "RequestTimeout",
     "RequestTimeoutException",
 }
+# The template named in the call does not exist (moto and SES spell it both ways).
+NO_TEMPLATE_CODES = {"TemplateDoesNotExist", "TemplateDoesNotExistException"}
 _ERROR_PAUSE = {
     "AccountSendingPausedException",
     "ConfigurationSetSendingPausedException",
@@ -279,6 +281,8 @@ def classify_exception(exc: BaseException) -> Verdict:
         message = error.get("Message", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         reason = f"{code}: {message}" if message else code
+        if code in NO_TEMPLATE_CODES:
+            return Verdict(SesVerdict.NO_TEMPLATE, reason)
         if code in _ERROR_PAUSE or (code == "Throttling" and "daily" in message.lower()):
             return Verdict(SesVerdict.PAUSE, reason)
         if code in _ERROR_RETRY or status >= 500 or status == 429:

@@ -327,7 +327,7 @@ class Supervisor:
             self.router.on_claimed(message)
         elif isinstance(message, msg.BatchOutcomes) and worker.role == Role.SENDER:
             self.router.on_outcomes(message)
-        elif isinstance(message, msg.Window) and worker.role == Role.SENDER:
+        elif isinstance(message, (msg.Window, msg.HoldActions)) and worker.role == Role.SENDER:
             # Repeated with every heartbeat: a collector that missed it gets the next.
             self.send(Role.COLLECTOR, message)
         elif isinstance(message, msg.Recorded) and worker.role == Role.COLLECTOR:

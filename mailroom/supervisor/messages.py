@@ -4,8 +4,8 @@
 
     collector -> supervisor   Ready, Heartbeat, Claimed, Recorded
     supervisor -> sender      SendBatch, Stop
-    sender -> supervisor      Ready, Heartbeat, BatchOutcomes, Window
-    supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, Stop, Window
+    sender -> supervisor      Ready, Heartbeat, BatchOutcomes, Window, HoldActions
+    supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, Stop, Window, HoldActions
 
 The supervisor routes them without understanding the wire format or touching the
 database, so this module imports neither psycopg nor boto3.  ``claimed_at`` (the
@@ -134,6 +134,15 @@ class SetClaiming:
     """supervisor -> collector: an operator paused (False) or resumed (True) claims."""
 
     enabled: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HoldActions:
+    """sender -> supervisor -> collector: claim no rows of these actions (their
+    template is missing or does not render; empty: claim every action).  Sent
+    when it changes and with every heartbeat, like :class:`Window`."""
+
+    actions: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -67,6 +67,7 @@ class Operator:
         # An operator's set_rate (recipients/s, as asked): held here so that a new
         # sender (a restart, a crash) gets it, instead of reverting to the quota.
         self.send_rate: float | None = None
+        self.templates_held: list[tuple[str, str]] = []  # (template, reason) the sender holds
         self.recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.counters = collections.Counter[str]()
         #: The events worker's totals since this supervisor started (its heartbeats
@@ -238,6 +239,7 @@ class Operator:
                 "queue": self.settings.queue_name, "queue_depth": collector.get("queue_depth"),
                 "oldest_queued_s": collector.get("oldest_queued_s"),
                 "events": None if self.events is None else {**self.events, "recorded": dict(self.events["recorded"])},
+                "templates": sender.get("templates", []),
                 "tick": self._tick_data()}
 
     def _workers(self) -> dict[str, dict[str, Any]]:
@@ -267,7 +269,8 @@ class Operator:
         collector, sender = self.sup.workers[Role.COLLECTOR].stats, self.sup.workers[Role.SENDER].stats
         return {**self._rates(), "workers": self._workers(), "in_flight": len(self.sup.router),
                 "queue_depth": collector.get("queue_depth"), "oldest_queued_s": collector.get("oldest_queued_s"),
-                "rate_limit": sender.get("rate_limit"), "rate_cap": self.rate_cap(), "ses": sender.get("ses", {})}
+                "rate_limit": sender.get("rate_limit"), "rate_cap": self.rate_cap(), "ses": sender.get("ses", {}),
+                "templates": sender.get("templates", [])}
 
     # -- the loop's turn -----------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -289,7 +292,13 @@ class Operator:
             send_rate_limit=data["rate_limit"], ses_max_send_rate=ses.get("max_send_rate"),
             ses_sent_last_24h=ses.get("sent_last_24h"), ses_max_24h_send=ses.get("max_24h_send"),
             paused={**self._paused(), "ses": bool(ses.get("paused"))},
-            worker_up={role: worker.up for role, worker in self.sup.workers.items()})
+            worker_up={role: worker.up for role, worker in self.sup.workers.items()},
+            template_ok={t["template"]: bool(t["ok"]) for t in data["templates"]})
+        held = [(t["template"], t["reason"]) for t in data["templates"] if not t["ok"]]
+        if held != self.templates_held:
+            # The sender checked again (at start, a recheck, a send): say what changed.
+            self.templates_held = held
+            self.publish("templates.changed", {"templates": data["templates"]})
         self.publish("tick", data)
 
     def _answer_drains(self, now: float) -> None:

@@ -98,8 +98,11 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     quota = QuotaWatch(sender)
     quota.start()
 
-    sink = PipeOutcomes(pipe, lambda: {**quota.stats(), "calls": sender.take_calls()},
-                        lambda: window(sender, settings.batch_limit))
+    templates = sender.templates
+    sink = PipeOutcomes(pipe, lambda: {**quota.stats(), "calls": sender.take_calls(),
+                                       "templates": templates.states() if templates else []},
+                        lambda: window(sender, settings.batch_limit),
+                        templates.held_actions if templates else tuple)
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
     # death (PR_SET_PDEATHSIG); what waits for a retry goes back to the ledger.
     on_signal = StopRequest(settings.shutdown_timeout / 1000, defer_retries=True)
