@@ -118,11 +118,12 @@ def batch_state(counts: Mapping[OutcomeKind, int], *, released: bool = False) ->
     ``counts`` maps each :class:`OutcomeKind` to a number of rows, as
     ``collections.Counter(outcome.kind for ...)`` does.  The one classification
     the event log, the monitor and ``/metrics`` all use: ``done`` when nothing
-    failed or waits for a retry, ``failed`` when nothing was sent, else ``partial``.
+    failed or waits (a retry, a held template), ``failed`` when nothing was sent,
+    else ``partial``.
     """
     if released:
         return BatchState.RELEASED
-    if not counts.get(OutcomeKind.FAILED, 0) and not counts.get(OutcomeKind.RETRY, 0):
+    if not any(counts.get(kind, 0) for kind in (OutcomeKind.FAILED, OutcomeKind.RETRY, OutcomeKind.HELD)):
         return BatchState.DONE
     if not counts.get(OutcomeKind.SENT, 0) and not counts.get(OutcomeKind.EMITTED, 0):
         return BatchState.FAILED

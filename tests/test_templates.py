@@ -256,6 +256,7 @@ def test_a_template_gone_at_send_time_holds_its_rows_without_spending_attempts(d
     wait_for(lambda: "holding password_recovery emails" in sup.log(), what="the hold")
     # SES refused the call: the rows are queued again with the claim's attempt given back.
     wait_for(lambda: _deliveries(db).get("password_recovery") == [("queued", 0)] * 3, what="recoveries held")
+    assert "3 held (template)" in sup.log()  # the batch's summary line
     with psycopg.connect(db) as conn:
         errors = {e for (e,) in conn.execute("SELECT last_error FROM deliveries WHERE status = 'queued'")}
     assert len(errors) == 1 and errors.pop().startswith("held: template passwordrecoveryv1 does not exist in SES")

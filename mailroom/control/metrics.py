@@ -63,7 +63,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometh
 #: The ``outcome`` label of ``mailroom_deliveries_total`` for each outcome kind
 #: (printed in debug mode counts as sent: the row is done with, as for ``sent``).
 OUTCOME_LABELS = {OutcomeKind.SENT: "sent", OutcomeKind.EMITTED: "sent", OutcomeKind.FAILED: "failed",
-                  OutcomeKind.RETRY: "retried", OutcomeKind.SKIPPED: "skipped"}
+                  OutcomeKind.RETRY: "retried", OutcomeKind.SKIPPED: "skipped",
+                  # back to the queue, unsent, while its template is missing (not a retry: no attempt)
+                  OutcomeKind.HELD: "held"}
 OUTCOMES = tuple(dict.fromkeys(OUTCOME_LABELS.values()))
 #: ``mailroom_paused{what}``: what an operator pauses, and SES pausing the account.
 PAUSED_WHAT = (*PAUSABLE, "ses")

@@ -209,14 +209,16 @@ class Router:
             return
         ms = (time.monotonic() - batch.received_at) * 1000
         self.on_finished(batch, outcomes, ms / 1000)
-        logger.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry, %d ms",
+        logger.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry%s, %d ms",
                     batch_id, len(outcomes), batch.activation, batch.recovery,
                     counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
-                    counts[OutcomeKind.FAILED], counts[OutcomeKind.RETRY], ms)
+                    counts[OutcomeKind.FAILED], counts[OutcomeKind.RETRY],
+                    f", {counts[OutcomeKind.HELD]} held (template)" if counts[OutcomeKind.HELD] else "", ms)
         self.on_event("batch.done", {
             "batch": batch_id, "rows": len(outcomes), "activation": batch.activation,
             "recovery": batch.recovery, "sent": counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
             "failed": counts[OutcomeKind.FAILED], "retry": counts[OutcomeKind.RETRY],
-            "skipped": counts[OutcomeKind.SKIPPED], "ms": round(ms, 1), "error": first_error,
+            "skipped": counts[OutcomeKind.SKIPPED], "held": counts[OutcomeKind.HELD],
+            "ms": round(ms, 1), "error": first_error,
             "state": batch_state(counts),
         })
