@@ -47,6 +47,7 @@ def test_wheel_contains_the_extension_and_migrations(wheel):
     for name in ("activationv1", "passwordrecoveryv1"):  # the shipped SES templates
         for part in ("subject.txt", "html.html", "text.txt"):
             assert f"mailroom/shipped_templates/{name}/{part}" in names
+    assert "mailroom/monitor/web_page/app_index.html" in names  # the --web page (no remote font)
     assert not any(n.endswith((".c", ".pyx")) for n in names)
 
 

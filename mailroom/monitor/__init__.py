@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 
 from mailroom.config import Settings
 
-__all__ = ["main", "socket_path"]
+__all__ = ["SERVER_PID_VARIABLE", "bind_to_server", "main", "socket_path"]
 
 DEFAULT_WEB_PORT = 8566
+#: The --web server's pid, in each browser session's environment (web.py).
+SERVER_PID_VARIABLE = "MAILROOM_WEB_SERVER_PID"
 
 
 def socket_path(environ: Mapping[str, str], queue: str) -> str | None:
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> in
 
 def _serve(args: argparse.Namespace, path: str | None) -> int:
     try:
-        from textual_serve.server import Server
+        from mailroom.monitor.web import MonitorServer
     except ImportError:
         print("mailroom monitor: --web needs textual-serve: pip install 'mailroom[web]'",
               file=sys.stderr)
@@ -76,9 +78,24 @@ def _serve(args: argparse.Namespace, path: str | None) -> int:
         command.append("--operate")
     # 127.0.0.1 only: the page is a terminal with the operator's rights; reach it
     # from elsewhere through an ssh tunnel, never an open port.
-    Server(shlex.join(command), host="127.0.0.1", port=args.port,
-           title="mailroom monitor").serve()
+    MonitorServer(command, host="127.0.0.1", port=args.port, title="mailroom monitor").serve()
     return 0
+
+
+def bind_to_server(environ: Mapping[str, str] = os.environ) -> None:
+    """In a browser session's monitor: die with the ``--web`` server that started it.
+
+    The kernel sends SIGTERM when the server goes (Textual quits on it); a server that
+    died before the request was made is caught by comparing the parent's pid.
+    """
+    server = environ.get(SERVER_PID_VARIABLE)
+    if not server:
+        return
+    from mailroom._process import die_with_parent
+
+    die_with_parent(signal.SIGTERM)
+    if str(os.getppid()) != server:
+        sys.exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

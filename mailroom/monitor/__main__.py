@@ -2,6 +2,8 @@
 
 import sys
 
-from mailroom.monitor import main
+from mailroom.monitor import bind_to_server, main
 
+# Started by the --web server: end with it, never outlive it as an orphan (web.py).
+bind_to_server()
 sys.exit(main())
