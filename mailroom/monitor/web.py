@@ -133,7 +133,7 @@ class MonitorServer(Server):
             await self._process_messages(websocket, session)
         except asyncio.CancelledError:
             pass
-        except Exception as error:  # one tab's failure must not take the server down
+        except Exception as error:  # noqa: BLE001 - one tab's failure must not take the server down
             log.warning("session %s: %s", session.app_service_id[:8], error)
         finally:
             # Shielded: aiohttp cancels the handler of a connection that drops, and the
