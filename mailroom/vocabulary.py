@@ -68,6 +68,26 @@ class Feedback(enum.StrEnum):
 SUPPRESSING = frozenset({Feedback.BOUNCED, Feedback.COMPLAINED})
 
 
+class RateThresholds(NamedTuple):
+    """Where SES acts on an account's rate over its last 24 hours of sends: it
+    puts the account under review at ``review`` and may pause its sending at
+    ``pause`` (AWS's published figures, DESIGN.md 11)."""
+
+    review: float
+    pause: float
+
+    def verdict(self, rate: float | None) -> str:
+        """``ok``, ``review`` or ``pause``: the monitor's green, amber and red."""
+        if rate is None or rate < self.review:
+            return "ok"
+        return "review" if rate < self.pause else "pause"
+
+
+#: SES's thresholds for the bounce rate (5 % / 10 %) and the complaint rate (0.1 % / 0.5 %).
+SES_BOUNCE = RateThresholds(0.05, 0.10)
+SES_COMPLAINT = RateThresholds(0.001, 0.005)
+
+
 class DeliveryEvent(NamedTuple):
     """One SES event for one recipient, as the events worker parsed it and
     :func:`mailroom.ledger.events.record_events` records it.

@@ -83,7 +83,7 @@ def test_deliveries_of_an_address_newest_first(conn, settled):
     assert sent["token"] == settled["sent"] and sent["message_id"] == f"msg-{settled['sent']}"
     assert sent["attempts"] == 1 and sent["sent_at"] is not None and sent["last_error"] is None
     assert set(sent) == {"token", "action", "status", "attempts", "created_at", "claimed_at",
-                         "next_attempt_at", "sent_at", "message_id", "last_error"}
+                         "next_attempt_at", "sent_at", "message_id", "last_error", "feedback", "events"}
     assert len(admin.deliveries(conn, Q, "u1@example.test", limit=1)) == 1
 
 

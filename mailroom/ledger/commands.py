@@ -42,7 +42,8 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
 #: ``mailroom NAME``: (one line for the command list, the description of its own --help).
 COMMANDS = {
     "deliveries": ("every delivery of an address",
-                   "Every delivery of one address, newest first: status, attempts, MessageId, last error."),
+                   "Every delivery of one address, newest first: status, attempts, MessageId, last error, what SES"
+                   " said of it (feedback), and its story: queued, claimed, sent, each SES event."),
     "retry": ("put failed deliveries back in the queue",
               "Put failed deliveries back in the queue with a fresh attempt budget (never a sent row)."),
     "skip": ("mark queued deliveries skipped",
@@ -85,7 +86,22 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()}
+    return {k: [_jsonable(e) for e in v] if k == "events" else v.isoformat() if isinstance(v, dt.datetime) else v
+            for k, v in row.items()}
+
+
+def _story(r: dict[str, Any]) -> list[tuple[dt.datetime, str]]:
+    """What happened to one delivery, in time order: queued -> claimed -> sent
+    (MessageId) or failed -> each SES event (type, subtype, diagnostic)."""
+    steps = [(r["created_at"], "queued")]
+    if r["claimed_at"] is not None:
+        steps.append((r["claimed_at"], f"claimed (attempt {r['attempts']})"))
+    if r["sent_at"] is not None:
+        steps.append((r["sent_at"], f"sent, MessageId {r['message_id']}" if r["message_id"] else "sent"))
+    for e in r.get("events", ()):
+        said = " ".join(one_line(p) for p in (e["subtype"], e["diagnostic"]) if p)
+        steps.append((e["event_at"], f"{e['type']}{f' ({said})' if said else ''}"))
+    return steps
 
 
 def _show_deliveries(rows: list[dict[str, Any]], email: str, out: TextIO) -> None:
@@ -98,9 +114,13 @@ def _show_deliveries(rows: list[dict[str, Any]], email: str, out: TextIO) -> Non
                 f"  created {r['created_at']:%Y-%m-%d %H:%M:%S}  last {when:%Y-%m-%d %H:%M:%S}")
         if r["message_id"]:
             line += f"  message {r['message_id']}"
+        if r.get("feedback"):
+            line += f"  feedback {r['feedback']}"
         if r["last_error"]:
             line += f"  error: {one_line(r['last_error'])}"
         print(line, file=out)
+        for at, what in _story(r):
+            print(f"{'':>12}{at:%Y-%m-%d %H:%M:%S}  {what}", file=out)
 
 
 def _filtered(args: argparse.Namespace) -> bool:

@@ -26,7 +26,8 @@ from mailroom.addresses import normalise, normalise_unicode
 from mailroom.ledger import sql as ledger_sql
 from mailroom.vocabulary import SUPPRESSING, DeliveryEvent
 
-__all__ = ["RAW_CAP", "REMATCH_WITHIN_S", "Recorded", "record_events", "rematch_events"]
+__all__ = ["HEALTH_WINDOW_S", "RAW_CAP", "REMATCH_WITHIN_S", "Health", "Recorded", "health", "record_events",
+           "rematch_events"]
 
 #: The raw JSON kept with an event is cut at this many characters: enough for
 #: SES's bounce or complaint record, not a copy of a large message's headers.
@@ -34,6 +35,8 @@ RAW_CAP = 4096
 #: Unmatched events are matched again for this long after they were recorded
 #: (an event that overtook the outcome writing its MessageId).
 REMATCH_WITHIN_S = 900
+#: Bounce and complaint rates are over this window of sends, as SES reviews them.
+HEALTH_WINDOW_S = 86_400
 
 
 class Recorded(NamedTuple):
@@ -80,3 +83,29 @@ def rematch_events(conn: psycopg.Connection[Any], within_s: float = REMATCH_WITH
     whose delivery has its MessageId by now; how many matched."""
     row = conn.execute(ledger_sql.REMATCH_EVENTS, {"within_s": within_s}).fetchone()
     return int(row[0]) if row else 0
+
+
+class Health(NamedTuple):
+    """Deliverability over the last :data:`HEALTH_WINDOW_S`: deliveries sent,
+    those that bounced for good and those that complained (by events in the
+    window), and the id of the newest bounce or complaint event (0: none)."""
+
+    sent: int
+    bounced: int
+    complained: int
+    last_bad_event: int
+
+    @property
+    def bounce_rate(self) -> float | None:
+        return self.bounced / self.sent if self.sent else None
+
+    @property
+    def complaint_rate(self) -> float | None:
+        return self.complained / self.sent if self.sent else None
+
+
+def health(conn: psycopg.Connection[Any], queue: str, window_s: float = HEALTH_WINDOW_S) -> Health:
+    """The queue's :class:`Health` over the last ``window_s`` seconds, in one query."""
+    row = conn.execute(ledger_sql.HEALTH, {"queue": queue, "window_s": window_s}).fetchone()
+    assert row is not None
+    return Health(*(int(v) for v in row))

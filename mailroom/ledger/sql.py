@@ -18,7 +18,7 @@ import functools
 import hashlib
 
 __all__ = [
-    "CHECK_QUEUE", "LAST_SEQ", "MARK_EMITTED", "NEXT_DUE_IN", "NEXT_DUE_IN_ACTIONS", "QUEUE_STATS", "RECORD",
+    "CHECK_QUEUE", "HEALTH", "LAST_SEQ", "MARK_EMITTED", "NEXT_DUE_IN", "NEXT_DUE_IN_ACTIONS", "QUEUE_STATS", "RECORD",
     "RELEASE", "RENEW", "RECORD_EVENTS", "REMATCH_EVENTS", "REQUEUE_EXPIRED", "SCHEMA_TABLES", "SCHEMA_VERSION",
     "SESSION_SETTINGS", "STATUS_COUNTS",
     "claim_sql", "move_claimed_sql",
@@ -758,4 +758,23 @@ linked AS (
 ),
 {_FEED.format(source="found")}
 SELECT count(*) FROM found
+"""
+
+# Deliverability over the last window (DESIGN.md 11, `mailroom status`, the
+# events worker's heartbeats, the automatic pause): deliveries sent in the
+# window, and of the events in the window the deliveries that bounced for good
+# or complained, with the newest such event's id (the pause's "anything new
+# since the operator resumed?").  Sends are counted with a scan of the queue's
+# deliveries, like STATUS_COUNTS: an index on sent_at would make every send a
+# non-HOT update.  Events come by delivery_events_event_at_idx.
+HEALTH = """
+SELECT (SELECT count(*) FROM deliveries
+         WHERE job_type = %(queue)s
+           AND sent_at >= statement_timestamp() - make_interval(secs => %(window_s)s)),
+       count(DISTINCT e.token) FILTER (WHERE e.type = 'bounced'),
+       count(DISTINCT e.token) FILTER (WHERE e.type = 'complained'),
+       coalesce(max(e.id) FILTER (WHERE e.type IN ('bounced', 'complained')), 0)
+  FROM delivery_events AS e
+ WHERE e.event_at >= statement_timestamp() - make_interval(secs => %(window_s)s)
+   AND e.job_type = %(queue)s
 """
