@@ -78,7 +78,8 @@ class Session(AppService):
             await asyncio.wait_for(super().stop(), GRACE)
         except (TimeoutError, OSError):
             pass
-        await self.end()
+        finally:  # whatever the relay raised, the process is ended
+            await self.end()
 
     async def end(self) -> None:
         """Quit, SIGTERM, SIGKILL, as far as it takes; reap the process."""
