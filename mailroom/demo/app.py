@@ -121,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mailroom_argv() -> list[str]:
+    """The ``mailroom`` command, found the way :func:`_supervisor_argv` finds its script."""
+    found = shutil.which("mailroom", path=os.path.dirname(sys.executable))
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from mailroom.cli import main; main(sys.argv[1:])"]
+
+
 def _supervisor_argv() -> list[str]:
     # The installed console script beside this interpreter (a venv's), else the same entry
     # point through this interpreter (a source tree on PYTHONPATH).
@@ -162,6 +170,7 @@ class Demo:
         def start_ses() -> None:
             try:
                 ses.start()
+                self._push_templates()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
                 ses_error.append(exc)
 
@@ -197,20 +206,35 @@ class Demo:
         traffic.start()
         print(f"demo: traffic {self.args.rate:g}/s; directory {self.workdir}", flush=True)
 
-    def _start_supervisor(self) -> None:
+    def _ses_env(self) -> dict[str, str]:
+        """This environment without its MAILROOM_* and AWS_* settings, pointed at the local SES."""
         from mailroom.demo.local_ses import AWS_ENV, SOURCE
 
         assert self.ses is not None
-
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MAILROOM_", "AWS_")) or k in ("MAILROOM_IMPL", "MAILROOM_LOG_LEVEL")}
         env.update(AWS_ENV)
+        env.update({"MAILROOM_SES_ENDPOINT_URL": self.ses.url, "MAILROOM_SES_SOURCE": SOURCE})
+        return env
+
+    def _push_templates(self) -> None:
+        """``mailroom templates push`` of the shipped templates to the local SES, as an
+        operator pushes them to AWS: the demo sends with the same files."""
+        from mailroom.templates.files import shipped_dir
+
+        argv = [*_mailroom_argv(), "templates", "push", "--dir", str(shipped_dir())]
+        done = subprocess.run(argv, env=self._ses_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"mailroom templates push failed: {(done.stderr or done.stdout).strip()}")
+        print("demo: mailroom templates push: " + ", ".join(done.stdout.split("\n")).strip(", "), flush=True)
+
+    def _start_supervisor(self) -> None:
+        env = self._ses_env()
         env.update(_SUPERVISOR_ENV)
         env.update({
             "MAILROOM_DATABASE_URL": self.database_url,
             "MAILROOM_SECRET_KEY": secrets.token_hex(32),
-            "MAILROOM_SES_ENDPOINT_URL": self.ses.url,
-            "MAILROOM_SES_SOURCE": SOURCE,
             "MAILROOM_SES_OUTPUT_PATH": str(self.workdir / "output"),
             "MAILROOM_CONTROL_SOCKET": self.control_socket,
             "PYTHONUNBUFFERED": "1",

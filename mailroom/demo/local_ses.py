@@ -1,6 +1,7 @@
 """A local SES endpoint for the demo: moto's server mode on 127.0.0.1, spoken to over real HTTP.
 
-The sender reaches it through ``MAILROOM_SES_ENDPOINT_URL`` exactly as it would reach AWS.
+The sender reaches it through ``MAILROOM_SES_ENDPOINT_URL`` exactly as it would reach AWS, and
+so does ``mailroom templates push``, which puts the shipped templates there at start.
 moto keeps what it accepted in memory, in this process (the server is a thread here).
 """
 
@@ -8,17 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AWS_ENV", "SOURCE", "TEMPLATES", "LocalSes"]
+__all__ = ["AWS_ENV", "SOURCE", "LocalSes"]
 
 #: The verified sender address of the demo.
 SOURCE = "noreply@mailroom.demo"
-#: Both templates the sender uses, with the data fields it fills in.
-TEMPLATES = {
-    "activationv1": ("Activate your account",
-                     "Hello {{login}}, activate: https://app.example/activate?token={{secret}}"),
-    "passwordrecoveryv1": ("Your recovery code",
-                           "Hello {{login}}, code {{code}}: https://app.example/recover?token={{secret}}"),
-}
 #: Dummy credentials: moto accepts any, boto3 insists on having some.
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "demo",
@@ -29,7 +23,10 @@ _REGION = AWS_ENV["AWS_DEFAULT_REGION"]
 
 
 class LocalSes:
-    """moto's SES on 127.0.0.1 (a free port), with :data:`SOURCE` verified and both templates."""
+    """moto's SES on 127.0.0.1 (a free port), with :data:`SOURCE` verified.
+
+    No templates: the demo pushes the shipped ones with ``mailroom templates push``,
+    as an operator would (see :mod:`mailroom.demo.app`)."""
 
     def __init__(self) -> None:
         self._server: Any = None
@@ -48,8 +45,6 @@ class LocalSes:
         self.url = f"http://{host}:{port}"
         client = self._client()
         client.verify_email_identity(EmailAddress=SOURCE)
-        for name, (subject, text) in TEMPLATES.items():
-            client.create_template(Template={"TemplateName": name, "SubjectPart": subject, "TextPart": text})
         return self.url
 
     def _client(self) -> Any:
