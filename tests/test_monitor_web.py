@@ -190,6 +190,24 @@ def test_a_browser_that_vanishes_without_closing_its_websocket_leaves_no_monitor
              what=f"monitor {seen} ended after its browser vanished")
 
 
+def test_a_browser_that_stops_answering_on_an_open_connection_loses_its_monitor(web) -> None:
+    # A dropped tunnel or a frozen laptop: the TCP connection stays open, nothing answers.
+    # A stopped Chromium is that (the kernel still acknowledges); the heartbeat notices.
+    with tempfile.TemporaryDirectory() as where:
+        browser = subprocess.Popen(
+            [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--user-data-dir={where}",
+             "--remote-debugging-port=0", web.url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            [pid] = wait_for(web.sessions, timeout=60, what="the browser's session")
+            os.killpg(browser.pid, signal.SIGSTOP)
+            wait_for(lambda: not web.sessions(), timeout=SESSION_GONE,
+                     what=f"monitor {pid} ended after its browser stopped answering")
+        finally:
+            os.killpg(browser.pid, signal.SIGKILL)
+            browser.wait(30)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
 def test_stopping_the_server_ends_every_session_it_started(web, signum) -> None:
     from selenium.webdriver.chrome.service import Service
