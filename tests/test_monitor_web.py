@@ -160,7 +160,12 @@ def test_a_tab_shows_the_live_screen_with_batches_and_closing_it_ends_its_monito
     shot = os.environ.get("MAILROOM_WEB_SCREENSHOT")  # docs/monitor-web.png comes from here
     if shot:
         browser.save_screenshot(shot)
-    assert "fonts.googleapis" not in browser.page_source  # the font comes from this server
+    # Nothing from the internet; the terminal's font from this server.
+    browser.execute_async_script("document.fonts.ready.then(arguments[arguments.length - 1])")
+    fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(url.startswith(web.url) or url.startswith("ws://127.0.0.1") for url in fetched), fetched
+    assert any("/static/fonts/RobotoMono" in url for url in fetched), fetched
+    assert browser.execute_script("return document.fonts.check('16px \"Roboto Mono\"')")
 
     # Close the tab normally (another tab keeps the browser up): its monitor ends.
     monitor_tab = browser.current_window_handle
