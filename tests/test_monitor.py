@@ -35,13 +35,16 @@ async def until(pilot: Any, condition: Callable[[], bool], what: str, timeout: f
 
 
 def scenario(test: Callable[..., Awaitable[None]], *, role: str = "operator", operate: bool = False,
-             database_url: str | None = None, size: tuple[int, int] = (140, 40)) -> None:
-    """Run ``test(app, pilot, server)`` with a fake server and the app connected to it."""
+             database_url: str | None = None, size: tuple[int, int] = (140, 40),
+             snapshot: dict[str, Any] | None = None) -> None:
+    """Run ``test(app, pilot, server)`` with a fake server and the app connected to it
+    (``snapshot``: fields added to the fake's ``subscribe`` answer)."""
     async def main() -> None:
         # A short directory: Unix socket paths are limited to about 100 bytes.
         with tempfile.TemporaryDirectory(prefix="mrmon") as tmp:
             path = os.path.join(tmp, "control.sock")
             server = FakeControlServer(path, role=role)
+            server.snapshot.update(snapshot or {})
             await server.start()
             app = MonitorApp(path, database_url, operate=operate)
             try:

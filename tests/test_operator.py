@@ -259,3 +259,20 @@ def test_a_finished_batch_shows_its_destinations_without_secrets(sup):
     assert "07070707" not in repr(result)  # the rows' secrets never leave the supervisor
 
     assert ask(sup, "batch", id="nope").answer[0] == "not_found"
+
+
+# -- what the monitor shows: the claim's time and the supervisor's own row ------------------
+
+def test_a_claimed_batch_carries_its_claim_time_and_status_describes_the_supervisor(sup):
+    published: list[tuple[str, dict[str, Any]]] = []
+    sup.operator.publish = lambda event, data: published.append((event, data))  # the control socket's place
+    before = time.time()
+    claim(sup, "b1", "a@example.test")
+    [(event, data)] = [(e, d) for e, d in published if e == "batch.claimed"]
+    assert before <= data["claimed"] <= time.time()
+    [snapshot_batch] = [b for b in sup.operator.snapshot()["batches"] if b["batch"] == "b1"]
+    assert snapshot_batch["claimed"] == data["claimed"]  # the same age after a reconnect
+
+    status = sup.operator.status()
+    assert status["pid"] > 0 and before - 60 < status["started"] <= time.time()
+    assert status["rss"] is None or status["rss"] > 1 << 20

@@ -6,12 +6,13 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from textual import events
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import ContentSwitcher, DataTable, Footer
+from textual.widgets import ContentSwitcher, DataTable, Static
 
 from mailroom.config import Settings
 from mailroom.monitor.actions import OPERATOR_ACTIONS, OperatorActions
@@ -26,19 +27,30 @@ from mailroom.monitor.panes.failures import FailuresPane
 from mailroom.monitor.panes.ledger import LedgerCountsPane
 from mailroom.monitor.panes.live import LivePane
 from mailroom.monitor.panes.processes import ProcessesPane
-from mailroom.monitor.widgets import Banner, HeaderBar
+from mailroom.monitor.widgets import Banner, HeaderBar, KeyFooter
 
 log = logging.getLogger("mailroom.monitor")
 
-__all__ = ["MonitorApp", "PANES"]
+__all__ = ["MIN_COLUMNS", "MIN_ROWS", "MonitorApp", "PANES"]
 
 #: Pane ids in key order (`1`-`5`) with their titles.
 PANES = (("live", "Live"), ("ledger", "Ledger"), ("failures", "Failures"),
          ("processes", "Processes"), ("events", "Events"))
 #: At most this many screen refreshes a second (OPERATIONS.md 4).
 FLUSH_INTERVAL_S = 0.25
+#: The smallest terminal the screens are laid out for (OPERATIONS.md 4: usable at 80x24).
+MIN_COLUMNS, MIN_ROWS = 80, 20
 #: Ledger screens re-query this often while shown.
 LEDGER_REFRESH_S = 5.0
+
+
+class _MainScreen(Screen[None]):
+    """The app's screen; it hears of every resize (the app itself only of the first)."""
+
+    def on_resize(self, event: events.Resize) -> None:
+        app = self.app
+        if isinstance(app, MonitorApp):
+            app.refit()
 
 
 class MonitorApp(OperatorActions):
@@ -55,6 +67,9 @@ class MonitorApp(OperatorActions):
     TITLE = "mailroom monitor"
     CSS = """
     ContentSwitcher { height: 1fr; }
+    #too-small { display: none; height: 1; }
+    Screen.-too-small > * { display: none; }
+    Screen.-too-small > #too-small { display: block; }
     """
     BINDINGS = [
         *(Binding(str(i), f"show('{pane}')", title, key_display=str(i))
@@ -96,11 +111,12 @@ class MonitorApp(OperatorActions):
     # ------------------------------------------------------------ layout
 
     def compose(self) -> ComposeResult:
+        yield Static(id="too-small")
         yield HeaderBar(id="header")
         yield Banner(id="banner")
         with ContentSwitcher(initial="live"):
             yield from self._build_panes()
-        yield Footer()
+        yield KeyFooter()
 
     def _build_panes(self) -> list[Widget]:
         live, events = LivePane(id="live"), EventsPane(id="events")
@@ -121,9 +137,28 @@ class MonitorApp(OperatorActions):
             self.query_one(ContentSwitcher).current = "ledger"
         self.set_interval(FLUSH_INTERVAL_S, self._apply_buffered)
         self.set_interval(LEDGER_REFRESH_S, self.reload_ledger)
+        self._fit()
         self._render(force=True)
         self.reload_ledger()
         self._focus_table(self.current)
+
+    def get_default_screen(self) -> Screen[Any]:
+        return _MainScreen(id="_default")
+
+    def refit(self) -> None:
+        """The terminal changed size: the too-small notice, the header's and the footer's words."""
+        self._fit()
+        self._render(force=True)
+        self.query_one(KeyFooter).refresh(recompose=True)
+
+    def _fit(self) -> None:
+        """Below the minimum size, one line saying what is needed instead of a cut-off screen."""
+        width, height = self.size
+        small = width < MIN_COLUMNS or height < MIN_ROWS
+        self.screen.set_class(small, "-too-small")
+        if small:
+            self.query_one("#too-small", Static).update(
+                f"mailroom monitor needs {MIN_COLUMNS} columns x {MIN_ROWS} rows; this terminal is {width}x{height}")
 
     def on_unmount(self) -> None:
         if self.ledger is not None:
@@ -182,7 +217,9 @@ class MonitorApp(OperatorActions):
     def _banner(self) -> None:
         banner = self.query_one(Banner)
         feed = self.feed
-        if feed is not None and not feed.connected:
+        if self.screen.has_class("-too-small"):
+            banner.show(None)  # the one line of the too-small notice is all there is room for
+        elif feed is not None and not feed.connected:
             reason = feed.error or "connecting"
             banner.show(f" DISCONNECTED from {feed.path}: {reason} (retrying)")
         elif self.state.tick.ses_paused or self.state.run_state == "ses_paused":
@@ -234,13 +271,19 @@ class MonitorApp(OperatorActions):
         self._render(force=True)
 
     def action_search(self) -> None:
-        """`/`: the address lookup of the Ledger pane."""
+        """`/`: the type filter on the Events screen, else the address lookup of the Ledger pane."""
+        if self.current == "events":
+            self.query_one(EventsPane).open_filter()
+            return
         if self.current != "ledger":
             self.action_show("ledger")
         self.query_one(LedgerCountsPane).open_search()
 
     def action_close_search(self) -> None:
-        """Esc on the main screen: close the search box."""
+        """Esc on the main screen: close the search box (or leave the events filter)."""
+        if self.current == "events":
+            self._focus_table("events")
+            return
         self.query_one(LedgerCountsPane).close_search()
 
     def action_cursor(self, direction: str) -> None:

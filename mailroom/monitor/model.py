@@ -26,7 +26,7 @@ from mailroom.monitor.coerce import as_dict as _dict
 from mailroom.vocabulary import BATCH_STATES, RUN_STATES, BatchState, OutcomeKind, Pausable, WorkerState, batch_state
 
 __all__ = [
-    "BATCH_STATES", "MAX_BATCHES", "RUN_STATES", "Batch", "Destination", "EventLine",
+    "BATCH_STATES", "MAX_BATCHES", "RUN_STATES", "SUPERVISOR", "Batch", "Destination", "EventLine",
     "MonitorState", "Tick", "Worker", "as_bool", "as_epoch", "as_float", "as_int", "as_str", "destinations",
 ]
 
@@ -34,6 +34,8 @@ __all__ = [
 MAX_BATCHES = 500
 #: Seconds of tick history behind the sparklines (5 minutes at one tick a second).
 HISTORY_S = 300
+#: The supervisor's row on the Processes screen (its workers are named by their role).
+SUPERVISOR = "supervisor"
 #: Lines kept on the events screen.
 MAX_EVENT_LINES = 1000
 
@@ -57,7 +59,16 @@ class Batch:
     skipped: int = 0
     ms: float | None = None
     error: str | None = None
-    first_seen: float = field(default_factory=time.monotonic)
+    #: When the batch was claimed (epoch s, from the supervisor's event or snapshot):
+    #: ages count from it, so a monitor started or reconnected later shows the truth.
+    claimed: float | None = None
+    #: When this monitor first heard of it (epoch s): the age's base when no claim time came.
+    heard: float = field(default_factory=time.time)
+
+    @property
+    def since(self) -> float:
+        """Epoch seconds the batch's age counts from."""
+        return self.claimed if self.claimed is not None else self.heard
 
     def update(self, data: Mapping[str, Any]) -> None:
         """Take every known, well-typed field of a batch event's ``data``."""
@@ -73,6 +84,9 @@ class Batch:
             self.ms = ms
         if "error" in data:
             self.error = as_str(data.get("error"), limit=300)
+        claimed = as_epoch(data.get("claimed"))
+        if claimed is not None:
+            self.claimed = claimed
 
 
 @dataclass
@@ -177,6 +191,8 @@ class MonitorState:
         self.tick = Tick()
         self.workers: dict[str, Worker] = {}
         self.run_state: str = "unknown"
+        #: The supervisor itself (pid, start, RSS from the snapshot; its heartbeat is its ticks).
+        self.supervisor = Worker(SUPERVISOR)
         self.paused_claims = False
         self.paused_sending = False
         self.queue: str | None = None
@@ -242,6 +258,7 @@ class MonitorState:
         snap = _dict(snapshot)
         self.queue = as_str(snap.get("queue"), self.queue, limit=60)
         self.version = as_str(snap.get("version"), self.version, limit=40)
+        self._take_supervisor(snap)
         self._take_state(snap)
         self.tick.update(snap)
         self.tick.update(_dict(snap.get("tick")))
@@ -282,10 +299,19 @@ class MonitorState:
         worker.update(data)
         return worker
 
+    def _take_supervisor(self, snap: Mapping[str, Any]) -> None:
+        sup = self.supervisor
+        sup.update({name: snap[name] for name in ("pid", "started", "rss") if name in snap})
+        if sup.pid is not None:
+            sup.state = self.run_state if self.run_state != "unknown" else sup.state
+            sup.last_heartbeat = time.time()
+
     def _take_state(self, data: Mapping[str, Any]) -> None:
         state = as_str(data.get("state"), limit=30)
         if state:
             self.run_state = state
+            if self.supervisor.pid is not None:
+                self.supervisor.state = state
         paused = _dict(data.get("paused"))
         for key, attr in ((Pausable.CLAIMS, "paused_claims"), (Pausable.SENDING, "paused_sending")):
             value = as_bool(paused.get(key))
@@ -320,6 +346,9 @@ class MonitorState:
 
     def _on_tick(self, data: Mapping[str, Any]) -> None:
         self.tick.update(data)
+        self._take_supervisor(_dict(data.get("supervisor")))
+        if self.supervisor.pid is not None:
+            self.supervisor.last_heartbeat = time.time()  # a tick is the supervisor's heartbeat
         workers = data.get("workers")  # uptime, heartbeat and RSS move every second
         if isinstance(workers, Mapping):
             workers = [dict(_dict(v), worker=k) for k, v in workers.items()]

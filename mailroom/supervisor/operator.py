@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from mailroom import __version__, wire
+from mailroom._process import rss_bytes
 from mailroom.control.metrics import Metrics, MetricsServer
 from mailroom.control.server import ControlServer, ControlSocketError, Request, default_socket_path
 from mailroom.supervisor import messages as msg
@@ -64,6 +65,8 @@ class Operator:
         self.control: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self.claims_paused = False
+        #: When this supervisor started (epoch s): its own row of the monitor's Processes.
+        self.started = time.time()
         # An operator's set_rate (recipients/s, as asked): held here so that a new
         # sender (a restart, a crash) gets it, instead of reverting to the quota.
         self.send_rate: float | None = None
@@ -147,7 +150,10 @@ class Operator:
     def on_router_event(self, name: str, data: dict[str, Any]) -> None:
         batch_id = str(data.get("batch"))
         if name == "batch.claimed":
-            self._remember(batch_id, {**data, "state": BatchState.CLAIMED, "claimed": time.time()})
+            # The claim's time goes out with the event too: a monitor's ages count from
+            # it, not from when that monitor heard of the batch.
+            data = {**data, "claimed": time.time()}
+            self._remember(batch_id, {**data, "state": BatchState.CLAIMED})
         elif name == "batch.dispatched" and batch_id in self.recent:
             self.recent[batch_id]["state"] = BatchState.SENDING
             data = {**data, "state": BatchState.SENDING}
@@ -233,6 +239,7 @@ class Operator:
         collector, sender = self.sup.workers[Role.COLLECTOR].stats, self.sup.workers[Role.SENDER].stats
         rows = sum(len(b.token_ids) for b in self.sup.router.batches.values())
         return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
+                "started": self.started, "rss": rss_bytes(),
                 "workers": self._workers(), "in_flight": {"batches": len(self.sup.router), "rows": rows},
                 "counters": dict(self.counters), "rates": self._rates(),
                 "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit"), "rate_cap": self.rate_cap()},

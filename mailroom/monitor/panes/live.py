@@ -6,11 +6,11 @@ import time
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Label, Sparkline
+from textual.widgets import Label
 
 from mailroom.monitor.batch_table import BatchTable, Column
 from mailroom.monitor.model import Batch, MonitorState
-from mailroom.monitor.widgets import BigNumber, age, num
+from mailroom.monitor.widgets import BigNumber, History, age, num
 from mailroom.vocabulary import BatchState
 
 __all__ = ["LivePane"]
@@ -30,7 +30,7 @@ def _cells(batch: Batch, now: float) -> tuple[str, ...]:
     return (
         batch.id, batch.state, str(batch.rows), f"{batch.activation}/{batch.recovery}",
         str(batch.sent), str(batch.failed), str(batch.retry), str(batch.skipped),
-        age(now - batch.first_seen), num(batch.ms), (batch.error or "")[:60],
+        age(now - batch.since), num(batch.ms), (batch.error or "")[:60],
     )
 
 
@@ -41,11 +41,12 @@ class LivePane(Vertical):
     LivePane #bignums { height: 5; }
     LivePane #sparks { height: 4; }
     LivePane #sparks Vertical { width: 1fr; padding: 0 1; }
-    LivePane Sparkline { height: 2; }
+    LivePane History { height: 2; }
     LivePane BatchTable { height: 1fr; }
     """
 
     def compose(self) -> ComposeResult:
+        self._captions: dict[str, str] = {}
         with Horizontal(id="bignums"):
             yield BigNumber("queued", id="big-queued")
             yield BigNumber("in flight", id="big-inflight")
@@ -54,10 +55,10 @@ class LivePane(Vertical):
         with Horizontal(id="sparks"):
             with Vertical():
                 yield Label("sent/s, 5 min", id="spark-sent-label")
-                yield Sparkline([], id="spark-sent")
+                yield History(id="spark-sent")
             with Vertical():
                 yield Label("failed/s, 5 min", id="spark-failed-label")
-                yield Sparkline([], id="spark-failed")
+                yield History(id="spark-failed")
         yield BatchTable(COLUMNS, styles={"state": STATE_STYLE}, id="batches")
 
     @property
@@ -79,8 +80,12 @@ class LivePane(Vertical):
         self.query_one("#big-inflight", BigNumber).show(num(in_flight))
         self.query_one("#big-sent", BigNumber).show(num(state.sent_per_min))
         self.query_one("#big-failed", BigNumber).show(num(state.failed_last_15min()))
-        self.query_one("#spark-sent", Sparkline).data = list(state.sent_history) or [0.0]
-        self.query_one("#spark-failed", Sparkline).data = list(state.failed_history) or [0.0]
+        for name, history in (("sent", state.sent_history), ("failed", state.failed_history)):
+            peak = self.query_one(f"#spark-{name}", History).show(list(history))
+            caption = f"{name}/s, 5 min" + (f", 0 to {num(peak, 1 if peak < 10 else 0)}" if peak else "")
+            if self._captions.get(name) != caption:
+                self._captions[name] = caption
+                self.query_one(f"#spark-{name}-label", Label).update(caption)
         self._sync_table(state)
 
     def load(self) -> None:
@@ -91,7 +96,7 @@ class LivePane(Vertical):
         selected = self.selected_batch()
         # Following the tail (cursor on the last row) keeps following it.
         follow = table.row_count == 0 or table.cursor_row >= table.row_count - 1
-        now = time.monotonic()
+        now = time.time()  # ages count from the claim's wall-clock time
         # A copy: while the screen is frozen the state keeps evicting batches, and
         # the table may still draw any of the rows it was given (scrolling).
         batches = dict(state.batches)

@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.widgets import DataTable, Label
 
 from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
-from mailroom.monitor.model import MonitorState, as_float, as_int, as_str
+from mailroom.monitor.model import SUPERVISOR, MonitorState, as_float, as_int, as_str
 from mailroom.monitor.panes.base import LedgerPane
 from mailroom.monitor.widgets import age, num, when
 
@@ -41,9 +41,11 @@ class ProcessesPane(LedgerPane):
         """Show the workers the live feed knows."""
         table = self.query_one("#workers", DataTable)
         rows: list[tuple[str, ...]] = []
-        for w in sorted(state.workers.values(), key=lambda w: w.name):
+        # The supervisor first (unless its snapshot already listed it among the workers).
+        known = [state.supervisor] if state.supervisor.pid is not None and SUPERVISOR not in state.workers else []
+        now = time.time()
+        for w in known + sorted(state.workers.values(), key=lambda w: (w.name != SUPERVISOR, w.name)):
             rss = f"{w.rss / 1048576:.0f} MiB" if w.rss else "-"
-            now = time.time()
             uptime = "-" if w.started is None else age(now - w.started)
             beat = "-" if w.last_heartbeat is None else age(now - w.last_heartbeat) + " ago"
             rows.append((w.name, "-" if w.pid is None else str(w.pid), w.state, uptime,
