@@ -142,7 +142,7 @@ class History(Widget):
         text = Text(no_wrap=True)
         for row in reversed(range(height)):  # the top line first
             text.append(" " * (width - len(cols)))
-            for value, level in zip(cols, levels):
+            for value, level in zip(cols, levels, strict=True):
                 if level == 0 and row == 0 and value == 0:
                     text.append("▁", style="dim")  # a sample of zero: data, but nothing sent
                 else:
