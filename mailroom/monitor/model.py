@@ -65,11 +65,6 @@ class Batch:
     #: When this monitor first heard of it (epoch s): the age's base when no claim time came.
     heard: float = field(default_factory=time.time)
 
-    @property
-    def since(self) -> float:
-        """Epoch seconds the batch's age counts from."""
-        return self.claimed if self.claimed is not None else self.heard
-
     def update(self, data: Mapping[str, Any]) -> None:
         """Take every known, well-typed field of a batch event's ``data``."""
         state = as_str(data.get("state"))
@@ -258,8 +253,8 @@ class MonitorState:
         snap = _dict(snapshot)
         self.queue = as_str(snap.get("queue"), self.queue, limit=60)
         self.version = as_str(snap.get("version"), self.version, limit=40)
-        self._take_supervisor(snap)
         self._take_state(snap)
+        self._take_supervisor(snap)
         self.tick.update(snap)
         self.tick.update(_dict(snap.get("tick")))
         workers = snap.get("workers")
@@ -300,18 +295,13 @@ class MonitorState:
         return worker
 
     def _take_supervisor(self, snap: Mapping[str, Any]) -> None:
-        sup = self.supervisor
-        sup.update({name: snap[name] for name in ("pid", "started", "rss") if name in snap})
-        if sup.pid is not None:
-            sup.state = self.run_state if self.run_state != "unknown" else sup.state
-            sup.last_heartbeat = time.time()
+        self.supervisor.update({name: snap[name] for name in ("pid", "started", "rss") if name in snap})
+        self.supervisor.last_heartbeat = time.time()
 
     def _take_state(self, data: Mapping[str, Any]) -> None:
         state = as_str(data.get("state"), limit=30)
         if state:
-            self.run_state = state
-            if self.supervisor.pid is not None:
-                self.supervisor.state = state
+            self.run_state = self.supervisor.state = state
         paused = _dict(data.get("paused"))
         for key, attr in ((Pausable.CLAIMS, "paused_claims"), (Pausable.SENDING, "paused_sending")):
             value = as_bool(paused.get(key))
@@ -346,9 +336,7 @@ class MonitorState:
 
     def _on_tick(self, data: Mapping[str, Any]) -> None:
         self.tick.update(data)
-        self._take_supervisor(_dict(data.get("supervisor")))
-        if self.supervisor.pid is not None:
-            self.supervisor.last_heartbeat = time.time()  # a tick is the supervisor's heartbeat
+        self.supervisor.last_heartbeat = time.time()  # a tick is the supervisor's heartbeat
         workers = data.get("workers")  # uptime, heartbeat and RSS move every second
         if isinstance(workers, Mapping):
             workers = [dict(_dict(v), worker=k) for k, v in workers.items()]

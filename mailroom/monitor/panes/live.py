@@ -30,7 +30,7 @@ def _cells(batch: Batch, now: float) -> tuple[str, ...]:
     return (
         batch.id, batch.state, str(batch.rows), f"{batch.activation}/{batch.recovery}",
         str(batch.sent), str(batch.failed), str(batch.retry), str(batch.skipped),
-        age(now - batch.since), num(batch.ms), (batch.error or "")[:60],
+        age(now - (batch.heard if batch.claimed is None else batch.claimed)), num(batch.ms), (batch.error or "")[:60],
     )
 
 
