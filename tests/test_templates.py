@@ -266,3 +266,29 @@ def test_a_template_gone_at_send_time_holds_its_rows_without_spending_attempts(d
     wait_for(lambda: _deliveries(db).get("password_recovery") == [("sent", 1)] * 3, timeout=30,
              what="recoveries sent")
     assert sup.stop() == 0
+
+
+def test_a_held_template_is_released_by_the_recheck_once_it_renders(ses, caplog):
+    """The recheck alone (no SIGHUP): a broken template holds, a fixed one releases."""
+    from mailroom.config import Settings
+    from mailroom.sender.template_hold import TemplateHold
+
+    client = ses.client()
+    client.create_template(Template={"TemplateName": "activationv1", "SubjectPart": "Hi {{login}}",
+                                     "TextPart": "{{secret}} {{code}}", "HtmlPart": ""})  # no code in activation data
+    hold = TemplateHold(Settings(ses_endpoint_url=ses.url), recheck_every=0.2)
+    hold.check(client)
+    assert hold.held_actions() == (1, 2)
+    assert hold.reason(1) == ("template activationv1 does not render:"
+                              " Attribute 'code' is not present in the rendering data.")
+    assert hold.reason(2) == "template passwordrecoveryv1 does not exist in SES"
+    hold.start()
+    try:
+        client.update_template(Template={"TemplateName": "activationv1", "SubjectPart": "Hi {{login}}",
+                                         "TextPart": "{{secret}}", "HtmlPart": ""})
+        wait_for(lambda: hold.held_actions() == (2,), timeout=10, what="activation released")
+        assert [s["ok"] for s in hold.states()] == [True, False]
+    finally:
+        hold.stop()
+    assert sum("holding activation emails" in r.getMessage() for r in caplog.records) == 1
+    assert any("template activationv1 renders now" in r.getMessage() for r in caplog.records)
