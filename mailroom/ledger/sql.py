@@ -124,16 +124,21 @@ picked AS MATERIALIZED (
 -- SES.  The list keeps each address with its domain in both IDNA forms,
 -- lower-cased; the account's email is compared with its domain lower-cased
 -- (SQL cannot convert IDNA).  One probe of each index for all the rows
--- (= ANY of an array), and none at all while the list is empty.
+-- (= ANY of an array), none at all while the list is empty, and a join (not
+-- a subquery per row: three times the claim's cost with 71 of 500 rows
+-- suppressed) to tell each row its reason.
+keyed AS MATERIALIZED (SELECT x.*, {email_key} AS email_key FROM looked_up AS x),
 barred AS MATERIALIZED (
-    SELECT s.address AS key, s.reason, s.detail FROM suppressions AS s
-     WHERE (SELECT EXISTS (SELECT FROM suppressions))
-       AND s.address = ANY (ARRAY(SELECT {email_key} FROM looked_up AS x))
-    UNION ALL
-    SELECT s.address_unicode, s.reason, s.detail FROM suppressions AS s
-     WHERE (SELECT EXISTS (SELECT FROM suppressions))
-       AND s.address_unicode = ANY (ARRAY(SELECT {email_key} FROM looked_up AS x))
-       AND s.address_unicode <> s.address
+    SELECT DISTINCT ON (key) key, reason, detail FROM (
+        SELECT s.address AS key, s.reason, s.detail FROM suppressions AS s
+         WHERE (SELECT EXISTS (SELECT FROM suppressions))
+           AND s.address = ANY (ARRAY(SELECT email_key FROM keyed))
+        UNION ALL
+        SELECT s.address_unicode, s.reason, s.detail FROM suppressions AS s
+         WHERE (SELECT EXISTS (SELECT FROM suppressions))
+           AND s.address_unicode = ANY (ARRAY(SELECT email_key FROM keyed))
+           AND s.address_unicode <> s.address) AS found
+     ORDER BY key
 ),
 checked AS MATERIALIZED (
     SELECT x.id, x.token, x.priority, x.pass, x.action, x.secret, x.code, x.email, x.login,
@@ -147,11 +152,10 @@ checked AS MATERIALIZED (
                WHEN x.action = 'password_recovery' AND x.account_status <> 'active'
                    THEN format('account is %s, password recovery needs active',
                                x.account_status)
-               WHEN EXISTS (SELECT FROM barred) THEN
-                   (SELECT 'suppressed: ' || b.reason || COALESCE(' (' || b.detail || ')', '')
-                      FROM barred AS b WHERE b.key = {email_key} LIMIT 1)
+               WHEN b.key IS NOT NULL
+                   THEN 'suppressed: ' || b.reason || COALESCE(' (' || b.detail || ')', '')
            END AS reason
-      FROM looked_up AS x
+      FROM keyed AS x LEFT JOIN barred AS b ON b.key = x.email_key
 ),
 verdict AS MATERIALIZED (
     SELECT count(*)::int AS picked, max(token) AS top,
