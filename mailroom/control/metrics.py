@@ -46,6 +46,7 @@ from mailroom.vocabulary import (
     SES_RESULTS,
     Action,
     OutcomeKind,
+    Role,
     SesResult,
     batch_state,
 )
@@ -133,7 +134,10 @@ class Metrics:
         for worker in ROLES:
             for reason in RESTART_REASONS:
                 self.worker_restarts.labels(worker, reason)
-            self.worker_up.labels(worker)
+            # The events worker runs only when MAILROOM_SES_EVENTS_QUEUE_URL is set: its
+            # series appears with it, so "worker_up == 0" never alerts on a worker not configured.
+            if worker != Role.EVENTS:
+                self.worker_up.labels(worker)
         for what in PAUSED_WHAT:
             self.paused.labels(what)
         for cmd in protocol.COMMANDS:
