@@ -51,6 +51,9 @@ def scenario(test: Callable[..., Awaitable[None]], *, role: str = "operator", op
                 async with app.run_test(size=size) as pilot:
                     await until(pilot, lambda: app.feed.connected and server.subscribed.is_set(),
                                 "connected")
+                    # ...and shown: a flush since (else a banner test may read the
+                    # DISCONNECTED of the first paint, from before the connection).
+                    await until(pilot, lambda: not app.query_one("#banner").display, "connected, shown")
                     await test(app, pilot, server)
             finally:
                 await server.stop()
