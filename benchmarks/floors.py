@@ -230,7 +230,8 @@ def sender_stage(pipe: Any, endpoint_url: str, work: list[list[tuple]]) -> None:
     A process of its own, as the sender worker is: in the parent it would share the
     interpreter lock with the collector stage running beside it.
     """
-    from mailroom.sender import SENT, Sender
+    from mailroom.sender import Sender
+    from mailroom.vocabulary import OutcomeKind
 
     sender = Sender(Settings(ses_endpoint_url=endpoint_url, ses_source="noreply@mailroom.test",
                              ses_max_send_rate=10**9))
@@ -239,7 +240,7 @@ def sender_stage(pipe: Any, endpoint_url: str, work: list[list[tuple]]) -> None:
         while pipe.recv() == "go":
             start = time.perf_counter()
             for future in [sender.submit(batch) for batch in work]:
-                assert future.result(120)[0].kind == SENT
+                assert future.result(120)[0].kind == OutcomeKind.SENT
             pipe.send(time.perf_counter() - start)
     finally:
         sender.close()

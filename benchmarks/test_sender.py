@@ -23,7 +23,8 @@ from ses_emulator import restore_env, stub_process, use_aws_env
 
 from mailroom import wire
 from mailroom.config import Settings
-from mailroom.sender import SENT, Sender, ses
+from mailroom.sender import Sender, ses
+from mailroom.vocabulary import OutcomeKind
 
 DESTINATIONS = 10_000
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
@@ -98,7 +99,7 @@ def test_sender_throughput(benchmark, sender, size, recovery_every):
         futures = [sender.submit(batch) for batch in work]
         for future in futures:
             outcomes = future.result(120)
-            assert outcomes[0].kind == SENT
+            assert outcomes[0].kind == OutcomeKind.SENT
 
     bare.run()     # warm-up: the client's connections
     benchmark.pedantic(run, setup=setup, rounds=5, iterations=1, warmup_rounds=1)

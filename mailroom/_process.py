@@ -42,6 +42,10 @@ def setup_logging(tag: str, level: str = "INFO") -> None:
 
     Called again in a forked worker to switch the tag (the supervisor's handler is
     inherited through fork).
+
+    One logger per role, named after it: ``log = logging.getLogger("mailroom.<role>")``
+    in every module of ``mailroom/<role>/`` (a level set for a role covers all its
+    modules; the tag, not the logger's name, says which process wrote a line).
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s [{tag}] %(message)s", DATE_FORMAT))

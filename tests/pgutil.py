@@ -35,13 +35,6 @@ def admin_url() -> str:
     return os.environ.get(URL_VAR, LOCAL_URL)
 
 
-def __getattr__(name: str) -> str:
-    # ``from pgutil import ADMIN_URL`` keeps working, resolved when it is imported.
-    if name == "ADMIN_URL":
-        return admin_url()
-    raise AttributeError(name)
-
-
 def _url_for(dbname: str) -> str:
     params = conninfo.conninfo_to_dict(admin_url())
     params["dbname"] = dbname

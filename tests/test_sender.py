@@ -27,8 +27,9 @@ from ses_emulator import (
 
 from mailroom import wire
 from mailroom.config import Settings
-from mailroom.sender import EMITTED, FAILED, RETRY, SENT, Outcome, Sender, SendPolicy, pacing, ses
+from mailroom.sender import Outcome, Sender, SendPolicy, pacing, ses
 from mailroom.sender.stdin import run_stdin
+from mailroom.vocabulary import OutcomeKind
 
 SIGNER = wire.Signer(bytes.fromhex("deadbeef" * 8))
 FAST = SendPolicy(backoff_base=0.01, backoff_cap=0.05, pause_base=0.05, pause_cap=0.2,
@@ -101,7 +102,7 @@ def line(*batch_rows: tuple) -> bytes:
 def test_120_rows_go_out_as_50_50_20(moto, make_settings, running):
     batch = rows(120)
     outcomes = running(make_settings(moto.url)).submit(batch).result(30)
-    assert [o.kind for o in outcomes] == [SENT] * 120
+    assert [o.kind for o in outcomes] == [OutcomeKind.SENT] * 120
     assert all(o.message_id for o in outcomes)
     calls = moto.bulk_calls()
     assert sorted(len(c.destinations) for c in calls) == [20, 50, 50]
@@ -115,7 +116,7 @@ def test_unverified_source_fails_every_destination_without_retrying(moto, make_s
 
     moto.reset(verify=False)
     outcomes = running(make_settings(moto.url)).submit(rows(3)).result(30)
-    assert {o.kind for o in outcomes} == {FAILED}
+    assert {o.kind for o in outcomes} == {OutcomeKind.FAILED}
     assert all("MessageRejected" in o.error and "not verified" in o.error for o in outcomes)
     assert ses_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].rejected_messages_count == 1  # one call, no retry
     [raw] = (tmp_path / "output").iterdir()
@@ -126,7 +127,7 @@ def test_unverified_source_fails_every_destination_without_retrying(moto, make_s
 def test_missing_template_is_a_permanent_failure(moto, make_settings, running):
     moto.reset(templates=False)
     outcomes = running(make_settings(moto.url)).submit(rows(2, action=2)).result(30)
-    assert [o.kind for o in outcomes] == [FAILED, FAILED]
+    assert [o.kind for o in outcomes] == [OutcomeKind.FAILED, OutcomeKind.FAILED]
     assert "TemplateDoesNotExist" in outcomes[0].error
 
 
@@ -153,7 +154,7 @@ def test_throttling_then_500_then_success_is_sent_after_backoff(stub, make_setti
     stub.script(throttling(), server_error(), success())
     policy = SendPolicy(**{**FAST.__dict__, "backoff_base": 0.1, "backoff_cap": 1.0})
     [outcome] = running(make_settings(stub.url), policy).submit(rows(1)).result(30)
-    assert outcome.kind == SENT and outcome.message_id
+    assert outcome.kind == OutcomeKind.SENT and outcome.message_id
     first, second, third = stub.wait_for(3)
     assert first.addresses == second.addresses == third.addresses == ["user0@example.test"]
     # Equal jitter: at least half the nominal delay (0.1 s, then 0.2 s).
@@ -171,7 +172,7 @@ def test_per_destination_transient_failure_retries_only_those(stub, make_setting
     stub.script(per_destination(lambda a: "TransientFailure" if a in flaky else None), success())
     batch = rows(5)
     outcomes = running(make_settings(stub.url)).submit(batch).result(30)
-    assert [o.kind for o in outcomes] == [SENT] * 5
+    assert [o.kind for o in outcomes] == [OutcomeKind.SENT] * 5
     first, second = stub.wait_for(2)
     assert len(first.destinations) == 5
     assert sorted(second.addresses) == sorted(flaky)
@@ -182,7 +183,7 @@ def test_per_destination_transient_failure_retries_only_those(stub, make_setting
 def test_retries_stop_at_send_max_attempts(stub, make_settings, running):
     stub.default = throttling()
     [outcome] = running(make_settings(stub.url, send_max_attempts=3)).submit(rows(1)).result(30)
-    assert outcome.kind == FAILED
+    assert outcome.kind == OutcomeKind.FAILED
     assert "Throttling" in outcome.error and "after 3 attempts" in outcome.error
     assert len(stub.bulk) == 3
 
@@ -192,8 +193,8 @@ def test_retries_stop_at_send_max_attempts(stub, make_settings, running):
 def test_permanent_destination_status_fails_at_once(stub, make_settings, running, status):
     stub.script(per_destination(lambda a: status if a == "user0@example.test" else None))
     outcomes = running(make_settings(stub.url)).submit(rows(2)).result(30)
-    assert outcomes[0].kind == FAILED and outcomes[0].error.startswith(status)
-    assert outcomes[1].kind == SENT
+    assert outcomes[0].kind == OutcomeKind.FAILED and outcomes[0].error.startswith(status)
+    assert outcomes[1].kind == OutcomeKind.SENT
     assert len(stub.bulk) == 1
 
 
@@ -202,7 +203,7 @@ def test_whole_call_permanent_error_fails_at_once_and_keeps_the_raw_response(
 ):
     stub.script(error("InvalidParameterValue", "Missing final '@domain'"))
     outcomes = running(make_settings(stub.url)).submit(rows(2)).result(30)
-    assert [o.kind for o in outcomes] == [FAILED, FAILED]
+    assert [o.kind for o in outcomes] == [OutcomeKind.FAILED, OutcomeKind.FAILED]
     assert outcomes[0].error == "InvalidParameterValue: Missing final '@domain'"
     [raw] = (tmp_path / "output").iterdir()
     head, _, body = raw.read_bytes().partition(b"\r\n\r\n")
@@ -214,7 +215,7 @@ def test_whole_call_permanent_error_fails_at_once_and_keeps_the_raw_response(
 def test_connection_refused_is_retried_then_failed(make_settings, running):
     settings = make_settings(f"http://127.0.0.1:{free_port()}", send_max_attempts=2)
     [outcome] = running(settings).submit(rows(1)).result(30)
-    assert outcome.kind == FAILED
+    assert outcome.kind == OutcomeKind.FAILED
     assert "Could not connect" in outcome.error and "after 2 attempts" in outcome.error
 
 
@@ -222,7 +223,7 @@ def test_read_timeout_is_retried(stub, make_settings, running):
     stub.script(success(delay=1.0), success())
     policy = SendPolicy(**{**FAST.__dict__, "read_timeout": 0.2})
     [outcome] = running(make_settings(stub.url), policy).submit(rows(1)).result(30)
-    assert outcome.kind == SENT
+    assert outcome.kind == OutcomeKind.SENT
     assert len(stub.bulk) == 2
 
 
@@ -230,7 +231,7 @@ def test_paused_account_holds_and_probes_without_burning_attempts(stub, make_set
     stub.script(account_paused(), account_paused(), success())
     sender = running(make_settings(stub.url, send_max_attempts=1), FAST_HOLD)
     outcomes = sender.submit(rows(2)).result(30)
-    assert [o.kind for o in outcomes] == [SENT, SENT]  # one attempt allowed, yet sent
+    assert [o.kind for o in outcomes] == [OutcomeKind.SENT, OutcomeKind.SENT]  # one attempt allowed, yet sent
     assert len(stub.bulk) == 3
     assert "SES sending is paused (AccountSendingPausedException" in caplog.text
     assert "SES sending resumed" in caplog.text
@@ -246,11 +247,11 @@ def test_paused_account_hands_tokens_back_in_worker_mode(stub, make_settings, ru
     policy = SendPolicy(**{**FAST.__dict__, "pause_base": 30.0, "pause_cap": 60.0})
     sender = running(make_settings(stub.url), policy)
     first = sender.submit(rows(2)).result(30)
-    assert [o.kind for o in first] == [RETRY, RETRY]
+    assert [o.kind for o in first] == [OutcomeKind.RETRY, OutcomeKind.RETRY]
     assert 15.0 <= first[0].retry_after <= 30.0
     # Still paused: the next batch is handed back without calling SES.
     second = sender.submit(rows(1, start=5)).result(30)
-    assert second[0].kind == RETRY and "paused" in second[0].error
+    assert second[0].kind == OutcomeKind.RETRY and "paused" in second[0].error
     assert len(stub.bulk) == 1
 
 
@@ -258,7 +259,7 @@ def test_rate_limit_holds_within_ten_percent(stub, make_settings, running):
     sender = running(make_settings(stub.url, ses_max_send_rate=200.0))
     futures = [sender.submit(rows(10, start=10 * n)) for n in range(100)]  # 1000 recipients
     for future in futures:
-        assert {o.kind for o in future.result(30)} == {SENT}
+        assert {o.kind for o in future.result(30)} == {OutcomeKind.SENT}
     calls = sorted(stub.bulk, key=lambda r: r.time)
     # The bucket starts full (one second's worth, as after an idle spell): 200
     # recipients and one more call go at once; each later call waits for the
@@ -313,7 +314,7 @@ def test_calls_run_concurrently_but_bounded(stub, make_settings, running):
     time.sleep(0.2)  # the absence of a 4th call can only be seen by waiting a little
     assert len(stub.bulk) == 3
     stub.gate.set()
-    assert all(f.result(30)[0].kind == SENT for f in futures)
+    assert all(f.result(30)[0].kind == OutcomeKind.SENT for f in futures)
     assert len(stub.bulk) == 8
 
 
@@ -340,7 +341,7 @@ def test_template_data_is_json_with_every_field_intact(stub, make_settings, runn
 def test_international_domain_goes_out_as_idna(stub, make_settings, running):
     sender = running(make_settings(stub.url))
     [outcome] = sender.submit([(1, "anne@bücher.example", "anne", token(1), "1")]).result(30)
-    assert outcome.kind == SENT
+    assert outcome.kind == OutcomeKind.SENT
     assert stub.bulk[0].addresses == ["anne@xn--bcher-kva.example"]
 
 
@@ -355,8 +356,8 @@ def test_international_domain_goes_out_as_idna(stub, make_settings, running):
 def test_address_ses_cannot_take_fails_that_destination_only(stub, make_settings, running, email, reason):
     sender = running(make_settings(stub.url))
     outcomes = sender.submit([(1, email, "x", token(1), "1")] + rows(1)).result(30)
-    assert outcomes[0].kind == FAILED and reason in outcomes[0].error
-    assert outcomes[1].kind == SENT
+    assert outcomes[0].kind == OutcomeKind.FAILED and reason in outcomes[0].error
+    assert outcomes[1].kind == OutcomeKind.SENT
     assert stub.bulk[0].addresses == ["user0@example.test"]
 
 
@@ -400,7 +401,7 @@ def test_debug_mode_prints_requests_and_sends_nothing(stub, make_settings):
     sender = Sender(settings, stdout=out)
     sender.start()
     # Printed, not sent: the ledger records these as emitted, never as sent.
-    assert sender.submit(rows(2)).result(5) == [Outcome(EMITTED), Outcome(EMITTED)]
+    assert sender.submit(rows(2)).result(5) == [Outcome(OutcomeKind.EMITTED), Outcome(OutcomeKind.EMITTED)]
     sender.close()
     assert stub.requests == []
 
@@ -424,7 +425,7 @@ def test_close_with_timeout_hands_back_calls_still_in_flight(stub, make_settings
     started = time.monotonic()
     sender.close(0.2)
     assert time.monotonic() - started < 2
-    assert [o.kind for o in future.result(0)] == [RETRY, RETRY]
+    assert [o.kind for o in future.result(0)] == [OutcomeKind.RETRY, OutcomeKind.RETRY]
     stub.gate.set()
 
 
@@ -440,7 +441,7 @@ def test_close_defer_retries_hands_back_waiting_retries(stub, make_settings, run
     sender.close(10, defer_retries=True)
     assert time.monotonic() - started < 2
     [outcome] = future.result(0)
-    assert outcome.kind == RETRY and 5 <= outcome.retry_after <= 20
+    assert outcome.kind == OutcomeKind.RETRY and 5 <= outcome.retry_after <= 20
 
 
 def test_close_waits_for_retries_by_default(stub, make_settings, running):
@@ -448,7 +449,7 @@ def test_close_waits_for_retries_by_default(stub, make_settings, running):
     sender = running(make_settings(stub.url))
     future = sender.submit(rows(1))
     sender.close()
-    assert future.result(0)[0].kind == SENT
+    assert future.result(0)[0].kind == OutcomeKind.SENT
 
 
 # --- the sender worker (supervisor mode) ------------------------------------------------------
@@ -482,7 +483,7 @@ def test_worker_reports_a_batch_in_flight_at_stop_after_a_malformed_one(stub, ma
         _receive(ours, msg.Ready)
         ours.send(msg.SendBatch("bad", b"not a batch line\n", [1]))
         bad = _receive(ours, msg.BatchOutcomes)
-        assert bad.batch_id == "bad" and [(t, o.kind) for t, o in bad.outcomes] == [(1, FAILED)]
+        assert bad.batch_id == "bad" and [(t, o.kind) for t, o in bad.outcomes] == [(1, OutcomeKind.FAILED)]
 
         stub.gate.clear()  # SES holds the next call until we say
         ours.send(msg.SendBatch("good", line((1, "g@example.test", "g", b"\x07" * 32, "00001")), [2]))
@@ -490,7 +491,7 @@ def test_worker_reports_a_batch_in_flight_at_stop_after_a_malformed_one(stub, ma
         ours.send(msg.Stop(timeout=20.0))
         threading.Timer(0.3, stub.gate.set).start()  # answers while the worker is stopping
         good = _receive(ours, msg.BatchOutcomes)
-        assert good.batch_id == "good" and [(t, o.kind) for t, o in good.outcomes] == [(2, SENT)]
+        assert good.batch_id == "good" and [(t, o.kind) for t, o in good.outcomes] == [(2, OutcomeKind.SENT)]
         worker.join(20)
         assert worker.exitcode == 0
     finally:
@@ -514,7 +515,7 @@ def test_an_idle_sender_keeps_its_connection_warm(stub, make_settings, running, 
     # Sending keeps it warm by itself: no pings while calls are being made.
     before = pings()
     for n in range(8):
-        assert sender.submit(rows(1, start=n)).result(30)[0].kind == SENT
+        assert sender.submit(rows(1, start=n)).result(30)[0].kind == OutcomeKind.SENT
         time.sleep(0.1)
     assert pings() == before
     sender.close(5)
@@ -547,8 +548,8 @@ def test_worker_mode_fills_calls_across_batches(stub, make_settings, running):
     for n, batch in enumerate(outcomes[1:6], start=1):
         for i, outcome in enumerate(batch):
             address = f"user{10 * n + i}@example.test"
-            assert outcome.kind == (FAILED if address in rejected else SENT), address
-    assert all(o.kind == SENT for o in outcomes[0] + outcomes[6])
+            assert outcome.kind == (OutcomeKind.FAILED if address in rejected else OutcomeKind.SENT), address
+    assert all(o.kind == OutcomeKind.SENT for o in outcomes[0] + outcomes[6])
 
 
 def test_stdin_mode_keeps_one_call_per_batch(stub, make_settings, running):
@@ -557,7 +558,7 @@ def test_stdin_mode_keeps_one_call_per_batch(stub, make_settings, running):
     futures = [sender.submit(rows(10, start=10 * n)) for n in range(4)]
     stub.wait_for(1)
     stub.gate.set()
-    assert all(o.kind == SENT for f in futures for o in f.result(30))
+    assert all(o.kind == OutcomeKind.SENT for f in futures for o in f.result(30))
     assert [len(r.addresses) for r in stub.bulk] == [10] * 4
 
 
@@ -582,7 +583,7 @@ def test_each_ses_call_is_counted_by_result_with_its_duration(stub, make_setting
     policy = SendPolicy(**{**FAST.__dict__, "backoff_base": 0.05, "backoff_cap": 0.1})
     sender = running(make_settings(stub.url), policy)
     [outcome] = sender.submit(rows(1)).result(30)
-    assert outcome.kind == SENT
+    assert outcome.kind == OutcomeKind.SENT
     calls = sender.take_calls()
     assert [result for result, _ in calls] == ["throttled", "error", "ok"]
     assert all(0 < seconds < 10 for _, seconds in calls)

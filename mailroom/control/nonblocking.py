@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 __all__ = ["accept_pending", "send_pending"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger("mailroom.control")
 
 
 def accept_pending(listener: socket.socket, has_room: Callable[[], bool], what: str) -> Iterator[socket.socket]:
@@ -30,7 +30,7 @@ def accept_pending(listener: socket.socket, has_room: Callable[[], bool], what: 
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            logger.warning("%s: accept failed: %s", what, exc.strerror)
+            log.warning("%s: accept failed: %s", what, exc.strerror)
             return
         if not has_room():
             sock.close()

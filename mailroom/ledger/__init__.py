@@ -13,7 +13,6 @@
 """
 
 from mailroom.ledger.connection import (
-    REQUIRED_VERSION,
     SchemaError,
     check_queue,
     check_schema,
@@ -23,8 +22,6 @@ from mailroom.ledger.connection import (
 from mailroom.ledger.operations import (
     STATUSES,
     Claim,
-    Outcome,
-    Row,
     claim,
     mark_emitted,
     next_due_in,
@@ -38,7 +35,7 @@ from mailroom.ledger.operations import (
 )
 
 __all__ = [
-    "REQUIRED_VERSION", "STATUSES", "Claim", "Outcome", "Row", "SchemaError",
+    "STATUSES", "Claim", "SchemaError",
     "check_queue", "check_schema", "claim", "configure_session", "mark_emitted", "mark_pooled", "next_due_in",
     "queue_stats", "record_claims", "record_outcomes", "release", "renew", "requeue_expired", "status",
 ]

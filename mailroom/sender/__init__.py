@@ -7,7 +7,7 @@ pause); :mod:`~mailroom.sender.ses` the SES client, requests and answers;
 """
 
 from mailroom.sender.calls import SendPolicy
-from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Sender
+from mailroom.sender.engine import Sender
 from mailroom.vocabulary import Outcome
 
-__all__ = ["EMITTED", "FAILED", "RETRY", "SENT", "Outcome", "SendPolicy", "Sender"]
+__all__ = ["Outcome", "SendPolicy", "Sender"]

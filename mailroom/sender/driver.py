@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from mailroom.sender.engine import RETRY, Row, Sender
-from mailroom.vocabulary import Outcome
-from mailroom.wire import WireError, decode_line
+from mailroom.sender.engine import Sender
+from mailroom.vocabulary import Outcome, OutcomeKind
+from mailroom.wire import WireError, WireFields, decode_line
 
 log = logging.getLogger("mailroom.sender")
 
@@ -72,14 +72,14 @@ class StopRequest:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Finished:
     job: Job
-    rows: list[Row]
+    rows: list[WireFields]
     outcomes: list[Outcome]
 
 
 class OutcomeSink(Protocol):
     """Where the driver reports; every method runs on the driver's thread."""
 
-    def done(self, job: Job, rows: list[Row], outcomes: list[Outcome]) -> None:
+    def done(self, job: Job, rows: list[WireFields], outcomes: list[Outcome]) -> None:
         """A batch finished: one outcome per row, in row order (empty for an empty line)."""
 
     def malformed(self, job: Job, error: WireError) -> None:
@@ -161,7 +161,7 @@ class Driver:
                 outcomes = future.result()
             except Exception as exc:  # a bug, not an SES answer: let the ledger retry later
                 log.exception("a batch failed inside the sender")
-                outcomes = [Outcome(RETRY, error=f"sender error: {exc}", retry_after=60.0)] * len(rows)
+                outcomes = [Outcome(OutcomeKind.RETRY, error=f"sender error: {exc}", retry_after=60.0)] * len(rows)
             log.debug("batch %s finished in %.1f ms", job.key, (time.monotonic() - started) * 1000)
             self._inbox.put(_Finished(job, rows, outcomes))
 

@@ -39,16 +39,7 @@ from mailroom.sender.template_hold import HELD_RETRY_AFTER, TemplateHold
 from mailroom.vocabulary import Action, Outcome, OutcomeKind, SesResult, SesVerdict
 from mailroom.wire import WireFields
 
-log = logging.getLogger(__name__)
-
-#: A decoded batch row: ``(action, email, login, signed token, code)`` (wire format).
-Row = WireFields
-
-SENT = OutcomeKind.SENT
-EMITTED = OutcomeKind.EMITTED
-FAILED = OutcomeKind.FAILED
-RETRY = OutcomeKind.RETRY
-HELD = OutcomeKind.HELD
+log = logging.getLogger("mailroom.sender")
 
 #: SES calls kept for the next heartbeat at most (one heartbeat a second).
 CALL_LOG = 100_000
@@ -197,7 +188,7 @@ class Sender:
 
     # --- submitting -----------------------------------------------------------------------
 
-    def submit(self, rows: list[Row]) -> concurrent.futures.Future[list[Outcome]]:
+    def submit(self, rows: list[WireFields]) -> concurrent.futures.Future[list[Outcome]]:
         """Queue a batch; the future gives one :class:`Outcome` per row, in row order."""
         if not self._started or self._closing:
             raise RuntimeError("Sender.submit() needs start() and must come before close()")
@@ -205,16 +196,17 @@ class Sender:
         groups: dict[int, tuple[list[int], list[dict[str, Any]]]] = {}
         for index, (action, email, login, token, code) in enumerate(rows):
             if action not in (Action.ACTIVATION, Action.RECOVERY):
-                self._resolve(batch, index, Outcome(FAILED, error=f"unknown action {action!r}"))
+                self._resolve(batch, index, Outcome(OutcomeKind.FAILED, error=f"unknown action {action!r}"))
                 continue
             try:
                 address = ses.normalize_address(email)
             except ses.AddressError as exc:
-                self._resolve(batch, index, Outcome(FAILED, error=f"bad address: {exc}"))
+                self._resolve(batch, index, Outcome(OutcomeKind.FAILED, error=f"bad address: {exc}"))
                 continue
             held = self.templates.reason(action) if self.templates is not None else None
             if held is not None:
-                self._resolve(batch, index, Outcome(HELD, error=f"held: {held}", retry_after=HELD_RETRY_AFTER))
+                outcome = Outcome(OutcomeKind.HELD, error=f"held: {held}", retry_after=HELD_RETRY_AFTER)
+                self._resolve(batch, index, outcome)
                 continue
             indices, destinations = groups.setdefault(action, ([], []))
             indices.append(index)
@@ -319,22 +311,22 @@ class Sender:
         elif not (whole_call and by_kind[SesVerdict.RETRY]):  # a failed whole call: _send decided
             self._on_not_paused()
         for position in by_kind[SesVerdict.SENT]:
-            outcome = Outcome(SENT, message_id=verdicts[position].detail)
+            outcome = Outcome(OutcomeKind.SENT, message_id=verdicts[position].detail)
             self._resolve(call.batch, call.indices[position], outcome)
         for position in by_kind[SesVerdict.EMITTED]:
-            self._resolve(call.batch, call.indices[position], Outcome(EMITTED))
+            self._resolve(call.batch, call.indices[position], Outcome(OutcomeKind.EMITTED))
         if by_kind[SesVerdict.NO_TEMPLATE]:
             reason = verdicts[by_kind[SesVerdict.NO_TEMPLATE][0]].detail or "template does not exist"
             if self.templates is not None:
                 self.templates.missing_at_send(call.action, reason)
                 held = f"held: {self.templates.reason(call.action) or reason}"
                 for position in by_kind[SesVerdict.NO_TEMPLATE]:
-                    outcome = Outcome(HELD, error=held, retry_after=HELD_RETRY_AFTER)
+                    outcome = Outcome(OutcomeKind.HELD, error=held, retry_after=HELD_RETRY_AFTER)
                     self._resolve(call.batch, call.indices[position], outcome)
             else:
                 by_kind[SesVerdict.FAIL] += by_kind[SesVerdict.NO_TEMPLATE]
         for position in by_kind[SesVerdict.FAIL]:
-            outcome = Outcome(FAILED, error=verdicts[position].detail)
+            outcome = Outcome(OutcomeKind.FAILED, error=verdicts[position].detail)
             self._resolve(call.batch, call.indices[position], outcome)
         if by_kind[SesVerdict.RETRY]:
             self._retry(call, by_kind[SesVerdict.RETRY], verdicts)
@@ -384,7 +376,7 @@ class Sender:
         if attempts >= self.settings.send_max_attempts:
             for position in positions:
                 error = f"{verdicts[position].detail} (gave up after {attempts} attempts)"
-                self._resolve(call.batch, call.indices[position], Outcome(FAILED, error=error))
+                self._resolve(call.batch, call.indices[position], Outcome(OutcomeKind.FAILED, error=error))
             return
         reason = verdicts[positions[0]].detail or "retryable"
         delay = backoff(attempts - 1, self.policy.backoff_base, self.policy.backoff_cap)
@@ -432,7 +424,7 @@ class Sender:
 
     def _give_back(self, call: Call, reason: str, retry_after: float | None = None) -> None:
         for index in call.indices:
-            self._resolve(call.batch, index, Outcome(RETRY, error=reason, retry_after=retry_after))
+            self._resolve(call.batch, index, Outcome(OutcomeKind.RETRY, error=reason, retry_after=retry_after))
 
     def _resolve(self, batch: Batch, index: int, outcome: Outcome) -> None:
         with batch.lock:
@@ -504,5 +496,5 @@ class Sender:
         if self._concurrency is not None:
             self._concurrency.close()
         for batch in left:
-            self._finish(batch, Outcome(RETRY, error="not sent: sender stopped", retry_after=0.0))
+            self._finish(batch, Outcome(OutcomeKind.RETRY, error="not sent: sender stopped", retry_after=0.0))
         self._schedule.close()

@@ -30,7 +30,7 @@ from typing import Any
 from mailroom._process import backoff
 from mailroom.vocabulary import SesBlock
 
-log = logging.getLogger("mailroom.sender.engine")
+log = logging.getLogger("mailroom.sender")
 
 class Health:
     """Pause and circuit state of one sender; thread-safe.

@@ -20,12 +20,12 @@ from typing import Any
 
 from mailroom._process import rss_bytes
 from mailroom.sender.driver import Driver, Job, StopRequest
-from mailroom.sender.engine import Row, Sender
+from mailroom.sender.engine import Sender
 from mailroom.sender.quota import QuotaWatch
 from mailroom.sender.ses import MAX_DESTINATIONS
 from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import Outcome, OutcomeKind
-from mailroom.wire import WireError
+from mailroom.wire import WireError, WireFields
 
 logger = logging.getLogger("mailroom.sender")
 
@@ -79,7 +79,7 @@ class PipeOutcomes:
         except OSError:  # EPIPE/ECONNRESET: the supervisor is gone
             return False
 
-    def done(self, job: Job, rows: list[Row], outcomes: list[Outcome]) -> None:
+    def done(self, job: Job, rows: list[WireFields], outcomes: list[Outcome]) -> None:
         # strict: a batch whose outcomes do not match its tokens one to one is a
         # bug to see, not rows to drop without a word (their leases would expire).
         self.post(msg.BatchOutcomes(str(job.key), list(zip(job.token_ids or [], outcomes, strict=True))))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from mailroom.sender import ses
@@ -31,7 +32,6 @@ class QuotaWatch:
         self.sender = sender
         self.quota: dict[str, float] | None = None
         self.asked: float | None = None  # the operator's last set_rate
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -51,11 +51,7 @@ class QuotaWatch:
                 # sender at start) is capped as soon as it is.
                 if self.asked is not None and self.cap() != before:
                     self.set_rate(self.asked)
-            if self._stop.wait(REFRESH_S):
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
+            time.sleep(REFRESH_S)  # a daemon thread: it ends with the sender's process
 
     def cap(self) -> float | None:
         """The effective quota (recipients/s): ``MAILROOM_SES_MAX_SEND_RATE`` when

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-log = logging.getLogger("mailroom.sender.ses")
+log = logging.getLogger("mailroom.sender")
 
 
 class _ParsedLater:

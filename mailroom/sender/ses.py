@@ -28,7 +28,7 @@ from mailroom._process import one_line
 from mailroom.config import Settings
 from mailroom.vocabulary import Action, SesResult, SesVerdict
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mailroom.sender")
 
 #: The SES limit of destinations per SendBulkTemplatedEmail call.
 MAX_DESTINATIONS = 50

@@ -23,9 +23,9 @@ from mailroom._process import SignalFlag, one_line
 from mailroom.config import Settings
 from mailroom.sender.calls import SendPolicy
 from mailroom.sender.driver import Driver, EndOfInput, Job, StopRequest
-from mailroom.sender.engine import EMITTED, FAILED, RETRY, SENT, Row, Sender
-from mailroom.vocabulary import Outcome
-from mailroom.wire import WireError
+from mailroom.sender.engine import Sender
+from mailroom.vocabulary import Outcome, OutcomeKind
+from mailroom.wire import WireError, WireFields
 
 log = logging.getLogger("mailroom.sender")
 
@@ -113,22 +113,22 @@ class _LogSink:
     def __init__(self, signals: SignalFlag) -> None:
         self.signals = signals
 
-    def done(self, job: Job, rows: list[Row], outcomes: list[Outcome]) -> None:
+    def done(self, job: Job, rows: list[WireFields], outcomes: list[Outcome]) -> None:
         if not rows:
             return
         counts = collections.Counter(outcome.kind for outcome in outcomes)
         for row, outcome in zip(rows, outcomes, strict=True):
-            if outcome.kind == FAILED:
+            if outcome.kind == OutcomeKind.FAILED:
                 log.warning("line %s: failed to send to %s: %s", job.key, _printable(row[1]), outcome.error)
-            elif outcome.kind == RETRY:
+            elif outcome.kind == OutcomeKind.RETRY:
                 log.warning("line %s: not sent to %s (%s)", job.key, _printable(row[1]), outcome.error)
         log.info(
             "line %s: %d rows, %d sent, %d failed%s, %d ms",
             job.key,
             len(rows),
-            counts[SENT] + counts[EMITTED],
-            counts[FAILED],
-            f", {counts[RETRY]} not sent" if counts[RETRY] else "",
+            counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
+            counts[OutcomeKind.FAILED],
+            f", {counts[OutcomeKind.RETRY]} not sent" if counts[OutcomeKind.RETRY] else "",
             (time.monotonic() - job.started) * 1000,
         )
 

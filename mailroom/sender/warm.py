@@ -18,7 +18,7 @@ from typing import Any
 
 from mailroom._process import one_line
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mailroom.sender")
 
 #: Seconds without an SES call after which the connection is refreshed; well
 #: below the idle timeouts of the load balancers in front of SES.

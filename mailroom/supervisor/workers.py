@@ -27,7 +27,7 @@ from mailroom.collector.pipe import PipeSink
 from mailroom.config import Settings
 from mailroom.supervisor import messages as msg
 
-logger = logging.getLogger("mailroom.workers")
+log = logging.getLogger("mailroom.supervisor")
 
 
 def _boot(role: str, tag: str, settings: Settings) -> SignalFlag:
@@ -65,14 +65,14 @@ def collector_worker(pipe: Connection, settings: Settings) -> int:
     except OSError:
         if not sink.stopping:
             raise
-        logger.error("supervisor is gone; stopping (the last batch went back to the queue)")
+        log.error("supervisor is gone; stopping (the last batch went back to the queue)")
         code = None
     if code is not None:
         return code
     if sink.stopping:  # told to stop by the supervisor: a clean exit
         sink.leave_fleet(settings.database_url)
     if sink.pending and not stop():
-        logger.warning("%d outcome messages not recorded (database unavailable at stop);"
+        log.warning("%d outcome messages not recorded (database unavailable at stop);"
                        " their rows are queued again when the claim lease expires", len(sink.pending))
     return config.EXIT_OK
 
@@ -93,7 +93,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
         sender.start()
     except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings, e.g. a bad endpoint URL
         # Creating the client does not talk to SES: what fails here is configuration.
-        logger.error("cannot start the sender: %s", one_line(exc))
+        log.error("cannot start the sender: %s", one_line(exc))
         return config.EXIT_CONFIG
     quota = QuotaWatch(sender)
     quota.start()
@@ -113,7 +113,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
 
     def poll_stop() -> StopRequest | None:
         if os.getppid() != parent:
-            logger.error("supervisor is gone; stopping")
+            log.error("supervisor is gone; stopping")
             return orphaned
         return on_signal if stop() else None
 
@@ -154,15 +154,15 @@ def events_worker(pipe: Connection, settings: Settings) -> int:
     try:
         loop = EventsLoop(settings, settings.ses_events_queue_url, beat=beat)
     except Exception as exc:  # noqa: BLE001 - boto3 refusing its settings: configuration
-        logger.error("cannot start the events worker: %s", one_line(exc))
+        log.error("cannot start the events worker: %s", one_line(exc))
         return config.EXIT_CONFIG
     try:
         loop.connect()
     except SchemaError as exc:
-        logger.error("%s", exc)
+        log.error("%s", exc)
         return config.EXIT_SCHEMA
     except Exception as exc:  # noqa: BLE001 - the database is down: the loop retries with backoff
-        logger.warning("database unavailable at start (%s); events wait on the queue", one_line(exc))
+        log.warning("database unavailable at start (%s); events wait on the queue", one_line(exc))
     parent = os.getppid()
 
     def watch() -> None:
