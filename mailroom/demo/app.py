@@ -47,6 +47,7 @@ __all__ = ["main", "monitor_available", "run_monitor"]
 
 _log = logging.getLogger("mailroom.demo")
 _SHUTDOWN_MS = 5000          # what the supervisor gets to finish in-flight batches
+_CONFIG_SET = "mailroom-demo"  # the local SES publishes events through it (mailroom ses setup-events)
 _SUPERVISOR_ENV = {
     # Small batch timeout so the demo looks live; the limit keeps batches readable.
     "MAILROOM_BATCH_TIMEOUT": "200",
@@ -154,6 +155,8 @@ class Demo:
         self.watchdog: subprocess.Popen[bytes] | None = None
         self.traffic: Traffic | None = None
         self.database_url = ""
+        self.events_queue_url = ""
+        self.published: dict[str, int] = {}   # events the local SES published, by type
         self.after = 0                   # tokens above this id are this run's
         self.log_tail: list[str] = []    # the supervisor's last log lines, kept for a failure
 
@@ -171,6 +174,7 @@ class Demo:
             try:
                 ses.start()
                 self._push_templates()
+                self.events_queue_url = self._wire_events()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
                 ses_error.append(exc)
 
@@ -191,6 +195,7 @@ class Demo:
         if ses_error:
             raise ses_error[0]
         print(f"demo: local SES {ses.url}", flush=True)
+        print(f"demo: SES events -> SNS -> SQS {self.events_queue_url} (mailroom ses setup-events)", flush=True)
         if self.halt.is_set():
             return
         import psycopg
@@ -214,7 +219,10 @@ class Demo:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MAILROOM_", "AWS_")) or k in ("MAILROOM_IMPL", "MAILROOM_LOG_LEVEL")}
         env.update(AWS_ENV)
-        env.update({"MAILROOM_SES_ENDPOINT_URL": self.ses.url, "MAILROOM_SES_SOURCE": SOURCE})
+        env.update({"MAILROOM_SES_ENDPOINT_URL": self.ses.url, "MAILROOM_SES_SOURCE": SOURCE,
+                    "MAILROOM_SES_CONFIG_SET": _CONFIG_SET,
+                    # SNS and SQS as boto3 finds them: setup-events and the events worker.
+                    "AWS_ENDPOINT_URL_SNS": self.ses.aws_url, "AWS_ENDPOINT_URL_SQS": self.ses.aws_url})
         return env
 
     def _push_templates(self) -> None:
@@ -229,6 +237,17 @@ class Demo:
             raise RuntimeError(f"mailroom templates push failed: {(done.stderr or done.stdout).strip()}")
         print("demo: mailroom templates push: " + ", ".join(done.stdout.split("\n")).strip(", "), flush=True)
 
+    def _wire_events(self) -> str:
+        """``mailroom ses setup-events`` against the local SES, SNS and SQS, as an operator
+        runs it against AWS; returns the queue URL it prints."""
+        done = subprocess.run([*_mailroom_argv(), "ses", "setup-events"], env=self._ses_env(),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        prefix = "MAILROOM_SES_EVENTS_QUEUE_URL="
+        urls = [line[len(prefix):] for line in done.stdout.splitlines() if line.startswith(prefix)]
+        if done.returncode != 0 or not urls:
+            raise RuntimeError(f"mailroom ses setup-events failed: {(done.stderr or done.stdout).strip()}")
+        return urls[-1]
+
     def _start_supervisor(self) -> None:
         env = self._ses_env()
         env.update(_SUPERVISOR_ENV)
@@ -237,6 +256,7 @@ class Demo:
             "MAILROOM_SECRET_KEY": secrets.token_hex(32),
             "MAILROOM_SES_OUTPUT_PATH": str(self.workdir / "output"),
             "MAILROOM_CONTROL_SOCKET": self.control_socket,
+            "MAILROOM_SES_EVENTS_QUEUE_URL": self.events_queue_url,   # the events worker's queue
             "PYTHONUNBUFFERED": "1",
         })
         log = None if self.args.verbose else open(self.supervisor_log, "wb")  # noqa: SIM115
@@ -283,6 +303,8 @@ class Demo:
                     summary = report.summary(conn, self.after)
         with _step("local SES"):
             if self.ses is not None:
+                if self.ses.relay is not None:
+                    self.published = dict(self.ses.relay.published)
                 self.ses.stop()
         with _step("PostgreSQL"):
             if self.server is not None:
@@ -383,7 +405,8 @@ def _headless(demo: Demo, halt: threading.Event, seconds: float | None) -> None:
             print(f"{time.strftime('%H:%M:%S')}  {report.counts(conn, demo.after).line()}", flush=True)
 
 
-def _print_summary(summary: report.Summary, elapsed: float, started_wall: float) -> None:
+def _print_summary(summary: report.Summary, elapsed: float, started_wall: float,
+                   published: dict[str, int]) -> None:
     c = summary.counts
     print(f"\nmailroom demo ran {elapsed:.1f} s", flush=True)
     print(f"  tokens created  {c.created}")
@@ -391,6 +414,14 @@ def _print_summary(summary: report.Summary, elapsed: float, started_wall: float)
     print(f"  failed          {c.failed}")
     print(f"  skipped         {c.skipped}")
     print(f"  still queued    {c.queued}")
+    print("  SES events      " + ", ".join(f"{published.get(kind, 0)} {kind.lower()}"
+                                           for kind in ("Delivery", "Bounce", "Complaint"))
+          + " published by the local SES; recorded in the ledger:")
+    print(f"  delivered       {c.delivered}")
+    print(f"  bounced         {c.bounced}")
+    print(f"  complained      {c.complained}")
+    print(f"  suppressed      {c.suppressed} addresses; {c.skipped_suppressed} emails to them skipped,"
+          f" {c.sent_after_suppression} sent after suppression")
     if summary.p50_ms is not None:
         print(f"  latency         p50 {summary.p50_ms:.0f} ms, p99 {summary.p99_ms:.0f} ms"
               " (token created -> sent in the ledger)")
@@ -450,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failure is None and code not in (0, None):
         failure = f"mailroom-supervisor exited with code {code}"
     if summary is not None:
-        _print_summary(summary, time.monotonic() - started, started_wall)
+        _print_summary(summary, time.monotonic() - started, started_wall, demo.published)
     if failure is not None:
         if demo.log_tail:
             print("demo: the supervisor's last log lines:", *demo.log_tail, sep="\n  ", file=sys.stderr)

@@ -1,8 +1,11 @@
 """A local SES endpoint for the demo: moto's server mode on 127.0.0.1, spoken to over real HTTP.
 
 The sender reaches it through ``MAILROOM_SES_ENDPOINT_URL`` exactly as it would reach AWS, and
-so does ``mailroom templates push``, which puts the shipped templates there at start.
-moto keeps what it accepted in memory, in this process (the server is a thread here).
+so does ``mailroom templates push``, which puts the shipped templates there at start: through
+:class:`mailroom.demo.ses_events.EventRelay`, which publishes SES events for what moto accepted
+(moto does not).  The same moto serves SNS and SQS (:attr:`LocalSes.aws_url`), which ``mailroom
+ses setup-events`` wires and the events worker reads.  moto keeps everything in memory, in this
+process (the server is a thread here).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ class LocalSes:
 
     def __init__(self) -> None:
         self._server: Any = None
-        self.url = ""
+        self.relay: Any = None
+        self.url = ""        # SES as the sender reaches it (the relay)
+        self.aws_url = ""    # moto itself: SES, SNS, SQS
 
     def start(self) -> str:
         """Start the server, set it up, and return its URL (``http://127.0.0.1:PORT``)."""
@@ -42,18 +47,22 @@ class LocalSes:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
+        self.aws_url = f"http://{host}:{port}"
         client = self._client()
         client.verify_email_identity(EmailAddress=SOURCE)
+        from mailroom.demo.ses_events import EventRelay
+
+        self.relay = EventRelay(self.aws_url, (client, self._client("sns")))
+        self.url = self.relay.start()
         return self.url
 
-    def _client(self) -> Any:
+    def _client(self, service: str = "ses") -> Any:
         import boto3
 
         session = boto3.session.Session(aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
                                         aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
                                         region_name=_REGION)
-        return session.client("ses", endpoint_url=self.url)
+        return session.client(service, endpoint_url=self.aws_url)
 
     def accepted(self) -> int:
         """Emails the endpoint accepted in the last 24 hours (its GetSendQuota, over HTTP)."""
@@ -61,6 +70,9 @@ class LocalSes:
 
     def stop(self) -> None:
         """Stop the server thread (idempotent)."""
+        if self.relay is not None:
+            self.relay.stop()
+            self.relay = None
         if self._server is not None:
             self._server.stop()
             self._server = None

@@ -22,7 +22,19 @@ SELECT count(*),
        count(*) FILTER (WHERE d.status = 'sent'),
        count(*) FILTER (WHERE d.status = 'failed'),
        count(*) FILTER (WHERE d.status = 'skipped'),
-       count(*) FILTER (WHERE d.status IN ('queued', 'claimed'))
+       count(*) FILTER (WHERE d.status IN ('queued', 'claimed')),
+       count(*) FILTER (WHERE d.feedback = 'delivered'),
+       count(*) FILTER (WHERE d.feedback = 'bounced'),
+       count(*) FILTER (WHERE d.feedback = 'complained'),
+       count(*) FILTER (WHERE d.status = 'skipped' AND d.last_error LIKE 'suppressed:%%'),
+       (SELECT count(*) FROM suppressions),
+       -- Sent to an address claimed after it was suppressed: the loop says this stays 0.
+       (SELECT count(*) FROM deliveries AS s_d
+          JOIN tokens AS s_t ON s_t.id = s_d.token
+          JOIN accounts AS s_a ON s_a.id = s_t.account
+          JOIN suppressions AS s ON s.address = s_a.email
+         WHERE s_d.job_type = %(queue)s AND s_d.token > %(after)s AND s_d.status = 'sent'
+           AND s_d.claimed_at > s.created_at)
   FROM tokens AS t
   LEFT JOIN deliveries AS d ON d.token = t.id AND d.job_type = %(queue)s
  WHERE t.id > %(after)s
@@ -46,11 +58,19 @@ class Counts:
     failed: int
     skipped: int
     queued: int  # queued or claimed: not settled yet
+    # What SES said became of them (its events, through SNS and SQS, DESIGN.md 11).
+    delivered: int = 0
+    bounced: int = 0
+    complained: int = 0
+    skipped_suppressed: int = 0   # claimed while the address was suppressed: never sent
+    suppressed: int = 0           # addresses on the suppression list
+    sent_after_suppression: int = 0
 
     def line(self) -> str:
         """The one-line status of the headless demo."""
         return (f"created {self.created:6d}  sent {self.sent:6d}  failed {self.failed:4d}  "
-                f"skipped {self.skipped:4d}  queued {self.queued:4d}")
+                f"skipped {self.skipped:4d}  queued {self.queued:4d}  delivered {self.delivered:6d}  "
+                f"bounced {self.bounced:4d}  complained {self.complained:3d}  suppressed {self.suppressed:4d}")
 
 
 @dataclass(frozen=True)

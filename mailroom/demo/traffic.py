@@ -5,8 +5,12 @@
 - A password recovery activates an account (as a user clicking the link would) and inserts a
   ``password_recovery`` token for it.
 - About one address in twenty is one SES cannot take (an invalid host name), so failures show
-  in the ledger; a recovery that reaches an account whose activation email is still queued
-  makes that activation ``skipped`` (the account no longer needs it), as in production.
+  in the ledger.  One in fifteen is SES's mailbox simulator's ``bounce+...``, which the local SES
+  answers with a permanent bounce event (the address is then suppressed), one in forty its
+  ``complaint+...``; one recovery in three is asked for by such a bounced address, whose email
+  mailroom must skip once the bounce is recorded.  A recovery that reaches an account whose
+  activation email is still queued makes that activation ``skipped`` (the account no longer
+  needs it), as in production.
 
 It runs in a thread with its own connection; :meth:`Traffic.stop` ends it.
 """
@@ -20,12 +24,18 @@ import time
 
 import psycopg
 
+from mailroom.demo.ses_events import SIMULATOR
+
 __all__ = ["Traffic"]
 
 _NAMES = ("ann", "bob", "chloe", "dmitri", "eve", "farah", "goran", "hana", "ivan", "jun",
           "kofi", "lea", "mateo", "noor", "olga", "priya", "quinn", "rui", "sana", "tomas")
 #: Every Nth sign-up gets an address the sender refuses ("not a valid host name").
 BAD_ADDRESS_EVERY = 20
+#: Every Nth sign-up bounces for good, every Mth complains (SES's mailbox simulator addresses).
+BOUNCE_EVERY, COMPLAINT_EVERY = 15, 40
+#: Every Nth recovery is for an account whose address bounced.
+BOUNCED_RECOVERY_EVERY = 3
 #: Every Nth operation is a password recovery, the rest are sign-ups.
 RECOVERY_EVERY = 5
 _TICK_S = 0.05
@@ -83,10 +93,26 @@ class Traffic(threading.Thread):
         login = f"{name}.{self._run}.{n}"
         self.signups += 1
         host = "-invalid-.example" if self.signups % BAD_ADDRESS_EVERY == 0 else "example.com"
-        conn.execute("INSERT INTO accounts (email, login) VALUES (%s, %s)", (f"{login}@{host}", login))
+        email = f"{login}@{host}"
+        if self.signups % BOUNCE_EVERY == 0:
+            email = f"bounce+{login}@{SIMULATOR}"
+        elif self.signups % COMPLAINT_EVERY == 0:
+            email = f"complaint+{login}@{SIMULATOR}"
+        conn.execute("INSERT INTO accounts (email, login) VALUES (%s, %s)", (email, login))
 
     def _recover(self, conn: psycopg.Connection) -> bool:
-        # A random account among the recent ones (most have had their activation email).
+        # A random account among the recent ones (most have had their activation email), or
+        # now and then one of this run's whose address bounced.
+        if (self.recoveries + 1) % BOUNCED_RECOVERY_EVERY == 0:
+            row = conn.execute(
+                "UPDATE accounts SET status = 'active'"
+                " WHERE id = (SELECT id FROM accounts WHERE status <> 'suspended' AND email LIKE %s"
+                "             ORDER BY random() LIMIT 1)"
+                " RETURNING id", (f"bounce+%.{self._run}.%@{SIMULATOR}",)).fetchone()
+            if row is not None:
+                conn.execute("INSERT INTO tokens (action, account) VALUES ('password_recovery', %s)", row)
+                self.recoveries += 1
+                return True
         row = conn.execute(
             "UPDATE accounts SET status = 'active'"
             " WHERE id = (SELECT id FROM accounts WHERE status <> 'suspended'"
