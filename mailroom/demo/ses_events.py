@@ -98,7 +98,7 @@ class EventRelay:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 status, headers, answer = relay._forward(self.path, dict(self.headers.items()), body)
                 self.send_response(status)
