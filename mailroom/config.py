@@ -88,6 +88,11 @@ class Settings:
     #: The SQS queue SES events arrive on (DESIGN.md 11); set, the supervisor forks
     #: the events worker.  Its endpoint is boto3's (``AWS_ENDPOINT_URL_SQS``).
     ses_events_queue_url: str | None = None
+    #: The supervisor pauses claims by itself past either rate over the last 24 h of
+    #: sends (DESIGN.md 11; None: off), once at least ``pause_min_sends`` were sent.
+    pause_bounce_rate: float | None = None
+    pause_complaint_rate: float | None = None
+    pause_min_sends: int = 1_000
 
 
 def _text(raw: str) -> str:
@@ -239,6 +244,19 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
 
+def _rate(raw: str) -> float | None:
+    """A ratio in (0, 1) such as ``0.04``; empty or ``off``: None."""
+    if raw.strip().lower() in ("", "off"):
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a ratio such as 0.04 (4 %) or off, got {raw!r}") from None
+    if not 0 < value < 1:
+        raise ValueError(f"must be a ratio between 0 and 1 such as 0.04 (4 %), got {raw!r}")
+    return value
+
+
 def _boolean(raw: str) -> bool:
     text = raw.strip().lower()
     if text in _TRUE:
@@ -375,6 +393,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "send_retry_backoff": ("MAILROOM_SEND_RETRY_BACKOFF", _bounded_int(_DAY_MS)),
     "templates_dir": ("MAILROOM_TEMPLATES_DIR", _text),
     "ses_events_queue_url": ("MAILROOM_SES_EVENTS_QUEUE_URL", _queue_url),
+    "pause_bounce_rate": ("MAILROOM_PAUSE_BOUNCE_RATE", _rate),
+    "pause_complaint_rate": ("MAILROOM_PAUSE_COMPLAINT_RATE", _rate),
+    "pause_min_sends": ("MAILROOM_PAUSE_MIN_SENDS", _bounded_int(1_000_000_000)),
     "send_max_attempts": ("MAILROOM_SEND_MAX_ATTEMPTS", _bounded_int(1_000)),
     "max_in_flight": ("MAILROOM_MAX_IN_FLIGHT", _auto_or(_bounded_int(1_000))),
     "shutdown_timeout": ("MAILROOM_SHUTDOWN_TIMEOUT", _bounded_int(_DAY_MS)),

@@ -242,6 +242,9 @@ ROLES = _values(Role)
 PAUSABLE = _values(Pausable)
 RESTART_REASONS = _values(RestartReason)
 SES_RESULTS = _values(SesResult)
+#: ``mailroom_ses_events_total{type}``: each feedback, and events that matched no
+#: delivery or could not be parsed (OPERATIONS.md 3).
+SES_EVENT_TYPES = (*_values(Feedback), "unmatched", "unparsable")
 
 
 class Outcome(NamedTuple):

@@ -33,6 +33,11 @@ def test_values_are_parsed():
     s = config.load(env)
     assert (s.batch_limit, s.debug, s.ses_max_send_rate, s.batch_timeout) == (3, True, 14.5, 100)
     assert config.load(dict(GOOD, MAILROOM_BATCH_MODE=" Fixed")).batch_mode == "fixed"
+    guard = config.load(dict(GOOD, MAILROOM_PAUSE_BOUNCE_RATE="0.04", MAILROOM_PAUSE_COMPLAINT_RATE=" 0.0008",
+                             MAILROOM_PAUSE_MIN_SENDS="200"))
+    assert (guard.pause_bounce_rate, guard.pause_complaint_rate, guard.pause_min_sends) == (0.04, 0.0008, 200)
+    off = config.load(dict(GOOD, MAILROOM_PAUSE_BOUNCE_RATE="off"))
+    assert (off.pause_bounce_rate, off.pause_complaint_rate, off.pause_min_sends) == (None, None, 1000)
 
 
 BAD = [
@@ -63,6 +68,9 @@ BAD = [
     ({"MAILROOM_METRICS_ADDR": "127.0.0.1:65536"}, "MAILROOM_METRICS_ADDR", "1 to 65535"),
     ({"MAILROOM_METRICS_ADDR": "localhost:http"}, "MAILROOM_METRICS_ADDR", "host:port"),
     ({"MAILROOM_METRICS_ADDR": "::1:9464"}, "MAILROOM_METRICS_ADDR", "brackets"),
+    ({"MAILROOM_PAUSE_BOUNCE_RATE": "4%"}, "MAILROOM_PAUSE_BOUNCE_RATE", "ratio such as 0.04"),
+    ({"MAILROOM_PAUSE_COMPLAINT_RATE": "1"}, "MAILROOM_PAUSE_COMPLAINT_RATE", "between 0 and 1"),
+    ({"MAILROOM_PAUSE_MIN_SENDS": "0"}, "MAILROOM_PAUSE_MIN_SENDS", "greater than zero"),
     ({"MAILROOM_SES_EVENTS_QUEUE_URL": "ses-events"}, "MAILROOM_SES_EVENTS_QUEUE_URL", "SQS queue URL"),
     ({"MAILROOM_SES_EVENTS_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com"}, "MAILROOM_SES_EVENTS_QUEUE_URL",
      "SQS queue URL"),

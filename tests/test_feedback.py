@@ -77,7 +77,7 @@ def test_the_story_of_a_delivery(conn: psycopg.Connection, db: str) -> None:
 
 
 def test_rates_over_the_last_24_hours(conn: psycopg.Connection, db: str) -> None:
-    assert ledger_events.health(conn, Q) == ledger_events.Health(0, 0, 0, 0)
+    assert ledger_events.health(conn, Q) == ledger_events.Health(0, 0, 0, 0, 0)
     assert ledger_events.health(conn, Q).bounce_rate is None
     emails = [f"u{i}@example.com" for i in range(20)]
     sent = send_all(conn, emails)
@@ -89,6 +89,7 @@ def test_rates_over_the_last_24_hours(conn: psycopg.Connection, db: str) -> None
     ledger_events.record_events(conn, [*bounce, complaint, old, soft])
     health = ledger_events.health(conn, Q)
     assert (health.sent, health.bounced, health.complained) == (20, 2, 1)  # the 25-hour-old bounce is out
+    assert health.suppressions == 4  # three permanent bounces and a complaint, the old one too
     assert health.bounce_rate == pytest.approx(0.1) and health.complaint_rate == pytest.approx(0.05)
     newest = conn.execute("SELECT max(id) FROM delivery_events WHERE type = 'complained'").fetchone()
     assert newest is not None and health.last_bad_event == newest[0]

@@ -382,3 +382,19 @@ def test_esc_closes_the_search_box_without_shadowing_textuals_back() -> None:
             assert not box.has_class("shown")
             assert app.focused is app.query_one("#deliveries")
     asyncio.run(main())
+
+
+def test_the_account_guard_pause_shows_its_reason_in_the_banner_until_resumed() -> None:
+    async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
+        reason = "bounce rate 4.10 % (41 of 1000 sent in 24 h) reached MAILROOM_PAUSE_BOUNCE_RATE 4 %"
+        await server.event("account.paused", {"reason": reason})
+        await server.event("state.changed", {"state": "paused", "paused": {"claims": True, "sending": False},
+                                             "paused_reason": reason})
+        banner = app.query_one("#banner")
+        await until(pilot, lambda: banner.display and "PROTECT" in str(banner.render()), "guard banner")
+        text = str(banner.render())
+        assert "CLAIMS PAUSED TO PROTECT THE SES ACCOUNT" in text and reason in text
+        await server.event("state.changed", {"state": "running", "paused": {"claims": False, "sending": False},
+                                             "paused_reason": None})
+        await until(pilot, lambda: not banner.display, "banner gone")
+    scenario(test)

@@ -13,6 +13,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mailroom.vocabulary import SES_BOUNCE, SES_COMPLAINT
+
 __all__ = ["batch", "batches", "local_time", "status"]
 
 _MIB = 1024 * 1024
@@ -106,6 +108,7 @@ def status(result: Mapping[str, Any]) -> str:
                     f" given back to retry, {_count(counters.get('skipped', 0))} skipped"),
         ("rate limit", _rate_limit(ses.get("rate_limit"), ses.get("rate_cap"))),
         ("SES quota", quota),
+        *_deliverability(result),
     ])
     workers = _dict(result.get("workers"))
     if workers:
@@ -117,6 +120,31 @@ def status(result: Mapping[str, Any]) -> str:
         # A table fits 80 columns; one line of labelled fields per worker did not.
         lines += ["", *_table(["WORKER", "PID", "UP SINCE", "RESTARTS", "HEARTBEAT", "RSS"], rows)]
     return "\n".join(lines)
+
+
+def _deliverability(result: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """24-hour bounce and complaint rates beside SES's thresholds, and the automatic
+    pause: present with an events worker (it reads them from the ledger)."""
+    health, guard = result.get("deliverability"), _dict(result.get("guard"))
+    rows = []
+    if isinstance(health, Mapping):
+        sent = health.get("sent")
+        for name, count, limits in (("bounce", "bounced", SES_BOUNCE), ("complaint", "complained", SES_COMPLAINT)):
+            rate = health.get(f"{name}_rate")
+            shown = "-" if not isinstance(rate, (int, float)) else f"{rate * 100:.2f} %"
+            verdict = {"ok": "", "review": ", PAST SES'S REVIEW", "pause": ", PAST SES'S PAUSE"}[
+                limits.verdict(rate if isinstance(rate, (int, float)) else None)]
+            rows.append((f"{name} rate", f"{shown} ({_count(health.get(count))} of {_count(sent)} sent in 24 h;"
+                                         f" SES {limits.review * 100:g} % / {limits.pause * 100:g} %{verdict})"))
+    limits_set = [f"{name} {guard[key] * 100:g} %" for name, key in
+                  (("bounce", "pause_bounce_rate"), ("complaint", "pause_complaint_rate"))
+                  if isinstance(guard.get(key), (int, float))]
+    if limits_set:
+        auto = f"past {' or '.join(limits_set)} (at least {_count(guard.get('min_sends'))} sent)"
+        if guard.get("paused_reason"):
+            auto = f"CLAIMS PAUSED: {guard['paused_reason']}"
+        rows.append(("auto-pause", auto))
+    return rows
 
 
 def _outcome(entry: Mapping[str, Any]) -> str:

@@ -40,7 +40,7 @@ import psycopg
 from mailroom._process import backoff, one_line
 from mailroom.config import Settings
 from mailroom.events.parse import Unparsable, parse_message
-from mailroom.ledger import connection
+from mailroom.ledger import connection, report
 from mailroom.ledger import events as ledger_events
 from mailroom.vocabulary import DeliveryEvent
 
@@ -54,6 +54,13 @@ BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 60.0
 #: Unmatched events are matched again at most this often (seconds).
 REMATCH_EVERY_S = 10.0
+#: The 24-hour deliverability (:func:`mailroom.ledger.events.health`: one query,
+#: a scan of the queue's deliveries like ``mailroom status``) is read this often,
+#: and sooner, at most every :data:`HEALTH_AFTER_EVENTS_S`, while new events are
+#: recorded; it travels in the heartbeat to the supervisor (status, metrics, the
+#: automatic pause, which should hear of a bounce in seconds, not half a minute).
+HEALTH_EVERY_S = 30.0
+HEALTH_AFTER_EVENTS_S = 2.0
 #: Unparsable messages already logged, remembered by SQS MessageId (bounded).
 _REPORTED_MAX = 10_000
 
@@ -91,11 +98,13 @@ class Counts:
     suppressed: int = 0
     rematched: int = 0
     lag_s: float | None = None  # SES event time -> recorded, the latest batch's largest
+    #: The latest :func:`mailroom.ledger.report.deliverability`, when read since.
+    deliverability: dict[str, Any] | None = None
 
     def as_stats(self) -> dict[str, Any]:
         return {"received": self.received, "recorded": dict(self.recorded), "unmatched": self.unmatched,
                 "unparsable": self.unparsable, "ignored": self.ignored, "suppressed": self.suppressed,
-                "rematched": self.rematched, "lag_s": self.lag_s}
+                "rematched": self.rematched, "lag_s": self.lag_s, "deliverability": self.deliverability}
 
 
 class EventsLoop:
@@ -119,6 +128,8 @@ class EventsLoop:
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._failing: dict[str, int] = {}  # what is failing ("SQS", "database") -> attempts
         self._rematched_at = 0.0
+        self._health_at = -HEALTH_EVERY_S  # the first turn reads it
+        self._health_due = False  # new events since the last read
         self.polling = False  # in the long poll: a stop need not wait for it
 
     # -- control ----------------------------------------------------------------
@@ -163,6 +174,10 @@ class EventsLoop:
         with self._lock:
             if self.stopping:
                 return
+        self._health()
+        with self._lock:
+            if self.stopping:
+                return
             self.polling = True
         try:
             reply = self.sqs.receive_message(
@@ -184,6 +199,7 @@ class EventsLoop:
             return
         self.handle(messages)
         self._rematch()  # a queue that never runs dry must not starve the rematch
+        self._health()  # nor the rates the automatic pause waits for
 
     def handle(self, messages: list[dict[str, Any]]) -> None:
         """Parse, record in one transaction, then delete what was recorded or carried nothing."""
@@ -219,6 +235,8 @@ class EventsLoop:
             c.ignored += ignored
             if events:
                 c.lag_s = max(0.0, now - min(e.event_at.timestamp() for e in events))
+        if recorded.new:
+            self._health_due = True  # the rates may have moved
         if recorded.suppressed:
             logger.info("%d addresses suppressed (permanent bounce or complaint)", recorded.suppressed)
         self._delete(done)
@@ -253,6 +271,26 @@ class EventsLoop:
         if n:
             with self._lock:
                 self.counts.rematched += n
+
+    def _health(self) -> None:
+        """The 24-hour rates for the heartbeat (:data:`HEALTH_EVERY_S`)."""
+        now = time.monotonic()
+        if now - self._health_at < (HEALTH_AFTER_EVENTS_S if self._health_due else HEALTH_EVERY_S):
+            return
+        self._health_at, self._health_due = now, False
+        try:
+            if self.conn is None or self.conn.closed:
+                self.connect()
+            assert self.conn is not None
+            with self.conn.transaction():
+                health = ledger_events.health(self.conn, self.settings.queue_name)
+        except (psycopg.Error, OSError) as exc:
+            self._failed("database", exc)
+            self._drop_connection()
+            return
+        self._recovered("database")
+        with self._lock:
+            self.counts.deliverability = report.deliverability(health)
 
     def _drop_connection(self) -> None:
         if self.conn is not None:

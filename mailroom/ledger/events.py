@@ -88,12 +88,14 @@ def rematch_events(conn: psycopg.Connection[Any], within_s: float = REMATCH_WITH
 class Health(NamedTuple):
     """Deliverability over the last :data:`HEALTH_WINDOW_S`: deliveries sent,
     those that bounced for good and those that complained (by events in the
-    window), and the id of the newest bounce or complaint event (0: none)."""
+    window), the id of the newest bounce or complaint event (0: none), and how
+    many addresses the suppression list holds."""
 
     sent: int
     bounced: int
     complained: int
     last_bad_event: int
+    suppressions: int = 0
 
     @property
     def bounce_rate(self) -> float | None:

@@ -35,6 +35,7 @@ def deliverability(health: events.Health) -> dict[str, Any]:
         "sent": health.sent, "bounced": health.bounced, "complained": health.complained,
         "bounce_rate": health.bounce_rate, "complaint_rate": health.complaint_rate,
         "bounce_thresholds": SES_BOUNCE._asdict(), "complaint_thresholds": SES_COMPLAINT._asdict(),
+        "last_bad_event": health.last_bad_event, "suppressions": health.suppressions,
     }
 
 

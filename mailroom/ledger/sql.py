@@ -768,7 +768,7 @@ SELECT count(*) FROM found
 # events worker's heartbeats, the automatic pause): deliveries sent in the
 # window, and of the events in the window the deliveries that bounced for good
 # or complained, with the newest such event's id (the pause's "anything new
-# since the operator resumed?").  Sends are counted with a scan of the queue's
+# since the operator resumed?"), and the size of the suppression list.  Sends are counted with a scan of the queue's
 # deliveries, like STATUS_COUNTS: an index on sent_at would make every send a
 # non-HOT update.  Events come by delivery_events_event_at_idx.
 HEALTH = """
@@ -777,7 +777,8 @@ SELECT (SELECT count(*) FROM deliveries
            AND sent_at >= statement_timestamp() - make_interval(secs => %(window_s)s)),
        count(DISTINCT e.token) FILTER (WHERE e.type = 'bounced'),
        count(DISTINCT e.token) FILTER (WHERE e.type = 'complained'),
-       coalesce(max(e.id) FILTER (WHERE e.type IN ('bounced', 'complained')), 0)
+       coalesce(max(e.id) FILTER (WHERE e.type IN ('bounced', 'complained')), 0),
+       (SELECT count(*) FROM suppressions)
   FROM delivery_events AS e
  WHERE e.event_at >= statement_timestamp() - make_interval(secs => %(window_s)s)
    AND e.job_type = %(queue)s

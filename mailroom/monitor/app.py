@@ -225,6 +225,9 @@ class MonitorApp(OperatorActions):
         elif self.state.tick.ses_paused or self.state.run_state == "ses_paused":
             banner.show(" SES PAUSED SENDING (account-level pause or quota): nothing is sent",
                         warning=True)
+        elif self.state.paused_reason and self.state.paused_claims:
+            banner.show(f" CLAIMS PAUSED TO PROTECT THE SES ACCOUNT: {self.state.paused_reason}"
+                        " (find the cause, then resume claims)", warning=True)
         elif self.state.tick.templates_held:
             held = "; ".join(f"{name}: {reason}" for name, reason in self.state.tick.templates_held)
             banner.show(f" TEMPLATE HELD, its emails stay queued ({held}): mailroom templates push, then SIGHUP",

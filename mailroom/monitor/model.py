@@ -194,6 +194,8 @@ class MonitorState:
         self.supervisor = Worker(SUPERVISOR)
         self.paused_claims = False
         self.paused_sending = False
+        #: Why the supervisor paused claims by itself (MAILROOM_PAUSE_*_RATE), None otherwise.
+        self.paused_reason: str | None = None
         self.queue: str | None = None
         self.version: str | None = None
         self.sent_history: deque[float] = deque(maxlen=HISTORY_S)
@@ -306,6 +308,10 @@ class MonitorState:
         state = as_str(data.get("state"), limit=30)
         if state:
             self.run_state = self.supervisor.state = state
+        # state.changed carries paused_reason; a snapshot has it under guard.
+        carrier = data if "paused_reason" in data else _dict(data.get("guard"))
+        if "paused_reason" in carrier:
+            self.paused_reason = as_str(carrier.get("paused_reason"), limit=300)
         paused = _dict(data.get("paused"))
         for key, attr in ((Pausable.CLAIMS, "paused_claims"), (Pausable.SENDING, "paused_sending")):
             value = as_bool(paused.get(key))

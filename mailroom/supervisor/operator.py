@@ -25,6 +25,7 @@ from mailroom._process import rss_bytes
 from mailroom.control.metrics import Metrics, MetricsServer
 from mailroom.control.server import ControlServer, ControlSocketError, Request, default_socket_path
 from mailroom.supervisor import messages as msg
+from mailroom.supervisor.guard import AccountGuard
 from mailroom.supervisor.router import Batch
 from mailroom.supervisor.view import SupervisorView
 from mailroom.vocabulary import (
@@ -79,6 +80,10 @@ class Operator:
         if Role.EVENTS in supervisor.workers:
             self.events = {"received": 0, "recorded": collections.Counter[str](), "unmatched": 0,
                            "unparsable": 0, "ignored": 0, "suppressed": 0, "rematched": 0, "lag_s": None}
+        #: The latest 24-hour deliverability the events worker read from the ledger.
+        self.deliverability: dict[str, Any] | None = None
+        self.guard = AccountGuard(self.settings.pause_bounce_rate, self.settings.pause_complaint_rate,
+                                  self.settings.pause_min_sends)
         self.history: collections.deque[tuple[float, int, int]] = collections.deque()
         self.drains: list[tuple[Request, float, float]] = []
         self.started_at = time.monotonic()
@@ -194,6 +199,22 @@ class Operator:
                     self.events["lag_s"] = value if value is not None else self.events["lag_s"]
                 elif key in self.events:
                     self.events[key] += int(value or 0)
+            self.metrics.ses_events(changed)
+        health = (changed or {}).get("deliverability")
+        if health:
+            self.deliverability = health
+            self.metrics.deliverability(health)
+            reason = self.guard.judge(health)
+            if reason is not None:
+                self._protect(reason)
+
+    def _protect(self, reason: str) -> None:
+        """Past MAILROOM_PAUSE_*_RATE: pause claims and say why, once (supervisor/guard.py)."""
+        logger.warning("pausing claims to protect the SES account: %s (mailroom ctl resume claims resumes)",
+                       reason)
+        self.publish("account.paused", {"reason": reason, "deliverability": self.deliverability})
+        if not self.set_paused(Pausable.CLAIMS, True):
+            self._state_changed()  # paused already: the banner gets its reason all the same
 
     def on_recorded(self, recorded: msg.Recorded) -> None:
         """Rows the collector recorded ``sent``: how long after their creation."""
@@ -230,7 +251,8 @@ class Operator:
         return RunState.RUNNING
 
     def _state_changed(self) -> None:
-        self.publish("state.changed", {"state": self.state, "paused": self._paused()})
+        self.publish("state.changed", {"state": self.state, "paused": self._paused(),
+                                       "paused_reason": self.guard.reason})
 
     def _paused(self) -> dict[str, bool]:
         return {Pausable.CLAIMS: self.claims_paused, Pausable.SENDING: self.sup.router.holding}
@@ -246,6 +268,7 @@ class Operator:
                 "queue": self.settings.queue_name, "queue_depth": collector.get("queue_depth"),
                 "oldest_queued_s": collector.get("oldest_queued_s"),
                 "events": None if self.events is None else {**self.events, "recorded": dict(self.events["recorded"])},
+                "deliverability": self.deliverability, "guard": self.guard.as_status(),
                 "templates": sender.get("templates", []),
                 "tick": self._tick_data()}
 
@@ -383,6 +406,8 @@ class Operator:
         if self.sup.stopping:
             request.fail("invalid_state", "the supervisor is stopping")
             return
+        if what == Pausable.CLAIMS and self.guard.reason is not None:
+            self.guard.resumed()  # a person decided: the same numbers do not pause again
         changed = self.set_paused(what, False)
         request.reply({"what": what, "changed": changed, "state": self.state})
 
