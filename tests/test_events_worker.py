@@ -12,6 +12,7 @@ import pytest
 import ses_events as ses
 from collector_util import wait_for
 from pgutil import console_script
+from ses_emulator import StubRequest
 from supervisor_util import supervisor_env
 
 from mailroom.events import worker as events_worker
@@ -166,3 +167,59 @@ def test_a_killed_events_worker_loses_nothing_and_counts_nothing_twice(db, base_
     wait_for(lambda: ctl_status(env)["workers"]["events"]["uptime_s"] > since + 1.5, what="a heartbeat after")
     assert ctl_status(env)["events"]["recorded"].get("delivered", 0) <= 30
     assert sup.stop() == 0
+
+
+def test_events_before_their_outcome_end_as_feedback_for_three_recipients(db, base_env, moto, stub,
+                                                                          supervisors) -> None:
+    """One bounce naming three recipients arrives while SES still holds the call that
+    sends to them: recorded unmatched (no delivery has its MessageId yet), then matched
+    by the worker's rematch once the outcome is written, and each delivery ends bounced."""
+    from ses_emulator import _XMLNS, Reply
+
+    client = sqs(moto)
+    queue = client.create_queue(QueueName="ses-events-early", Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
+    # The SES stub sends (its gate holds the call); moto is the SQS the events arrive on.
+    env = supervisor_env(base_env, db, stub.url, ses_events_queue_url=queue, worker_timeout=6000)
+    env["AWS_ENDPOINT_URL_SQS"] = moto.url
+    # One MessageId for the three destinations of the call, as SES gives one email to
+    # several recipients: one event then names all three.
+    mid = "0100-early-three"
+
+    def one_message_id(request: StubRequest) -> Reply:
+        members = "".join(f"<member><Status>Success</Status><MessageId>{mid}</MessageId></member>"
+                          for _ in request.addresses)
+        return Reply(200, (f'<SendBulkTemplatedEmailResponse xmlns="{_XMLNS}"><SendBulkTemplatedEmailResult>'
+                           f"<Status>{members}</Status></SendBulkTemplatedEmailResult>"
+                           "<ResponseMetadata><RequestId>r</RequestId></ResponseMetadata>"
+                           "</SendBulkTemplatedEmailResponse>").encode())
+
+    stub.script(one_message_id)
+    stub.gate.clear()
+    sup = supervisors(env)
+    sup.worker("events")
+    three = ["one@example.com", "two@example.com", "three@example.com"]
+    with psycopg.connect(db) as conn:
+        conn.execute("INSERT INTO accounts (email, login) VALUES (%s, 'one'), (%s, 'two'), (%s, 'three')", three)
+    [call] = stub.wait_for(1, timeout=30)
+    assert sorted(call.addresses) == sorted(three)
+
+    client.send_message(QueueUrl=queue, MessageBody=ses.sns(ses.bounce(mid, *three), sns_id="sns-early"))
+    unmatched = "SELECT recipient FROM delivery_events WHERE token IS NULL ORDER BY recipient"
+    wait_for(lambda: rows(db, unmatched) == [(a,) for a in sorted(three)], what="three events, unmatched")
+    wait_for(lambda: on_queue(client, queue) == 0, what="the event's message deleted")
+    assert rows(db, "SELECT count(*) FROM deliveries WHERE message_id IS NOT NULL") == [(0,)]
+    # Suppression needs no delivery: the addresses are suppressed already.
+    assert sorted(rows(db, "SELECT address FROM suppressions")) == [(a,) for a in sorted(three)]
+
+    stub.gate.set()  # SES answers: the outcome writes the MessageId
+    wait_for(lambda: rows(db, f"SELECT count(*) FROM deliveries WHERE message_id = '{mid}'") == [(3,)],
+             what="the outcome written")
+    feedback = ("SELECT a.email, d.feedback::text FROM deliveries AS d JOIN tokens AS t ON t.id = d.token"
+                " JOIN accounts AS a ON a.id = t.account ORDER BY a.email")
+    # The worker matches again at most every REMATCH_EVERY_S (10 s).
+    wait_for(lambda: rows(db, feedback) == [(a, "bounced") for a in sorted(three)],
+             timeout=events_worker.REMATCH_EVERY_S + 20, what="feedback on the three deliveries")
+    assert rows(db, "SELECT count(*), count(token) FROM delivery_events") == [(3, 3)]
+    wait_for(lambda: ctl_status(env)["events"]["rematched"] >= 3, what="rematched counted")
+    assert sup.stop() == 0
+    assert "Traceback" not in sup.log()
