@@ -28,7 +28,7 @@ from mailroom.ledger import fleet
 from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import Action, DeliveryStatus
 
-logger = logging.getLogger("mailroom.collector")
+log = logging.getLogger("mailroom.collector")
 
 #: Seconds between two reads of the queue's depth for the heartbeat.
 STATS_EVERY = 1.0
@@ -88,7 +88,7 @@ class PipeSink:
         self.rows = 0
         self.consumer_id: int | None = None
         self.fleet_at = -FLEET_EVERY
-        self.fleet_refusals = Refusals(logger, "the fleet heartbeat", "this consumer may show as stale")
+        self.fleet_refusals = Refusals(log, "the fleet heartbeat", "this consumer may show as stale")
 
     def ready(self) -> bool:
         return (self.claiming and not self.draining and not self.stopping
@@ -145,15 +145,15 @@ class PipeSink:
                     if self.held_actions - held:
                         self.released = True
                     if held != self.held_actions:
-                        logger.info("claiming %s", "every action" if not held else "all but "
+                        log.info("claiming %s", "every action" if not held else "all but "
                                     + ", ".join(Action(a).db_name for a in sorted(held)) + " (template held)")
                     self.held_actions = held
                 elif isinstance(message, (msg.RecordOutcomes, msg.Release)):
                     self.pending.append(message)
                 else:
-                    logger.warning("unexpected message %s from the supervisor", type(message).__name__)
+                    log.warning("unexpected message %s from the supervisor", type(message).__name__)
         except (EOFError, OSError):
-            logger.error("supervisor is gone; stopping")
+            log.error("supervisor is gone; stopping")
             self.stopping = True
             self.pending.clear()
 
@@ -234,7 +234,7 @@ class PipeSink:
             with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
                 fleet.unregister(conn, self.consumer_id)
         except psycopg.Error as exc:  # shown stale after a while instead
-            logger.warning("could not remove this consumer from the fleet table: %s", one_line(exc))
+            log.warning("could not remove this consumer from the fleet table: %s", one_line(exc))
 
     def renew(self, conn: psycopg.Connection[Any], force: bool = False) -> int:
         """Renew the leases of the batches in flight if a third of the lease has
@@ -246,7 +246,7 @@ class PipeSink:
         if not self.in_flight:
             return 0
         renewed = ledger.renew(conn, self.queue, self.in_flight.values())
-        logger.debug("renewed the leases of %d rows in %d batches", renewed, len(self.in_flight))
+        log.debug("renewed the leases of %d rows in %d batches", renewed, len(self.in_flight))
         return renewed
 
     def _post(self, message: object) -> None:

@@ -31,7 +31,7 @@ from mailroom.control.sockfile import ControlSocketError, SocketInUse, bind_unix
 __all__ = ["ControlServer", "ControlSocketError", "Peer", "Request", "SocketInUse",
            "default_socket_path"]
 
-logger = logging.getLogger("mailroom.control")
+log = logging.getLogger("mailroom.control")
 
 #: A client whose unsent output passes this is disconnected.
 MAX_OUTPUT = 1024 * 1024
@@ -100,21 +100,21 @@ class Request:
             try:
                 line = protocol.encode_reply(self.id, result)
             except (TypeError, ValueError):
-                logger.exception("control: %s produced a result that is not JSON", self.cmd)
+                log.exception("control: %s produced a result that is not JSON", self.cmd)
                 line = protocol.encode_error(self.id, protocol.INTERNAL, "internal error")
             self._server._send(self._client, line)
 
     def fail(self, code: str, message: str) -> None:
         """Answer with error ``code`` (one of :data:`protocol.ERROR_CODES`) and a message."""
         if code not in protocol.ERROR_CODES:
-            logger.error("control: unknown error code %r for %s; sending internal", code, self.cmd)
+            log.error("control: unknown error code %r for %s; sending internal", code, self.cmd)
             code, message = protocol.INTERNAL, "internal error"
         if self._answer(code, message):
             self._server._send(self._client, protocol.encode_error(self.id, code, message))
 
     def _answer(self, result: str, detail: str = "") -> bool:
         if self._answered:
-            logger.warning("control: %s (id %d) answered twice; second answer dropped", self.cmd, self.id)
+            log.warning("control: %s (id %d) answered twice; second answer dropped", self.cmd, self.id)
             return False
         self._answered = True
         self._client.pending -= 1
@@ -155,7 +155,7 @@ class ControlServer:
         """Create the socket file and listen. Raises :class:`SocketInUse` or
         :class:`ControlSocketError` (one printable line: exit 2 with it)."""
         self._listener, self._identity = bind_unix(self.path, self.group)
-        logger.info("control socket %s", self.path)
+        log.info("control socket %s", self.path)
 
     def close(self) -> None:
         """Disconnect every client, stop listening and remove the socket file."""
@@ -221,7 +221,7 @@ class ControlServer:
         try:
             data_json = protocol.dumps(data)
         except (TypeError, ValueError):
-            logger.exception("control: event %s has data that is not JSON; not sent", event)
+            log.exception("control: event %s has data that is not JSON; not sent", event)
             return
         ts = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         for client in targets:
@@ -256,7 +256,7 @@ class ControlServer:
         if client.closed:
             return
         if len(client.outbuf) + len(data) > MAX_OUTPUT:
-            logger.warning("control: dropping client uid %d pid %d: not reading (%d bytes pending)",
+            log.warning("control: dropping client uid %d pid %d: not reading (%d bytes pending)",
                            client.peer.uid, client.peer.pid, len(client.outbuf))
             self._drop(client)
             return
@@ -370,7 +370,7 @@ class ControlServer:
             else:
                 self.handler(request)
         except Exception:
-            logger.exception("control: %s failed", command.name)
+            log.exception("control: %s failed", command.name)
             if not request.answered:
                 request.fail(protocol.INTERNAL, "internal error (see the supervisor's log)")
 
@@ -380,13 +380,13 @@ class ControlServer:
             try:
                 self.on_command(cmd, result)
             except Exception:
-                logger.exception("control: on_command failed")
+                log.exception("control: on_command failed")
         if audit is None:
             audit = protocol.COMMANDS[cmd].operator_only
         if not audit:
             return
         shown = protocol.dumps(args)
-        logger.info("control: uid %d pid %d %s %s -> %s%s", peer.uid, peer.pid, cmd, shown,
+        log.info("control: uid %d pid %d %s %s -> %s%s", peer.uid, peer.pid, cmd, shown,
                     result, f" ({detail})" if detail else "")
         self.publish("audit", {"uid": peer.uid, "pid": peer.pid, "role": peer.role, "cmd": cmd,
                                "args": args, "result": result, "message": detail})

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailroom._process import add_version
+from mailroom.config import Settings
 from mailroom.demo import watchdog
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "monitor_available", "run_monitor"]
 
-_log = logging.getLogger("mailroom.demo")
+log = logging.getLogger("mailroom.demo")
 _SHUTDOWN_MS = 5000          # what the supervisor gets to finish in-flight batches
 _CONFIG_SET = "mailroom-demo"  # the local SES publishes events through it (mailroom ses setup-events)
 _SUPERVISOR_ENV = {
@@ -78,7 +79,7 @@ def run_monitor(control_socket: str, database_url: str, *, stop: threading.Event
     from mailroom.monitor.app import MonitorApp
 
     # Operator keys on: the demo's supervisor is the user's own, and this is the place to try them.
-    app = MonitorApp(control_socket, database_url, queue="mailroom", operate=True)
+    app = MonitorApp(control_socket, database_url, queue=Settings.queue_name, operate=True)
     if stop is not None:
         def quit_when_stopped() -> None:
             stop.wait()
@@ -259,17 +260,17 @@ class Demo:
             "MAILROOM_SES_EVENTS_QUEUE_URL": self.events_queue_url,   # the events worker's queue
             "PYTHONUNBUFFERED": "1",
         })
-        log = None if self.args.verbose else open(self.supervisor_log, "wb")  # noqa: SIM115
+        out = None if self.args.verbose else open(self.supervisor_log, "wb")  # noqa: SIM115
         try:
             # Its own session: Ctrl-C in the terminal reaches the demo only, which then stops
             # the supervisor with one SIGTERM after the traffic (a second signal would make
             # the supervisor drop its in-flight batches).
             self.supervisor = subprocess.Popen(_supervisor_argv(), env=env, stdin=subprocess.DEVNULL,
-                                               stdout=log, stderr=log, start_new_session=True,
+                                               stdout=out, stderr=out, start_new_session=True,
                                                cwd=self.workdir, preexec_fn=watchdog.follow_parent)
         finally:
-            if log is not None:
-                log.close()
+            if out is not None:
+                out.close()
         if self.watchdog is not None and self.watchdog.stdin is not None:
             with contextlib.suppress(OSError):
                 self.watchdog.stdin.write(f"supervisor {self.supervisor.pid}\n".encode())
@@ -332,7 +333,7 @@ class Demo:
             try:
                 proc.wait(_SHUTDOWN_MS / 1000 + 10)
             except subprocess.TimeoutExpired:
-                _log.warning("mailroom-supervisor did not stop in time: killing its process group")
+                log.warning("mailroom-supervisor did not stop in time: killing its process group")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -368,7 +369,7 @@ def _step(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - reported, and the shutdown goes on
-        _log.error("stopping %s: %s", what, exc)
+        log.error("stopping %s: %s", what, exc)
 
 
 def _watch_for_q(halt: threading.Event) -> None:

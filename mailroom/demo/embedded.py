@@ -43,7 +43,7 @@ _START_TIMEOUT_S = 60
 _USERADD_LOCK = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(),
                              "mailroom-embedded-postgres-user.lock")
 
-_log = logging.getLogger("mailroom.demo")
+log = logging.getLogger("mailroom.demo")
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -105,7 +105,7 @@ def _make_searchable(path: Path) -> None:
     for directory in [path, *path.parents]:
         mode = directory.stat().st_mode
         if not mode & stat.S_IXOTH:
-            _log.info("giving %s o+x so that the %s user can reach %s", directory, SERVER_USER, path)
+            log.info("giving %s o+x so that the %s user can reach %s", directory, SERVER_USER, path)
             directory.chmod(mode | stat.S_IXOTH)
 
 

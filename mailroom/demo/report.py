@@ -13,9 +13,12 @@ from typing import Any
 
 import psycopg
 
+from mailroom.config import Settings
+
 __all__ = ["Counts", "Summary", "counts", "first_token_id", "summary"]
 
-_QUEUE = "mailroom"
+# The demo runs the supervisor with the default queue.
+_QUEUE = Settings.queue_name
 
 _COUNTS = """
 SELECT count(*),

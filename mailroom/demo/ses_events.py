@@ -33,7 +33,7 @@ from typing import Any
 
 __all__ = ["SIMULATOR", "EventRelay"]
 
-_log = logging.getLogger("mailroom.demo")
+log = logging.getLogger("mailroom.demo")
 
 #: SES's mailbox simulator domain: its local parts say what becomes of the email.
 SIMULATOR = "simulator.amazonses.com"
@@ -205,6 +205,6 @@ class EventRelay:
                     self.sns.publish_batch(TopicArn=topic, PublishBatchRequestEntries=[
                         {"Id": str(i), "Message": json.dumps(body)} for i, (_, body) in enumerate(chunk)])
                 except Exception as exc:  # noqa: BLE001 - the demo goes on; say it once per batch
-                    _log.warning("local SES: cannot publish events: %s", exc)
+                    log.warning("local SES: cannot publish events: %s", exc)
                     continue
                 self.published.update(kind for kind, _ in chunk)

@@ -40,7 +40,7 @@ BOUNCED_RECOVERY_EVERY = 3
 RECOVERY_EVERY = 5
 _TICK_S = 0.05
 
-_log = logging.getLogger("mailroom.demo")
+log = logging.getLogger("mailroom.demo")
 
 
 class Traffic(threading.Thread):
@@ -69,7 +69,7 @@ class Traffic(threading.Thread):
                 self._loop(conn)
         except BaseException as exc:  # noqa: BLE001 - reported by the demo, which then stops
             if not self._halt.is_set():
-                _log.error("traffic generator stopped: %s", exc)
+                log.error("traffic generator stopped: %s", exc)
                 self.error = exc
 
     def _loop(self, conn: psycopg.Connection) -> None:

@@ -176,7 +176,7 @@ def renew(conn: psycopg.Connection[Any], queue: str,
     ``Claim.claimed_at``.  One statement for all of them, however many batches:
     the lease (``delivery_queue.claimed_at``) restarts now, the claim's identity
     (``deliveries.claimed_at``) stays, so outcomes still match; see
-    ``ledger_sql.RENEW``.  Returns how many leases were renewed.
+    :data:`mailroom.ledger.sql.RENEW`.  Returns how many leases were renewed.
     """
     tokens: list[int] = []
     stamps: list[dt.datetime] = []

@@ -1,11 +1,11 @@
-"""The delivery ledger's SQL text; :mod:`mailroom.ledger` runs it.
+"""The delivery ledger's SQL text; :mod:`mailroom.ledger.operations` runs it.
 
 Kept apart from the code that runs it because the statements are long and
 every clause is there for a reason that a comment beside it gives: the claim
 (one statement, with its variants for small and large limits and for
 compatibility mode) and the statements that record what became of claimed
-rows.  Read the docstring of :mod:`mailroom.ledger` first: it explains the two
-tables, the locking order and the claim hint these statements implement.
+rows.  Read the docstring of :mod:`mailroom.ledger.operations` first: it explains
+the two tables, the locking order and the claim hint these statements implement.
 """
 
 # Longer than the house's ~400 lines on purpose: it is SQL text, each clause with

@@ -42,7 +42,7 @@ from mailroom.supervisor.operator import Operator, StartError
 from mailroom.supervisor.router import Router
 from mailroom.vocabulary import RestartReason, Role
 
-logger = logging.getLogger("mailroom.supervisor")
+log = logging.getLogger("mailroom.supervisor")
 
 #: Restart backoff (seconds): first delay, cap, and the uptime after which a
 #: worker counts as healthy again (its backoff starts over).
@@ -117,7 +117,7 @@ def sd_notify(message: str) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(message.encode(), address)
     except OSError as exc:
-        logger.warning("sd_notify failed: %s", exc)
+        log.warning("sd_notify failed: %s", exc)
 
 
 class Supervisor:
@@ -155,13 +155,13 @@ class Supervisor:
             return
         self.begin_stop(self.settings.shutdown_timeout / 1000)
         sd_notify("STOPPING=1")
-        logger.info("stopping: no new claims, %d batches in flight (waiting up to %.1fs)",
+        log.info("stopping: no new claims, %d batches in flight (waiting up to %.1fs)",
                     len(self.router), self.settings.shutdown_timeout / 1000)
 
     handle_int = handle_term
 
     def handle_quit(self) -> None:
-        logger.warning("second stop signal: stopping at once (claimed rows are queued"
+        log.warning("second stop signal: stopping at once (claimed rows are queued"
                        " again when their lease expires)")
         self.kill_all()
         self.exit_code = config.EXIT_FAILURE
@@ -174,7 +174,7 @@ class Supervisor:
         """SIGHUP: restart both workers gracefully (new credentials, a fresh SES quota)."""
         if self.stopping:
             return
-        logger.info("SIGHUP: restarting the workers")
+        log.info("SIGHUP: restarting the workers")
         for role in (Role.SENDER, Role.COLLECTOR, Role.EVENTS):
             if role in self.workers:
                 self.request_restart(role)
@@ -204,7 +204,7 @@ class Supervisor:
         worker.started_at = worker.last_seen = now
         worker.restart_at = None
         worker.dump_asked_at = None
-        logger.info("%s worker started (pid %d)", worker.role, process.pid)
+        log.info("%s worker started (pid %d)", worker.role, process.pid)
         self.operator.on_worker("worker.started", worker.role, process.pid or 0, restarts=worker.restarts)
         if worker.role == Role.COLLECTOR:
             self.router.collector_started(draining=self.stopping)
@@ -251,21 +251,21 @@ class Supervisor:
         now = time.monotonic()
         pid = (worker.process.pid or 0) if worker.process else 0
         if self.stopping:
-            logger.info("%s worker (pid %d) stopped: %s", worker.role, pid, describe_exit(code))
+            log.info("%s worker (pid %d) stopped: %s", worker.role, pid, describe_exit(code))
             self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=False)
             return
         if worker.restart_requested:
             worker.restart_requested = False
             worker.restarts += 1
             worker.restart_at = now
-            logger.info("%s worker (pid %d) stopped to be restarted: %s", worker.role, pid, describe_exit(code))
+            log.info("%s worker (pid %d) stopped to be restarted: %s", worker.role, pid, describe_exit(code))
             self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True,
                                     reason=RestartReason.PLANNED)
             if worker.role == Role.SENDER:
                 self.router.sender_died(asked=True)
             return
         if code in BOOT_ERRORS:
-            logger.error("%s worker cannot start: %s (%s); stopping", worker.role,
+            log.error("%s worker cannot start: %s (%s); stopping", worker.role,
                          BOOT_ERRORS[code], describe_exit(code))
             self.exit_code = code
             self.begin_stop(0.0)
@@ -278,7 +278,7 @@ class Supervisor:
         worker.restart_at = now + delay
         self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True,
                                 reason=RestartReason.CRASH)
-        logger.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
+        log.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
                        worker.role, pid, describe_exit(code), delay)
         if worker.role == Role.SENDER:
             self.router.sender_died()
@@ -319,7 +319,7 @@ class Supervisor:
             worker.stats = message.stats
             self.operator.on_heartbeat(message)
         elif isinstance(message, msg.Ready):
-            logger.debug("%s worker ready", worker.role)
+            log.debug("%s worker ready", worker.role)
             if not self.announced_ready and worker.role == Role.COLLECTOR:
                 self.announced_ready = True
                 sd_notify("READY=1")
@@ -334,7 +334,7 @@ class Supervisor:
             self.router.on_recorded(message)
             self.operator.on_recorded(message)
         else:
-            logger.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
+            log.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
 
     def read(self, worker: Worker) -> None:
         try:
@@ -369,12 +369,12 @@ class Supervisor:
         Never a wait here: the kill comes on a later turn of the loop."""
         try:
             if worker.dump_asked_at is None:
-                logger.error("%s worker (pid %d) silent for %.0fs; its stack follows, then it is killed",
+                log.error("%s worker (pid %d) silent for %.0fs; its stack follows, then it is killed",
                              worker.role, pid, now - worker.last_seen)
                 worker.dump_asked_at = now
                 os.kill(pid, signal.SIGUSR1)
             elif now - worker.dump_asked_at >= STACK_DUMP_GRACE:
-                logger.error("killing the silent %s worker (pid %d)", worker.role, pid)
+                log.error("killing the silent %s worker (pid %d)", worker.role, pid)
                 worker.dump_asked_at = None
                 worker.last_seen = now
                 os.kill(pid, signal.SIGKILL)
@@ -395,7 +395,7 @@ class Supervisor:
                 return
             unfinished = self.router.release_all()
             if unfinished:
-                logger.warning("%d batches never finished; their rows go back to the queue", unfinished)
+                log.warning("%d batches never finished; their rows go back to the queue", unfinished)
             self.phase = Phase.STOP_COLLECTOR
             self.router.accepting = False
             self.send(Role.COLLECTOR, msg.Stop())
@@ -415,14 +415,14 @@ class Supervisor:
             except StartError as exc:
                 # A busy port or an unusable socket path is configuration: one line
                 # and exit 2, which the systemd unit does not restart.
-                logger.error("cannot start: %s", exc)
+                log.error("cannot start: %s", exc)
                 return config.EXIT_CONFIG
             try:
                 return self._run()
             except Exception:
                 # A bug in the supervisor's own loop: the traceback, then no orphans
                 # (workers would otherwise run on without anyone routing their batches).
-                logger.exception("unexpected error in the supervisor; stopping the workers")
+                log.exception("unexpected error in the supervisor; stopping the workers")
                 self.emergency_stop()
                 return config.EXIT_FAILURE
         finally:
@@ -452,11 +452,11 @@ class Supervisor:
             if process.exitcode is None:
                 process.kill()
                 process.join()
-            logger.info("%s worker (pid %d) stopped: %s", role, process.pid, describe_exit(process.exitcode))
+            log.info("%s worker (pid %d) stopped: %s", role, process.pid, describe_exit(process.exitcode))
 
     def _run(self) -> int:
         self.install_signals()
-        logger.info("starting (pid %d), queue %s, channel %s", os.getpid(),
+        log.info("starting (pid %d), queue %s, channel %s", os.getpid(),
                     self.settings.queue_name, self.settings.channel_name)
         for worker in self.workers.values():
             self.spawn(worker)
@@ -479,7 +479,7 @@ class Supervisor:
             self.operator.tick(time.monotonic())
             self.operator.flush()
         self.wait_exit()
-        logger.info("stopped")
+        log.info("stopped")
         return self.exit_code
 
     def wait_exit(self) -> None:

@@ -3,9 +3,13 @@
 ::
 
     collector -> supervisor   Ready, Heartbeat, Claimed, Recorded
-    supervisor -> sender      SendBatch, Stop
+    supervisor -> sender      SendBatch, SetRate, Stop
     sender -> supervisor      Ready, Heartbeat, BatchOutcomes, Window, HoldActions
-    supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, Stop, Window, HoldActions
+    supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, SetClaiming,
+                              Window, HoldActions, Stop
+
+Window and HoldActions are the sender's, passed on to the collector unchanged;
+SetClaiming and SetRate are an operator's (:mod:`mailroom.supervisor.operator`).
 
 The supervisor routes them without understanding the wire format or touching the
 database, so this module imports neither psycopg nor boto3.  ``claimed_at`` (the

@@ -23,7 +23,7 @@ from typing import Any
 from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import BatchState, Outcome, OutcomeKind, Role, TokenOutcomes, batch_state
 
-logger = logging.getLogger("mailroom.supervisor")
+log = logging.getLogger("mailroom.supervisor")
 
 #: A batch in flight at this many sender deaths is suspected of killing the sender:
 #: it goes back to the ledger as a delayed retry (whose attempts are bounded)
@@ -128,7 +128,7 @@ class Router:
         claims = {b.batch_id: (b.token_ids, b.claimed_at) for b in self.batches.values()}
         self.send(Role.COLLECTOR, msg.Adopt(list(self.batches), claims))
         if self.unconfirmed:
-            logger.info("handing %d unconfirmed outcome messages to the new collector",
+            log.info("handing %d unconfirmed outcome messages to the new collector",
                         len(self.unconfirmed))
         for message in list(self.unconfirmed.values()):
             if not self.send(Role.COLLECTOR, message):
@@ -174,7 +174,7 @@ class Router:
 
     def give_up(self, batch: Batch) -> None:
         """Hand a batch that keeps killing the sender back to the ledger, delayed."""
-        logger.error("batch %s was in flight at %d sender deaths; handing it back to the"
+        log.error("batch %s was in flight at %d sender deaths; handing it back to the"
                      " queue for a later attempt", batch.batch_id, batch.deaths)
         error = f"sender worker died {batch.deaths} times with this batch in flight"
         outcome = Outcome(OutcomeKind.RETRY, error=error, retry_after=POISON_RETRY_AFTER)
@@ -205,11 +205,11 @@ class Router:
         counts = collections.Counter(outcome.kind for _, outcome in outcomes)
         first_error = next((o.error for _, o in outcomes if o.kind != OutcomeKind.SENT and o.error), None)
         if batch is None:
-            logger.info("batch %s: %d outcomes for a batch no longer tracked", batch_id, len(outcomes))
+            log.info("batch %s: %d outcomes for a batch no longer tracked", batch_id, len(outcomes))
             return
         ms = (time.monotonic() - batch.received_at) * 1000
         self.on_finished(batch, outcomes, ms / 1000)
-        logger.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry%s, %d ms",
+        log.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry%s, %d ms",
                     batch_id, len(outcomes), batch.activation, batch.recovery,
                     counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
                     counts[OutcomeKind.FAILED], counts[OutcomeKind.RETRY],
