@@ -70,6 +70,7 @@ def test_upgrade_path_prints_the_originals_rows(fresh_db, run_collector, base_en
     assert counts == {"emitted": 5, "skipped": 1}        # token 5: suspended account
 
 
+@pytest.mark.timing
 def test_500_accounts_in_one_transaction_arrive_within_one_batch_timeout(db, run_collector):
     collector = run_collector(db, batch_limit=10, batch_timeout=1000)
     wait_for(lambda: backend_pids(db), what="collector connection")

@@ -45,6 +45,7 @@ def insert_one_by_one(url: str, n: int, prefix: str) -> None:
                          (f"{prefix}{i}@example.test", f"{prefix}{i}"))
 
 
+@pytest.mark.timing
 def test_adaptive_sends_a_lone_account_at_once(db, base_env, stub, started):
     env = supervisor_env(base_env, db, stub.url, control_socket="off", batch_timeout=10_000, batch_limit=10)
     sup = start_supervisor(started, env, db)
@@ -58,6 +59,7 @@ def test_adaptive_sends_a_lone_account_at_once(db, base_env, stub, started):
     assert sup.stop() == 0
 
 
+@pytest.mark.timing
 def test_fixed_mode_still_waits_for_the_timeout(db, base_env, stub, started):
     env = supervisor_env(base_env, db, stub.url, control_socket="off", batch_timeout=3_000, batch_limit=10,
                          batch_mode="fixed")
@@ -77,6 +79,7 @@ def test_fixed_mode_still_waits_for_the_timeout(db, base_env, stub, started):
     assert sup.stop() == 0
 
 
+@pytest.mark.timing
 def test_adaptive_collects_while_a_batch_is_in_flight(db, base_env, stub, started):
     env = supervisor_env(base_env, db, stub.url, control_socket="off", batch_timeout=2_000, batch_limit=10)
     sup = start_supervisor(started, env, db)
@@ -120,6 +123,7 @@ def _in_loop(url: str) -> bool:
     return sessions == [(True,)]
 
 
+@pytest.mark.timing
 def test_stdout_adaptive_prints_at_once_and_fixed_waits(db, base_env, started):
     adaptive = CollectorProcess(collector_env(base_env, db, batch_timeout=10_000))
     started.append(adaptive)

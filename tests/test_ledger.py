@@ -572,6 +572,7 @@ def bulk_backlog(conn: psycopg.Connection, first: int, last: int, **deliveries: 
     conn.execute("SET session_replication_role = origin")
 
 
+@pytest.mark.timing
 def test_claim_stays_index_bound(fresh_db: str) -> None:
     """200k sent rows: a claim reads about `limit` rows of each table, whatever
     the history and the statistics."""

@@ -108,6 +108,7 @@ def test_drain_returns_when_nothing_is_in_flight(operated, db, stub):
     assert sup.stop() == 0
 
 
+@pytest.mark.timing
 def test_set_rate_holds_the_measured_rate(operated, db, stub):
     # Enough claimed ahead that the sender, not the collector, sets the pace.
     sup, ctl = operated(ses_max_send_rate="10000", batch_limit="5", max_in_flight="16")

@@ -255,6 +255,7 @@ def test_paused_account_hands_tokens_back_in_worker_mode(stub, make_settings, ru
     assert len(stub.bulk) == 1
 
 
+@pytest.mark.timing
 def test_rate_limit_holds_within_ten_percent(stub, make_settings, running):
     sender = running(make_settings(stub.url, ses_max_send_rate=200.0))
     futures = [sender.submit(rows(10, start=10 * n)) for n in range(100)]  # 1000 recipients
@@ -417,6 +418,7 @@ def test_nothing_is_created_before_start(stub, make_settings):
         sender.submit(rows(1))
 
 
+@pytest.mark.timing
 def test_close_with_timeout_hands_back_calls_still_in_flight(stub, make_settings, running):
     stub.gate.clear()
     sender = running(make_settings(stub.url))
@@ -429,6 +431,7 @@ def test_close_with_timeout_hands_back_calls_still_in_flight(stub, make_settings
     stub.gate.set()
 
 
+@pytest.mark.timing
 def test_close_defer_retries_hands_back_waiting_retries(stub, make_settings, running):
     stub.script(throttling())
     policy = SendPolicy(**{**FAST.__dict__, "backoff_base": 20.0, "backoff_cap": 20.0})

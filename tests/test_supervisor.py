@@ -8,6 +8,7 @@ import signal
 import time
 
 import psycopg
+import pytest
 from collector_util import backend_pids, insert_accounts, pid_alive, wait_for
 from pgutil import SECRET_KEY_HEX
 from ses_emulator import SesStub, moto_server, throttling
@@ -95,6 +96,7 @@ def signal_pid(pid: int, signum: int) -> None:
     os.kill(pid, signum)
 
 
+@pytest.mark.timing
 def test_sigterm_with_batches_in_flight(db, base_env, supervisors, stub):
     stub.gate.clear()                                   # SES holds every call
     sup = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=10, shutdown_timeout=1500))
