@@ -195,3 +195,47 @@ def test_a_slow_ledger_query_does_not_freeze_the_screen(db: str) -> None:
         ledger_scenario(db, test)
     finally:
         release.set()
+
+
+def test_screen_6_shows_rates_latest_bounces_and_the_suppression_list(db: str) -> None:
+    import datetime as dt
+
+    from mailroom import ledger
+    from mailroom.ledger import events as ledger_events
+    from mailroom.vocabulary import DeliveryEvent, Feedback, Outcome, OutcomeKind
+
+    emails = [f"u{i}@example.com" for i in range(10)]
+    with psycopg.connect(db, autocommit=True) as conn:
+        for e in emails:
+            conn.execute("INSERT INTO accounts (email, login) VALUES (%s, %s)", (e, e))
+        claim = ledger.claim(conn, "mailroom", 20, lease_ms=60_000)
+        mids = {row[1]: f"msg-{row[5]}" for row in claim.rows}
+        ledger.record_outcomes(conn, "mailroom", [(row[5], Outcome(OutcomeKind.SENT, message_id=mids[row[1]]))
+                                                  for row in claim.rows], claimed_at=claim.claimed_at)
+        now = dt.datetime.now(dt.UTC)
+        ledger_events.record_events(conn, [
+            DeliveryEvent(mids["u0@example.com"], "u0@example.com", Feedback.BOUNCED, now, "Permanent",
+                          "5.1.1 user unknown"),
+            DeliveryEvent(mids["u1@example.com"], "u1@example.com", Feedback.DELIVERED, now),
+            DeliveryEvent(mids["u2@example.com"], "u2@example.com", Feedback.DELIVERED, now)])
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        await pilot.press("6")
+        assert app.current == "deliverability"
+        table = app.query_one("#suppressions")
+        await until(pilot, lambda: table.row_count == 1, "the suppression list")
+        assert [str(c) for c in table.get_row_at(0)][:3] == ["u0@example.com", "bounced", "5.1.1 user unknown"]
+        latest = app.query_one("#latest-bad")
+        assert latest.row_count == 1
+        assert [str(c) for c in latest.get_row_at(0)][1:] == ["bounced", "u0@example.com", "Permanent",
+                                                              "5.1.1 user unknown"]
+        bounce = app.query_one("#bounce-rate").render()
+        assert "10.00 %" in str(bounce)
+        assert "(1 of 10 sent in 24 h; SES reviews at 5 %, may pause at 10 %)" in str(bounce)
+        red = [span for span in bounce.spans if "red" in str(span.style)]  # at SES's pause threshold
+        assert red, bounce.spans
+        complaint = app.query_one("#complaint-rate").render()
+        assert "0.00 %" in str(complaint) and any("green" in str(s.style) for s in complaint.spans)
+        assert "2 delivered" in str(app.query_one("#feedback-counts").render())
+        assert "1 bounced" in str(app.query_one("#feedback-counts").render())
+    ledger_scenario(db, test)

@@ -26,8 +26,8 @@ from mailroom.addresses import normalise, normalise_unicode
 from mailroom.ledger import sql as ledger_sql
 from mailroom.vocabulary import SUPPRESSING, DeliveryEvent
 
-__all__ = ["HEALTH_WINDOW_S", "RAW_CAP", "REMATCH_WITHIN_S", "Health", "Recorded", "health", "record_events",
-           "rematch_events"]
+__all__ = ["HEALTH_WINDOW_S", "RAW_CAP", "REMATCH_WITHIN_S", "Health", "Recorded", "feedback_counts", "health",
+           "latest_bad", "record_events", "rematch_events"]
 
 #: The raw JSON kept with an event is cut at this many characters: enough for
 #: SES's bounce or complaint record, not a copy of a large message's headers.
@@ -111,3 +111,23 @@ def health(conn: psycopg.Connection[Any], queue: str, window_s: float = HEALTH_W
     row = conn.execute(ledger_sql.HEALTH, {"queue": queue, "window_s": window_s}).fetchone()
     assert row is not None
     return Health(*(int(v) for v in row))
+
+
+def feedback_counts(conn: psycopg.Connection[Any], queue: str, window_s: float = HEALTH_WINDOW_S) -> dict[str, int]:
+    """New events of the last ``window_s`` seconds by type (the monitor's screen 6)."""
+    rows = conn.execute(
+        """SELECT type::text, count(*) FROM delivery_events
+            WHERE event_at >= statement_timestamp() - make_interval(secs => %(window_s)s)
+              AND job_type = %(queue)s GROUP BY type""", {"queue": queue, "window_s": window_s})
+    return {str(kind): int(n) for kind, n in rows}
+
+
+def latest_bad(conn: psycopg.Connection[Any], queue: str, limit: int = 50) -> list[dict[str, Any]]:
+    """The latest bounces (permanent or not) and complaints of the queue, newest first:
+    recipient, type, subtype, event time, diagnostic."""
+    rows = conn.execute(
+        """SELECT recipient, type::text, subtype, event_at, diagnostic FROM delivery_events
+            WHERE job_type = %(queue)s AND type IN ('bounced', 'soft_bounced', 'complained')
+              AND event_at >= statement_timestamp() - interval '7 days'
+            ORDER BY event_at DESC LIMIT %(limit)s""", {"queue": queue, "limit": limit})
+    return [dict(zip(("recipient", "type", "subtype", "event_at", "diagnostic"), r, strict=True)) for r in rows]

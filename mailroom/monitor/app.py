@@ -1,4 +1,4 @@
-"""The Textual application: header, five panes, the coalescing flush, the key map."""
+"""The Textual application: header, six panes, the coalescing flush, the key map."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from mailroom.monitor.feed import ClientFactory, ControlFeed, default_client_fac
 from mailroom.monitor.ledger_source import LedgerSource
 from mailroom.monitor.model import MonitorState
 from mailroom.monitor.panes.base import Pane
+from mailroom.monitor.panes.deliverability import DeliverabilityPane
 from mailroom.monitor.panes.events import EventsPane
 from mailroom.monitor.panes.failures import FailuresPane
 from mailroom.monitor.panes.ledger import LedgerCountsPane
@@ -33,9 +34,9 @@ log = logging.getLogger("mailroom.monitor")
 
 __all__ = ["MIN_COLUMNS", "MIN_ROWS", "MonitorApp", "PANES"]
 
-#: Pane ids in key order (`1`-`5`) with their titles.
+#: Pane ids in key order (`1`-`6`) with their titles.
 PANES = (("live", "Live"), ("ledger", "Ledger"), ("failures", "Failures"),
-         ("processes", "Processes"), ("events", "Events"))
+         ("processes", "Processes"), ("events", "Events"), ("deliverability", "Deliverability"))
 #: At most this many screen refreshes a second (OPERATIONS.md 4).
 FLUSH_INTERVAL_S = 0.25
 #: The smallest terminal the screens are laid out for (OPERATIONS.md 4: usable at 80x24).
@@ -105,7 +106,7 @@ class MonitorApp(OperatorActions):
         #: Flushes that changed something (tests wait on it).
         self.flushes = 0
         self._last_conn: tuple[Any, ...] = ()
-        #: The five panes by id, as the app drives them (filled by compose).
+        #: The six panes by id, as the app drives them (filled by compose).
         self.panes: dict[str, Pane] = {}
 
     # ------------------------------------------------------------ layout
@@ -123,10 +124,11 @@ class MonitorApp(OperatorActions):
         ledger = LedgerCountsPane(self.ledger, self.queue, id="ledger")
         failures = FailuresPane(self.ledger, self.queue, id="failures")
         processes = ProcessesPane(self.ledger, self.queue, id="processes")
+        deliverability = DeliverabilityPane(self.ledger, self.queue, id="deliverability")
         # Typed as Pane: each is checked here against what the app calls.
         self.panes = {"live": live, "ledger": ledger, "failures": failures,
-                      "processes": processes, "events": events}
-        return [live, ledger, failures, processes, events]
+                      "processes": processes, "events": events, "deliverability": deliverability}
+        return [live, ledger, failures, processes, events, deliverability]
 
     def on_mount(self) -> None:
         if self.feed is not None:
@@ -247,7 +249,7 @@ class MonitorApp(OperatorActions):
     # ------------------------------------------------------------ keys
 
     def action_show(self, pane: str) -> None:
-        """Switch to one of the five panes."""
+        """Switch to one of the six panes."""
         if pane not in dict(PANES):
             return
         self.current = pane

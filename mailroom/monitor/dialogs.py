@@ -21,7 +21,7 @@ __all__ = ["BatchDetail", "Confirm", "HelpScreen", "Prompt", "KEYMAP"]
 
 #: The key map, as shown by `?` and in the README.
 KEYMAP = (
-    ("1-5", "Live, Ledger, Failures, Processes, Events"),
+    ("1-6", "Live, Ledger, Failures, Processes, Events, Deliverability"),
     ("up/down, j/k", "move in a table"),
     ("Enter", "open the batch under the cursor (Live)"),
     ("Esc", "close a dialog, the search box or the detail"),

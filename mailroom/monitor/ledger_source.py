@@ -121,6 +121,18 @@ class LedgerSource:
 
         return self.call(fleet.consumers, self.queue)
 
+    def deliverability(self) -> dict[str, Any]:
+        """Screen 6: the 24-hour rates, events by type, the latest bounces and
+        complaints, the newest of the suppression list."""
+        from mailroom.ledger import events, report, suppressions
+
+        def read(conn: psycopg.Connection[Any], queue: str) -> dict[str, Any]:
+            return {"health": report.deliverability(events.health(conn, queue)),
+                    "counts": events.feedback_counts(conn, queue), "latest": events.latest_bad(conn, queue),
+                    "suppressions": suppressions.entries(conn, limit=200)}
+
+        return self.call(read, self.queue)
+
     def retry(self, dry_run: bool, **selection: Any) -> int:
         """Requeue failed rows of ``selection`` (or count them with ``dry_run``)."""
         from mailroom.ledger import admin

@@ -221,13 +221,13 @@ class KeyFooter(Footer):
     still fits (at 80 columns the full footer cut the operator keys off the right)."""
 
     #: The full footer needs about this many columns.
-    WIDE = 150
+    WIDE = 160
     #: Action -> its word in a narrow footer ("" for the key alone; ``?`` and the
     #: screens' digits explain themselves, and ``?`` lists every key in full).
     SHORT = {
         "show('live')": "", "show('ledger')": "", "show('failures')": "", "show('processes')": "",
-        "show('events')": "screens", "help": "", "search": "", "set_rate": "Rate", "pause": "Pause",
-        "command_palette": "",
+        "show('events')": "", "show('deliverability')": "screens", "help": "", "search": "",
+        "set_rate": "Rate", "pause": "Pause", "command_palette": "",
     }
 
     def compose(self) -> ComposeResult:

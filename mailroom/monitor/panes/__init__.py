@@ -1,1 +1,1 @@
-"""The monitor's five screens, one module each (shown in a ContentSwitcher)."""
+"""The monitor's six screens, one module each (shown in a ContentSwitcher)."""

@@ -1,6 +1,6 @@
 """What the app asks of a pane, and the base of the panes the ledger feeds.
 
-The app holds its five panes as :class:`Pane` and calls the two methods on
+The app holds its six panes as :class:`Pane` and calls the two methods on
 whichever is shown: :meth:`Pane.render_from` after a flush of the live feed,
 :meth:`Pane.load` when the pane is shown and every few seconds after.  Panes get
 what they need (the ledger, the queue's name) when they are built, so none of them
