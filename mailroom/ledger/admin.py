@@ -52,9 +52,6 @@ _SINCE_SLACK = dt.timedelta(minutes=10)
 SKIPPED_BY_OPERATOR = "skipped by an operator"
 _ACTION = "CASE d.priority WHEN 0 THEN 'password_recovery' ELSE 'activation' END"
 _ADDRESS = r"""regexp_replace(d.last_error, '[^\s<>(),;:"'']+@[^\s<>(),;:"'']+', '<address>', 'g')"""
-_COLUMNS = ("token", "action", "status", "attempts", "created_at", "claimed_at", "next_attempt_at",
-            "sent_at", "message_id", "last_error", "feedback")
-_EVENT_COLUMNS = ("type", "subtype", "event_at", "diagnostic")
 
 
 def deliveries(conn: psycopg.Connection[Any], queue: str, email: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -62,26 +59,27 @@ def deliveries(conn: psycopg.Connection[Any], queue: str, email: str, limit: int
     typed it (:func:`mailroom.addresses.spellings`).  Each carries its ``feedback``
     (what SES last said that counts most, DESIGN.md 11) and its ``events``: type,
     subtype, event time and diagnostic of each SES event, oldest first."""
-    rows = conn.execute(
-        f"""SELECT d.token, {_ACTION}, d.status::text, d.attempts, d.created_at, d.claimed_at,
-                   d.next_attempt_at, d.sent_at, d.message_id, d.last_error, d.feedback::text
+    # dict_row: the selected names are the keys of each delivery and event.
+    found = conn.cursor(row_factory=dict_row).execute(
+        f"""SELECT d.token, {_ACTION} AS action, d.status::text AS status, d.attempts, d.created_at,
+                   d.claimed_at, d.next_attempt_at, d.sent_at, d.message_id, d.last_error,
+                   d.feedback::text AS feedback
               FROM tokens AS t
               JOIN deliveries AS d ON d.token = t.id AND d.job_type = %(queue)s
              WHERE t.account = ANY (%(accounts)s::bigint[])
              ORDER BY d.created_at DESC, d.token DESC
              LIMIT %(limit)s""",
         {"queue": queue, "accounts": accounts_of(conn, email), "limit": limit}).fetchall()
-    found = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
     by_token: dict[int, list[dict[str, Any]]] = {}
     for d in found:
         d["events"] = by_token.setdefault(d["token"], [])
     if by_token:  # what SES said of each, oldest first (delivery_events_delivery_idx)
-        for token, *event in conn.execute(
-                """SELECT token, type::text, subtype, event_at, diagnostic FROM delivery_events
+        for event in conn.cursor(row_factory=dict_row).execute(
+                """SELECT token, type::text AS type, subtype, event_at, diagnostic FROM delivery_events
                     WHERE token = ANY (%(tokens)s::bigint[]) AND job_type = %(queue)s
                     ORDER BY event_at, id""",
                 {"tokens": list(by_token), "queue": queue}):
-            by_token[token].append(dict(zip(_EVENT_COLUMNS, event, strict=True)))
+            by_token[event.pop("token")].append(event)
     return found
 
 

@@ -35,6 +35,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from mailroom._process import add_version, one_line
 from mailroom.config import redact
@@ -187,7 +188,7 @@ def _locked(conninfo: str) -> Iterator[psycopg.Connection]:
         lock = _lock_id(conn)
         # Bounded wait: a second runner says so instead of hanging; the
         # timeout is reset so it does not apply to the migrations' own DDL.
-        conn.execute(f"SET lock_timeout = '{_LOCK_WAIT_S}s'")
+        conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{_LOCK_WAIT_S}s")))
         try:
             conn.execute("SELECT pg_advisory_lock(%s)", (lock,))
         except psycopg.errors.LockNotAvailable as exc:

@@ -17,6 +17,7 @@ import datetime as dt
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from mailroom.addresses import normalise, normalise_unicode
 
@@ -24,19 +25,15 @@ __all__ = ["OPERATOR", "add", "check", "count", "entries", "remove"]
 
 #: The reason of an address an operator added.
 OPERATOR = "operator"
-_COLUMNS = ("address", "reason", "detail", "created_at", "created_by", "event_id")
+# An entry is its row as a dict (dict_row): these columns are its keys.
 _SELECT = "SELECT address, reason, detail, created_at, created_by, event_id FROM suppressions"
-
-
-def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
-    return dict(zip(_COLUMNS, row, strict=True))
 
 
 def entries(conn: psycopg.Connection[Any], *, search: str | None = None, reason: str | None = None,
             since: dt.datetime | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Suppressed addresses, newest first: those containing ``search`` (case-insensitive),
     of ``reason``, added at or after ``since``; at most ``limit``."""
-    rows = conn.execute(
+    return conn.cursor(row_factory=dict_row).execute(
         f"""{_SELECT}
              WHERE (%(search)s::text IS NULL OR address ILIKE '%%' || %(search)s || '%%'
                     OR address_unicode ILIKE '%%' || %(search)s || '%%')
@@ -44,13 +41,12 @@ def entries(conn: psycopg.Connection[Any], *, search: str | None = None, reason:
                AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
              ORDER BY created_at DESC, address LIMIT %(limit)s""",
         {"search": search, "reason": reason, "since": since, "limit": limit}).fetchall()
-    return [_entry(r) for r in rows]
 
 
 def check(conn: psycopg.Connection[Any], address: str) -> dict[str, Any] | None:
     """The suppression of ``address`` as typed, or ``None`` when it is not suppressed."""
-    row = conn.execute(f"{_SELECT} WHERE address = %s", (normalise(address),)).fetchone()
-    return None if row is None else _entry(row)
+    return conn.cursor(row_factory=dict_row).execute(
+        f"{_SELECT} WHERE address = %s", (normalise(address),)).fetchone()
 
 
 def count(conn: psycopg.Connection[Any]) -> int:
