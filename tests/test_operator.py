@@ -39,7 +39,7 @@ class Slot:
     started_at: float = dataclasses.field(default_factory=time.monotonic)
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
     restarts: int = 0
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stats: msg.CollectorStats | msg.SenderStats | None = None
 
 
 class Supervisor:
@@ -153,7 +153,7 @@ def test_a_held_batch_goes_back_to_the_queue_before_its_lease_runs_out(sup):
     sup.operator.tick(time.monotonic())
     assert sup.take(COLLECTOR) == [msg.Release("old", old, "at-old")]
     assert list(sup.router.batches) == ["new"]
-    assert sup.operator.recent["old"]["retry"] == 1  # shown as given back, not lost
+    assert sup.operator.recent["old"].data["retry"] == 1  # shown as given back, not lost
 
     ask(sup, "resume", what="sending")
     sup.operator.tick(time.monotonic())
@@ -233,7 +233,7 @@ def test_a_poison_batch_is_counted_as_a_retry_not_lost(sup):
 
 
 def test_set_rate_is_capped_by_the_account_and_needs_a_sender(sup):
-    sup.workers[SENDER].stats = {"ses": {"max_send_rate": 14.0}}
+    sup.workers[SENDER].stats = msg.SenderStats(ses=msg.SesQuota(max_send_rate=14.0))
     assert ask(sup, "set_rate", per_second=50.0).answer == (
         "ok", {"per_second": 14.0, "requested": 50.0, "capped": True})
     assert sup.take(SENDER) == [msg.SetRate(50.0)]  # the sender caps it too

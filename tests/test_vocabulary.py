@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import Counter
 
 import pytest
@@ -10,7 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from mailroom import tokens, wire
 from mailroom.control import ctl, protocol
 from mailroom.control.metrics import Metrics
-from mailroom.monitor.model import MonitorState
+from mailroom.monitor.model import BATCH_COUNTS, SES_NUMBERS, MonitorState
+from mailroom.supervisor import messages as msg
+from mailroom.supervisor.router import Router
 from mailroom.vocabulary import (
     ACTION_NAMES,
     BATCH_RESULTS,
@@ -18,6 +22,7 @@ from mailroom.vocabulary import (
     DELIVERY_STATUSES,
     Action,
     BatchState,
+    Outcome,
     OutcomeKind,
     batch_state,
 )
@@ -92,3 +97,57 @@ def test_an_action_is_its_wire_number_and_its_database_label() -> None:
     assert tokens.verify(key, token, Action.ACTIVATION) is None
     with pytest.raises(ValueError, match="1 or 'activation', 2 or 'password_recovery'"):
         tokens.verify(key, token, "recovery")
+
+
+# -- typed events: built once by the supervisor, read by the monitor by the same names
+
+
+def _route() -> tuple[Router, list[msg.BatchEvent], list[str]]:
+    events: list[msg.BatchEvent] = []
+    released: list[str] = []
+    router = Router(lambda role, message: True, on_event=events.append,
+                    on_released=lambda batch: released.append(batch.batch_id))
+    return router, events, released
+
+
+def test_the_router_reports_each_batch_as_typed_events() -> None:
+    router, events, _ = _route()
+    router.on_claimed(msg.Claimed("b-1", b"line", [1, 2, 3], 2, 1, None))
+    outcomes = [(1, Outcome(OutcomeKind.SENT, "m-1")), (2, Outcome(OutcomeKind.FAILED, error="bad")),
+                (3, Outcome(OutcomeKind.RETRY, error="later"))]
+    router.on_outcomes(msg.BatchOutcomes("b-1", outcomes))
+    claimed, dispatched, done = events
+    assert claimed == msg.BatchClaimed("b-1", 3, 2, 1) and dispatched == msg.BatchDispatched("b-1")
+    assert isinstance(done, msg.BatchDone)
+    assert (done.rows, done.sent, done.failed, done.retry, done.skipped) == (3, 1, 1, 1, 0)
+    assert done.state is BatchState.PARTIAL and done.error == "bad"
+    assert set(done.payload()) == {f.name for f in dataclasses.fields(msg.BatchDone)}
+
+
+def test_a_released_batch_is_done_as_released_and_counted_once() -> None:
+    router, events, released = _route()
+    router.holding = True  # an operator paused sending: the claim is held, then released
+    router.on_claimed(msg.Claimed("b-2", b"line", [4, 5], 2, 0, None))
+    router.release("b-2")
+    claimed, done = events
+    assert isinstance(done, msg.BatchDone) and done.state is BatchState.RELEASED
+    assert (done.rows, done.retry, done.sent) == (2, 2, 0) and released == ["b-2"]
+
+
+def test_the_monitor_reads_the_supervisors_own_payloads() -> None:
+    state = MonitorState()
+    done = msg.BatchDone("b-3", 5, 4, 1, 3, 1, 1, 0, 0, 12.5, "MessageRejected", BatchState.PARTIAL)
+    worker = msg.WorkerInfo("sender", 42, True, "running", 3.0, 1.7e9, 2, 0.4, 1.7e9, 123456)
+    ses = msg.SesQuota(max_send_rate=14.0, max_24h_send=50_000.0, sent_last_24h=31_200.0, paused=True)
+    tick = msg.Tick(7.5, 0.5, {"sender": worker}, 3, 120, 4.0, 14.0, ses)
+    for event in (done, tick):  # through JSON, as the control socket carries them
+        state.apply_event(json.loads(json.dumps({"event": event.EVENT, "data": event.payload()})))
+    batch = state.batches["b-3"]
+    assert [getattr(batch, name) for name in BATCH_COUNTS] == [5, 4, 1, 3, 1, 1, 0, 0]
+    assert (batch.state, batch.ms, batch.error) == ("partial", 12.5, "MessageRejected")
+    t = state.tick
+    assert (t.sent_per_s, t.failed_per_s, t.in_flight, t.queue_depth, t.oldest_queued_s, t.rate_limit) == (
+        7.5, 0.5, 3, 120, 4.0, 14.0)
+    assert [getattr(t, name) for name in SES_NUMBERS] == [14.0, 50_000.0, 31_200.0] and t.ses_paused
+    w = state.workers["sender"]
+    assert (w.pid, w.state, w.restarts, w.rss) == (42, "running", 2, 123456)

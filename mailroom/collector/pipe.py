@@ -83,7 +83,7 @@ class PipeSink:
         self.released = False  # an action was released: look for due rows at once
         self.counter = 0
         self.last_beat = 0.0
-        self.stats: dict[str, Any] = {}
+        self.stats = msg.CollectorStats()
         self.stats_at = -STATS_EVERY
         self.rows = 0
         self.consumer_id: int | None = None
@@ -164,8 +164,7 @@ class PipeSink:
         now = time.monotonic()
         if now - self.stats_at >= STATS_EVERY:
             self.stats_at = now
-            self.stats = ledger.queue_stats(conn, self.queue)
-            self.stats["rss"] = rss_bytes()
+            self.stats = msg.CollectorStats(**ledger.queue_stats(conn, self.queue), rss=rss_bytes())
         if now - self.fleet_at >= FLEET_EVERY and now >= self.fleet_refusals.not_before:
             self.fleet_at = now
             # The fleet table is for people looking: a refusal there (a read-only
@@ -259,4 +258,4 @@ class PipeSink:
         now = time.monotonic()
         if now - self.last_beat >= msg.HEARTBEAT_INTERVAL:
             self.last_beat = now
-            self._post(msg.Heartbeat(dict(self.stats)))
+            self._post(msg.Heartbeat(self.stats))

@@ -3,8 +3,9 @@
 Everything the supervisor sends (the ``subscribe``/``status`` snapshot and the
 events of OPERATIONS.md section 2) enters the monitor through :class:`MonitorState`:
 :meth:`MonitorState.apply_event` and :meth:`MonitorState.apply_snapshot`.  Field
-names inside ``data`` are read here and nowhere else, so a renamed field is a
-one-line change in this module.
+names inside ``data`` are read here and nowhere else, and they are those of the
+supervisor's own event types (:mod:`mailroom.supervisor.messages`: ``BatchDone``,
+``Tick``, ``SesQuota``, ``WorkerInfo``), so a renamed field shows in both at once.
 
 Nothing here raises on what it receives: a missing field keeps its default, a
 value of the wrong type is ignored (``"12"`` is accepted as 12, ``"x"`` is not),
@@ -22,15 +23,17 @@ import json
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mailroom.monitor.coerce import as_bool, as_epoch, as_float, as_int, as_str
 from mailroom.monitor.coerce import as_dict as _dict
+from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import BATCH_STATES, RUN_STATES, BatchState, OutcomeKind, Pausable, WorkerState, batch_state
 
 __all__ = [
-    "BATCH_STATES", "MAX_BATCHES", "RUN_STATES", "SUPERVISOR", "Batch", "Destination", "EventLine",
+    "BATCH_COUNTS", "BATCH_STATES", "MAX_BATCHES", "SES_NUMBERS", "RUN_STATES", "SUPERVISOR", "Batch", "Destination",
+    "EventLine",
     "MonitorState", "Tick", "Worker", "as_bool", "as_epoch", "as_float", "as_int", "as_str", "destinations",
 ]
 
@@ -43,6 +46,16 @@ SUPERVISOR = "supervisor"
 #: Lines kept on the events screen.
 MAX_EVENT_LINES = 1000
 
+
+def _fields(kind: type[msg.Payload], annotation: str) -> tuple[str, ...]:
+    """The fields of one of the supervisor's event types declared ``annotation``."""
+    return tuple(f.name for f in fields(kind) if f.type == annotation)
+
+
+#: The row counts of ``batch.done`` (rows, activation, recovery, sent, failed, retry, skipped).
+BATCH_COUNTS = _fields(msg.BatchDone, "int")
+#: The numbers of a tick's ``ses`` (max_send_rate, max_24h_send, sent_last_24h).
+SES_NUMBERS = _fields(msg.SesQuota, "float | None")
 
 
 # ------------------------------------------------------------- the types
@@ -61,6 +74,7 @@ class Batch:
     failed: int = 0
     retry: int = 0
     skipped: int = 0
+    held: int = 0  # not sent: the action's template is held
     ms: float | None = None
     error: str | None = None
     #: When the batch was claimed (epoch s, from the supervisor's event or snapshot):
@@ -74,7 +88,7 @@ class Batch:
         state = as_str(data.get("state"))
         if state:
             self.state = state[:20]
-        for name in ("rows", "activation", "recovery", "sent", "failed", "retry", "skipped"):
+        for name in BATCH_COUNTS:
             value = as_int(data.get(name))
             if value is not None and value >= 0:
                 setattr(self, name, value)
@@ -120,7 +134,7 @@ class Tick:
             if name in data:
                 setattr(self, name, as_float(data.get(name)))
         ses = _dict(data.get("ses"))
-        for name in ("max_send_rate", "max_24h_send", "sent_last_24h"):
+        for name in SES_NUMBERS:
             if name in ses:
                 setattr(self, name, as_float(ses.get(name)))
         paused = as_bool(ses.get("paused"))

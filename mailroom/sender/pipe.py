@@ -11,12 +11,12 @@ one module of the supervisor a role may import.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
 
 from mailroom._process import rss_bytes
 from mailroom.sender.driver import Driver, Job, StopRequest
@@ -36,6 +36,16 @@ def window(sender: Sender, batch_limit: int) -> int:
     # wire, the next ones fill up from the batches waiting behind them.
     wanted = 2 * sender.concurrency * MAX_DESTINATIONS
     return max(msg.FIRST_WINDOW, math.ceil(wanted / batch_limit))
+
+
+def sender_stats(sender: Sender, quota: QuotaWatch) -> msg.SenderStats:
+    """The sender's heartbeat: the rate limit in force, the quota, the pause, and
+    the SES calls finished since the last heartbeat (each reported once)."""
+    known = quota.quota or {}
+    ses = msg.SesQuota(max_send_rate=known.get("max_send_rate"), max_24h_send=known.get("max_24h_send"),
+                       sent_last_24h=known.get("sent_last_24h"), paused=sender.paused)
+    templates = tuple(msg.TemplateState(**state) for state in sender.templates.states()) if sender.templates else ()
+    return msg.SenderStats(rate_limit=sender.rate, ses=ses, calls=tuple(sender.take_calls()), templates=templates)
 
 
 def read_pipe(pipe: Connection, driver: Driver, quota: QuotaWatch) -> None:
@@ -62,7 +72,7 @@ def read_pipe(pipe: Connection, driver: Driver, quota: QuotaWatch) -> None:
 class PipeOutcomes:
     """The sender worker's outcome sink: outcomes and heartbeats to the supervisor."""
 
-    def __init__(self, pipe: Connection, stats: Callable[[], dict[str, Any]],
+    def __init__(self, pipe: Connection, stats: Callable[[], msg.SenderStats],
                  window: Callable[[], int], held: Callable[[], tuple[int, ...]] = tuple) -> None:
         self.pipe = pipe
         self.stats = stats
@@ -107,7 +117,7 @@ class PipeOutcomes:
     def beat(self) -> None:
         """Send a heartbeat now, with the stats of the moment."""
         self.last_beat = time.monotonic()
-        self.post(msg.Heartbeat({**self.stats(), "rss": rss_bytes()}))
+        self.post(msg.Heartbeat(dataclasses.replace(self.stats(), rss=rss_bytes())))
 
     def stopping(self, stop: StopRequest) -> None:
         logger.info("stopping: finishing the batches in flight (at most %g s)", stop.timeout)

@@ -2,11 +2,11 @@
 
 :class:`QuotaWatch` reads ``GetSendQuota`` in a thread of its own, at start and
 every :data:`REFRESH_S` seconds, so no quota call ever sits in the path of an
-email.  It reports the numbers for the worker's heartbeat and applies an
-operator's ``set_rate``, capped at the effective quota: ``MAILROOM_SES_MAX_SEND_RATE``
-when set (the operator's word on the account, as at start), else the account's
-``MaxSendRate``.  The rate asked is kept and applied again when a quota read
-changes the cap.
+email (:attr:`QuotaWatch.quota`, which :func:`mailroom.sender.pipe.sender_stats`
+puts in the worker's heartbeat), and applies an operator's ``set_rate``, capped
+at the effective quota: ``MAILROOM_SES_MAX_SEND_RATE`` when set (the operator's
+word on the account, as at start), else the account's ``MaxSendRate``.  The rate
+asked is kept and applied again when a quota read changes the cap.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 from mailroom.sender import ses
 from mailroom.sender.engine import Sender
@@ -73,11 +72,3 @@ class QuotaWatch:
                  f" (asked {per_second:g}, capped at the send quota)" if applied < per_second else "")
         return applied
 
-    def stats(self) -> dict[str, Any]:
-        """The numbers for the heartbeat: the rate limit in force, the quota, the pause."""
-        quota = self.quota or {}
-        return {"rate_limit": self.sender.rate,
-                "ses": {"max_send_rate": quota.get("max_send_rate"),
-                        "max_24h_send": quota.get("max_24h_send"),
-                        "sent_last_24h": quota.get("sent_last_24h"),
-                        "paused": self.sender.paused}}

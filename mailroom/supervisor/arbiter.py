@@ -32,7 +32,6 @@ import socket
 import sys
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Any
 
 from mailroom import config
 from mailroom._process import SignalFlag, backoff
@@ -76,7 +75,7 @@ class Worker:
     failures: int = 0
     restart_at: float | None = 0.0   # None: do not (re)start
     exited: bool = True
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # from its last heartbeat
+    stats: msg.WorkerStats | None = None  # from its last heartbeat
     restarts: int = 0
     restart_requested: bool = False  # stopped on purpose: start again at once
     dump_asked_at: float | None = None  # the watchdog asked for its stack (SIGUSR1)

@@ -1,15 +1,21 @@
-"""Messages on the supervisor's pipes: one small frozen class per message.
+"""Messages on the supervisor's pipes, and the events it publishes: one small frozen class each.
 
 ::
 
-    collector -> supervisor   Ready, Heartbeat, Claimed, Recorded
+    collector -> supervisor   Ready, Heartbeat(CollectorStats), Claimed, Recorded
+    events -> supervisor      Ready, Heartbeat(EventsStats)
     supervisor -> sender      SendBatch, SetRate, Stop
-    sender -> supervisor      Ready, Heartbeat, BatchOutcomes, Window, HoldActions
+    sender -> supervisor      Ready, Heartbeat(SenderStats), BatchOutcomes, Window, HoldActions
     supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, SetClaiming,
                               Window, HoldActions, Stop
+    supervisor -> control     BatchClaimed, BatchDispatched, BatchDone, Tick (with WorkerInfo,
+                              SesQuota, TemplateState): events, as JSON through :meth:`Payload.payload`
 
 Window and HoldActions are the sender's, passed on to the collector unchanged;
 SetClaiming and SetRate are an operator's (:mod:`mailroom.supervisor.operator`).
+The events are serialised in one place (:meth:`Payload.payload`), and the monitor
+reads their fields by the names declared here (it may stay tolerant of fields
+it does not know, and of a supervisor that leaves some out).
 
 The supervisor routes them without understanding the wire format or touching the
 database, so this module imports neither psycopg nor boto3.  ``claimed_at`` (the
@@ -20,9 +26,9 @@ changes the claim it belongs to, never a later claim of the same rows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
-from mailroom.vocabulary import Action, TokenOutcomes
+from mailroom.vocabulary import Action, BatchState, SesResult, TokenOutcomes
 
 #: Seconds between heartbeats; a worker silent for ``MAILROOM_WORKER_TIMEOUT`` is killed.
 HEARTBEAT_INTERVAL = 1.0
@@ -36,12 +42,87 @@ class Ready:
     """The worker is up: connected, schema checked (collector) or client made (sender)."""
 
 
+class Payload:
+    """A message that leaves the supervisor as JSON (an event, a part of ``status``)."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every subclass is a dataclass
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON object of this message: its fields by name, nested ones as objects,
+        enum members as their plain values (``str`` subclasses: json writes the value)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SesQuota(Payload):
+    """The SES account as the sender knows it: ``GetSendQuota`` (None until read)
+    and whether SES is being called (``paused``: the account is paused or the
+    circuit open)."""
+
+    max_send_rate: float | None = None
+    max_24h_send: float | None = None
+    sent_last_24h: float | None = None
+    paused: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CollectorStats:
+    """What only the collector knows, in its heartbeat."""
+
+    queue_depth: int | None = None
+    oldest_queued_s: float | None = None  # age of the oldest queued row; None: none queued
+    rss: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TemplateState(Payload):
+    """One configured SES template as the sender last checked it (``ok`` False: its
+    action's rows are held, ``reason`` says why)."""
+
+    template: str
+    action: str
+    ok: bool
+    reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SenderStats:
+    """What only the sender knows, in its heartbeat."""
+
+    rate_limit: float | None = None  # recipients/s in force; None: unlimited
+    ses: SesQuota = SesQuota()
+    rss: int | None = None
+    #: The SES calls finished since the previous heartbeat: how each ended, how long it took.
+    calls: tuple[tuple[SesResult, float], ...] = ()
+    templates: tuple[TemplateState, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventsStats:
+    """What the events worker did since its previous heartbeat."""
+
+    received: int = 0
+    recorded: dict[str, int] = dataclasses.field(default_factory=dict)  # new events by feedback type
+    unmatched: int = 0
+    unparsable: int = 0
+    ignored: int = 0
+    suppressed: int = 0
+    rematched: int = 0
+    lag_s: float | None = None  # SES event time -> recorded, the latest batch's largest
+    deliverability: dict[str, Any] | None = None  # 24-hour bounce and complaint rates, suppressions
+    rss: int | None = None
+
+
+#: What a worker's heartbeat carries.
+WorkerStats = CollectorStats | SenderStats | EventsStats
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """The worker's loop is alive; ``stats`` carries what only the worker knows
-    (queue depth, SES quota, RSS, ...), or is empty."""
+    """The worker's loop is alive; ``stats`` carries what only the worker knows."""
 
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stats: WorkerStats | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -154,3 +235,82 @@ class SetRate:
     """supervisor -> sender: an operator's send-rate limit (recipients/s)."""
 
     per_second: float
+
+
+# -- events (supervisor -> control socket) ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchClaimed(Payload):
+    """``batch.claimed``: a committed claim, on its way to the sender."""
+
+    EVENT: ClassVar[str] = "batch.claimed"
+    batch: str
+    rows: int
+    activation: int
+    recovery: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchDispatched(Payload):
+    """``batch.dispatched``: the sender has the batch."""
+
+    EVENT: ClassVar[str] = "batch.dispatched"
+    batch: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchDone(Payload):
+    """``batch.done``: a batch's end; ``sent`` counts printed rows too (debug mode),
+    ``error`` is the first error of a row not sent, ``ms`` claim to last outcome."""
+
+    EVENT: ClassVar[str] = "batch.done"
+    batch: str
+    rows: int
+    activation: int
+    recovery: int
+    sent: int
+    failed: int
+    retry: int
+    skipped: int
+    held: int  # not sent: the action's template is missing or does not render
+    ms: float
+    error: str | None
+    state: BatchState
+
+
+#: What the router reports of a batch.
+BatchEvent = BatchClaimed | BatchDispatched | BatchDone
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerInfo(Payload):
+    """One worker slot, as ``status`` and ``tick`` report it (times: epoch seconds)."""
+
+    worker: str
+    pid: int | None
+    up: bool
+    state: str
+    uptime_s: float | None
+    started: float
+    restarts: int
+    last_heartbeat_s: float
+    last_heartbeat: float
+    rss: int | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tick(Payload):
+    """``tick``, once a second: rates, the workers, in flight, the queue, SES."""
+
+    EVENT: ClassVar[str] = "tick"
+    sent_per_s: float
+    failed_per_s: float
+    workers: dict[str, WorkerInfo]
+    in_flight: int
+    queue_depth: int | None
+    oldest_queued_s: float | None
+    rate_limit: float | None
+    rate_cap: float | None  # the send quota: MAILROOM_SES_MAX_SEND_RATE, else SES's MaxSendRate
+    ses: SesQuota
+    templates: list[TemplateState] = dataclasses.field(default_factory=list)

@@ -15,6 +15,7 @@ Prometheus numbers.  Numbers only a worker knows arrive in its heartbeats.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -56,6 +57,16 @@ class StartError(Exception):
     error: exit 2, never a restart loop); ``str()`` is one printable line."""
 
 
+@dataclasses.dataclass
+class _Recent:
+    """One of the latest batches: what ``batches`` reports (the events' fields, the
+    state, the claim time), and what ``batch {id}`` decodes once it is done."""
+
+    data: dict[str, Any]
+    line: bytes | None = None
+    outcomes: TokenOutcomes = dataclasses.field(default_factory=list)
+
+
 class Operator:
     """Commands, events and metrics for one supervisor (see the module docstring)."""
 
@@ -72,7 +83,7 @@ class Operator:
         # sender (a restart, a crash) gets it, instead of reverting to the quota.
         self.send_rate: float | None = None
         self.templates_held: list[tuple[str, str]] = []  # (template, reason) the sender holds
-        self.recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.recent: collections.OrderedDict[str, _Recent] = collections.OrderedDict()
         self.counters = collections.Counter[str]()
         #: The events worker's totals since this supervisor started (its heartbeats
         #: carry what changed since the last one); ``None`` without an events worker.
@@ -152,22 +163,24 @@ class Operator:
             self.control.publish(event, data)
 
     # -- what the router and the arbiter see -----------------------------------------
-    def on_router_event(self, name: str, data: dict[str, Any]) -> None:
-        batch_id = str(data.get("batch"))
-        if name == "batch.claimed":
+    def on_router_event(self, event: msg.BatchEvent) -> None:
+        data = event.payload()
+        if isinstance(event, msg.BatchClaimed):
             # The claim's time goes out with the event too: a monitor's ages count from
             # it, not from when that monitor heard of the batch.
-            data = {**data, "claimed": time.time()}
-            self._remember(batch_id, {**data, "state": BatchState.CLAIMED})
-        elif name == "batch.dispatched" and batch_id in self.recent:
-            self.recent[batch_id]["state"] = BatchState.SENDING
-            data = {**data, "state": BatchState.SENDING}
-        elif name == "batch.done":
-            self._remember(batch_id, {**self.recent.get(batch_id, {}), **data})
-            for key in ("sent", "failed", "retry", "skipped"):
-                self.counters[key] += int(data.get(key) or 0)
+            data["claimed"] = time.time()
+            self._remember(event.batch, _Recent({**data, "state": BatchState.CLAIMED}))
+        elif isinstance(event, msg.BatchDispatched) and event.batch in self.recent:
+            self.recent[event.batch].data["state"] = BatchState.SENDING
+            data["state"] = BatchState.SENDING
+        elif isinstance(event, msg.BatchDone):
+            entry = self.recent.get(event.batch) or _Recent({})
+            entry.data.update(data)
+            self._remember(event.batch, entry)
+            for kind in ("sent", "failed", "retry", "skipped"):
+                self.counters[kind] += data[kind]
             self.counters["batches"] += 1
-        self.publish(name, data)
+        self.publish(event.EVENT, data)
 
     def on_batch_finished(self, batch: Batch, outcomes: TokenOutcomes, seconds: float) -> None:
         """Metrics, and what ``batch {id}`` shows later (the line, never a secret)."""
@@ -179,7 +192,7 @@ class Operator:
         self.metrics.batch_done(by_action, seconds)
         entry = self.recent.get(batch.batch_id)
         if entry is not None:
-            entry["_line"], entry["_outcomes"] = batch.line, outcomes
+            entry.line, entry.outcomes = batch.line, outcomes
 
     def on_batch_released(self, batch: Batch) -> None:
         """A batch went back to the queue unsent (paused sending, shutdown)."""
@@ -188,25 +201,25 @@ class Operator:
     def on_heartbeat(self, beat: msg.Heartbeat) -> None:
         """The SES calls a sender made since its last heartbeat; the events worker's
         counts since its last one."""
-        for result, seconds in beat.stats.get("calls", ()):
-            self.metrics.ses_request(result, seconds)
-        changed = beat.stats.get("events")
-        if changed and self.events is not None:
-            for key, value in changed.items():
-                if key == "recorded":
-                    self.events["recorded"].update(value)
-                elif key == "lag_s":
-                    self.events["lag_s"] = value if value is not None else self.events["lag_s"]
-                elif key in self.events:
-                    self.events[key] += int(value or 0)
-            self.metrics.ses_events(changed)
-        health = (changed or {}).get("deliverability")
-        if health:
-            self.deliverability = health
-            self.metrics.deliverability(health)
-            reason = self.guard.judge(health)
-            if reason is not None:
-                self._protect(reason)
+        if isinstance(beat.stats, msg.SenderStats):
+            for result, seconds in beat.stats.calls:
+                self.metrics.ses_request(result, seconds)
+        elif isinstance(beat.stats, msg.EventsStats):
+            changed = beat.stats
+            if self.events is not None:
+                self.events["recorded"].update(changed.recorded)
+                if changed.lag_s is not None:
+                    self.events["lag_s"] = changed.lag_s
+                for key in ("received", "unmatched", "unparsable", "ignored", "suppressed", "rematched"):
+                    if key in self.events:
+                        self.events[key] += getattr(changed, key)
+                self.metrics.ses_events(dataclasses.asdict(changed))
+            if changed.deliverability:
+                self.deliverability = changed.deliverability
+                self.metrics.deliverability(changed.deliverability)
+                reason = self.guard.judge(changed.deliverability)
+                if reason is not None:
+                    self._protect(reason)
 
     def _protect(self, reason: str) -> None:
         """Past MAILROOM_PAUSE_*_RATE: pause claims and say why, once (supervisor/guard.py)."""
@@ -231,7 +244,7 @@ class Operator:
             data["state"] = WorkerState.EXITED
         self.publish(event, data)
 
-    def _remember(self, batch_id: str, entry: dict[str, Any]) -> None:
+    def _remember(self, batch_id: str, entry: _Recent) -> None:
         self.recent[batch_id] = entry
         self.recent.move_to_end(batch_id)
         while len(self.recent) > RECENT_BATCHES:
@@ -244,7 +257,7 @@ class Operator:
             return RunState.STOPPING
         if self.drains:
             return RunState.DRAINING
-        if self.sup.workers[Role.SENDER].stats.get("ses", {}).get("paused"):
+        if self._sender().ses.paused:
             return RunState.SES_PAUSED
         if self.claims_paused or self.sup.router.holding:
             return RunState.PAUSED
@@ -257,32 +270,44 @@ class Operator:
     def _paused(self) -> dict[str, bool]:
         return {Pausable.CLAIMS: self.claims_paused, Pausable.SENDING: self.sup.router.holding}
 
+    def _collector(self) -> msg.CollectorStats:
+        """The collector's latest heartbeat stats (empty before the first)."""
+        stats = self.sup.workers[Role.COLLECTOR].stats
+        return stats if isinstance(stats, msg.CollectorStats) else msg.CollectorStats()
+
+    def _sender(self) -> msg.SenderStats:
+        """The sender's latest heartbeat stats (empty before the first)."""
+        stats = self.sup.workers[Role.SENDER].stats
+        return stats if isinstance(stats, msg.SenderStats) else msg.SenderStats()
+
     def status(self) -> dict[str, Any]:
-        collector, sender = self.sup.workers[Role.COLLECTOR].stats, self.sup.workers[Role.SENDER].stats
+        collector, sender = self._collector(), self._sender()
+        tick = self._tick()
         rows = sum(len(b.token_ids) for b in self.sup.router.batches.values())
         return {"state": self.state, "paused": self._paused(), "pid": os.getpid(), "version": __version__,
                 "started": self.started, "rss": rss_bytes(),
-                "workers": self._workers(), "in_flight": {"batches": len(self.sup.router), "rows": rows},
+                "workers": {role: info.payload() for role, info in tick.workers.items()},
+                "in_flight": {"batches": len(self.sup.router), "rows": rows},
                 "counters": dict(self.counters), "rates": self._rates(),
-                "ses": {**sender.get("ses", {}), "rate_limit": sender.get("rate_limit"), "rate_cap": self.rate_cap()},
-                "queue": self.settings.queue_name, "queue_depth": collector.get("queue_depth"),
-                "oldest_queued_s": collector.get("oldest_queued_s"),
+                "ses": {**sender.ses.payload(), "rate_limit": sender.rate_limit, "rate_cap": self.rate_cap()},
+                "queue": self.settings.queue_name, "queue_depth": collector.queue_depth,
+                "oldest_queued_s": collector.oldest_queued_s,
                 "events": None if self.events is None else {**self.events, "recorded": dict(self.events["recorded"])},
                 "deliverability": self.deliverability, "guard": self.guard.as_status(),
-                "templates": sender.get("templates", []),
-                "tick": self._tick_data()}
+                "templates": [t.payload() for t in tick.templates],
+                "tick": tick.payload()}
 
-    def _workers(self) -> dict[str, dict[str, Any]]:
-        now = time.monotonic()
-        workers: dict[str, dict[str, Any]] = {}
+    def _workers(self) -> dict[str, msg.WorkerInfo]:
+        now, wall = time.monotonic(), time.time()
+        workers: dict[str, msg.WorkerInfo] = {}
         for role, worker in self.sup.workers.items():
-            workers[role] = {"worker": role, "pid": worker.process.pid if worker.process else None,
-                             "up": worker.up, "state": WorkerState.RUNNING if worker.up else WorkerState.DOWN,
-                             "uptime_s": round(now - worker.started_at, 1) if worker.up else None,
-                             "started": time.time() - (now - worker.started_at),
-                             "restarts": worker.restarts, "last_heartbeat_s": round(now - worker.last_seen, 1),
-                             "last_heartbeat": time.time() - (now - worker.last_seen),
-                             "rss": worker.stats.get("rss")}
+            workers[role] = msg.WorkerInfo(
+                worker=role, pid=worker.process.pid if worker.process else None, up=worker.up,
+                state=WorkerState.RUNNING if worker.up else WorkerState.DOWN,
+                uptime_s=round(now - worker.started_at, 1) if worker.up else None,
+                started=wall - (now - worker.started_at), restarts=worker.restarts,
+                last_heartbeat_s=round(now - worker.last_seen, 1), last_heartbeat=wall - (now - worker.last_seen),
+                rss=worker.stats.rss if worker.stats is not None else None)
         return workers
 
     def snapshot(self) -> dict[str, Any]:
@@ -295,12 +320,14 @@ class Operator:
         span = max(t1 - t0, 1e-3)
         return {"sent_per_s": round((s1 - s0) / span, 2), "failed_per_s": round((f1 - f0) / span, 2)}
 
-    def _tick_data(self) -> dict[str, Any]:
-        collector, sender = self.sup.workers[Role.COLLECTOR].stats, self.sup.workers[Role.SENDER].stats
-        return {**self._rates(), "workers": self._workers(), "in_flight": len(self.sup.router),
-                "queue_depth": collector.get("queue_depth"), "oldest_queued_s": collector.get("oldest_queued_s"),
-                "rate_limit": sender.get("rate_limit"), "rate_cap": self.rate_cap(), "ses": sender.get("ses", {}),
-                "templates": sender.get("templates", [])}
+    def _tick(self) -> msg.Tick:
+        collector, sender = self._collector(), self._sender()
+        rates = self._rates()
+        return msg.Tick(sent_per_s=rates["sent_per_s"], failed_per_s=rates["failed_per_s"],
+                        workers=self._workers(), in_flight=len(self.sup.router),
+                        queue_depth=collector.queue_depth, oldest_queued_s=collector.oldest_queued_s,
+                        rate_limit=sender.rate_limit, rate_cap=self.rate_cap(), ses=sender.ses,
+                        templates=list(sender.templates))
 
     # -- the loop's turn -----------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -313,23 +340,22 @@ class Operator:
         self.history.append((now, self.counters["sent"], self.counters["failed"]))
         while self.history and now - self.history[0][0] > RATE_WINDOW_S:
             self.history.popleft()
-        data = self._tick_data()
-        ses = data["ses"] or {}
-        oldest = data["oldest_queued_s"]
+        tick = self._tick()
+        ses, oldest = tick.ses, tick.oldest_queued_s
         self.metrics.set_gauges(
-            in_flight=len(self.sup.router), queue_depth=data["queue_depth"],
+            in_flight=tick.in_flight, queue_depth=tick.queue_depth,
             oldest_queued_ts=(time.time() - oldest) if oldest is not None else 0.0,
-            send_rate_limit=data["rate_limit"], ses_max_send_rate=ses.get("max_send_rate"),
-            ses_sent_last_24h=ses.get("sent_last_24h"), ses_max_24h_send=ses.get("max_24h_send"),
-            paused={**self._paused(), "ses": bool(ses.get("paused"))},
+            send_rate_limit=tick.rate_limit, ses_max_send_rate=ses.max_send_rate,
+            ses_sent_last_24h=ses.sent_last_24h, ses_max_24h_send=ses.max_24h_send,
+            paused={**self._paused(), "ses": ses.paused},
             worker_up={role: worker.up for role, worker in self.sup.workers.items()},
-            template_ok={t["template"]: bool(t["ok"]) for t in data["templates"]})
-        held = [(t["template"], t["reason"]) for t in data["templates"] if not t["ok"]]
+            template_ok={t.template: t.ok for t in tick.templates})
+        held = [(t.template, t.reason or "") for t in tick.templates if not t.ok]
         if held != self.templates_held:
             # The sender checked again (at start, a recheck, a send): say what changed.
             self.templates_held = held
-            self.publish("templates.changed", {"templates": data["templates"]})
-        self.publish("tick", data)
+            self.publish("templates.changed", {"templates": [t.payload() for t in tick.templates]})
+        self.publish(tick.EVENT, tick.payload())
 
     def _answer_drains(self, now: float) -> None:
         for entry in list(self.drains):
@@ -366,7 +392,7 @@ class Operator:
         request.reply(self.status())
 
     def _batches(self, state: str | None, limit: int) -> list[dict[str, Any]]:
-        rows = [{k: v for k, v in entry.items() if not k.startswith("_")} for entry in self.recent.values()]
+        rows = [dict(entry.data) for entry in self.recent.values()]
         if state:
             rows = [row for row in rows if row.get("state") == state]
         return rows[-limit:]
@@ -379,21 +405,20 @@ class Operator:
         if entry is None:
             request.fail("not_found", f"no batch {id} among the latest {RECENT_BATCHES}")
             return
-        line = entry.get("_line")
+        line = entry.line
         batch = self.sup.router.batches.get(id)
         if line is None and batch is not None:
             line = batch.line
-        outcomes: TokenOutcomes = entry.get("_outcomes") or []
+        outcomes = entry.outcomes
         destinations = []
         if line is not None:
             for index, row in enumerate(wire.decode_line(line)):  # address and action only: no secret
                 token, outcome = outcomes[index] if index < len(outcomes) else (None, None)
                 destinations.append({"address": row[1], "action": Action(row[0]).db_name, "token": token,
-                                     "status": str(outcome.kind) if outcome else entry.get("state"),
+                                     "status": str(outcome.kind) if outcome else entry.data.get("state"),
                                      "message_id": outcome.message_id if outcome else None,
                                      "error": outcome.error if outcome else None})
-        request.reply({**{k: v for k, v in entry.items() if not k.startswith("_")},
-                       "destinations": destinations})
+        request.reply({**entry.data, "destinations": destinations})
 
     def cmd_pause(self, request: Request, what: str) -> None:
         if self.sup.stopping:
@@ -453,7 +478,7 @@ class Operator:
         when set, else the MaxSendRate of the sender's last heartbeat (None: not known)."""
         if self.settings.ses_max_send_rate is not None:
             return self.settings.ses_max_send_rate
-        reported = (self.sup.workers[Role.SENDER].stats.get("ses") or {}).get("max_send_rate") or 0
+        reported = self._sender().ses.max_send_rate or 0
         return float(reported) if reported > 0 else None
 
     def cmd_restart(self, request: Request, worker: str) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailroom.supervisor import messages as msg
-from mailroom.vocabulary import BatchState, Outcome, OutcomeKind, Role, TokenOutcomes, batch_state
+from mailroom.vocabulary import Outcome, OutcomeKind, Role, TokenOutcomes, batch_state
 
 log = logging.getLogger("mailroom.supervisor")
 
@@ -33,8 +33,8 @@ POISON_RETRY_AFTER = 60.0
 
 #: ``send(role, message) -> bool``: False when the worker is not there to take it.
 Send = Callable[[Role, Any], bool]
-#: ``event(name, data)``: what the router saw, for whoever watches (control socket).
-EventHook = Callable[[str, dict[str, Any]], None]
+#: ``event(event)``: what the router saw, for whoever watches (control socket).
+EventHook = Callable[[msg.BatchEvent], None]
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ def _no_release(batch: Batch) -> None:
     return None
 
 
-def _no_event(name: str, data: dict[str, Any]) -> None:
+def _no_event(event: msg.BatchEvent) -> None:
     return None
 
 
@@ -104,8 +104,7 @@ class Router:
         batch = Batch(claimed.batch_id, claimed.line, claimed.token_ids, claimed.activation,
                       claimed.recovery, claimed.claimed_at, time.monotonic())
         self.batches[batch.batch_id] = batch
-        self.on_event("batch.claimed", {"batch": batch.batch_id, "rows": len(batch.token_ids),
-                                        "activation": batch.activation, "recovery": batch.recovery})
+        self.on_event(msg.BatchClaimed(batch.batch_id, len(batch.token_ids), batch.activation, batch.recovery))
         self.dispatch(batch)
 
     # -- from the sender -----------------------------------------------------------
@@ -160,7 +159,7 @@ class Router:
             return
         batch.dispatched = self.send(Role.SENDER, msg.SendBatch(batch.batch_id, batch.line, batch.token_ids))
         if batch.dispatched:
-            self.on_event("batch.dispatched", {"batch": batch.batch_id})
+            self.on_event(msg.BatchDispatched(batch.batch_id))
 
     def dispatch_all(self) -> None:
         """Dispatch whatever is not with the sender (after sending was held)."""
@@ -186,10 +185,8 @@ class Router:
         if batch is not None:
             self.to_collector(msg.Release(batch.batch_id, batch.token_ids, batch.claimed_at))
             self.on_released(batch)
-            self.on_event("batch.done", {"batch": batch_id, "rows": len(batch.token_ids), "activation":
-                                         batch.activation, "recovery": batch.recovery, "sent": 0, "failed": 0,
-                                         "retry": len(batch.token_ids), "skipped": 0, "ms": 0.0,
-                                         "error": "released: sending paused", "state": BatchState.RELEASED})
+            counts = collections.Counter({OutcomeKind.RETRY: len(batch.token_ids)})
+            self.on_event(self._done(batch, counts, 0.0, "released: sending paused", released=True))
 
     def release_all(self) -> int:
         """Shutdown: every batch still in flight goes back to the queue; how many."""
@@ -209,16 +206,18 @@ class Router:
             return
         ms = (time.monotonic() - batch.received_at) * 1000
         self.on_finished(batch, outcomes, ms / 1000)
+        done = self._done(batch, counts, round(ms, 1), first_error)
         log.info("batch %s: %d rows (%d activation, %d recovery): %d sent, %d failed, %d retry%s, %d ms",
-                    batch_id, len(outcomes), batch.activation, batch.recovery,
-                    counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
-                    counts[OutcomeKind.FAILED], counts[OutcomeKind.RETRY],
-                    f", {counts[OutcomeKind.HELD]} held (template)" if counts[OutcomeKind.HELD] else "", ms)
-        self.on_event("batch.done", {
-            "batch": batch_id, "rows": len(outcomes), "activation": batch.activation,
-            "recovery": batch.recovery, "sent": counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED],
-            "failed": counts[OutcomeKind.FAILED], "retry": counts[OutcomeKind.RETRY],
-            "skipped": counts[OutcomeKind.SKIPPED], "held": counts[OutcomeKind.HELD],
-            "ms": round(ms, 1), "error": first_error,
-            "state": batch_state(counts),
-        })
+                    batch_id, done.rows, done.activation, done.recovery, done.sent, done.failed, done.retry,
+                    f", {done.held} held (template)" if done.held else "", ms)
+        self.on_event(done)
+
+    @staticmethod
+    def _done(batch: Batch, counts: collections.Counter[OutcomeKind], ms: float, error: str | None, *,
+              released: bool = False) -> msg.BatchDone:
+        """The ``batch.done`` of a batch whose rows ended as ``counts`` say."""
+        return msg.BatchDone(
+            batch=batch.batch_id, rows=counts.total(), activation=batch.activation, recovery=batch.recovery,
+            sent=counts[OutcomeKind.SENT] + counts[OutcomeKind.EMITTED], failed=counts[OutcomeKind.FAILED],
+            retry=counts[OutcomeKind.RETRY], skipped=counts[OutcomeKind.SKIPPED], held=counts[OutcomeKind.HELD],
+            ms=ms, error=error, state=batch_state(counts, released=released))

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
-from typing import Any, Protocol
+from typing import Protocol
 
 from mailroom.config import Settings
+from mailroom.supervisor.messages import WorkerStats
 from mailroom.supervisor.router import Router
 from mailroom.vocabulary import Role
 
@@ -33,7 +34,7 @@ class WorkerView(Protocol):
     @property
     def restarts(self) -> int: ...
     @property
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> WorkerStats | None: ...
     @property
     def up(self) -> bool: ...
 

@@ -85,7 +85,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     from mailroom.sender import Sender
     from mailroom.sender.calls import WORKER_POLICY
     from mailroom.sender.driver import Driver, StopRequest
-    from mailroom.sender.pipe import PipeOutcomes, read_pipe, window
+    from mailroom.sender.pipe import PipeOutcomes, read_pipe, sender_stats, window
     from mailroom.sender.quota import QuotaWatch
 
     sender = Sender(settings, policy=WORKER_POLICY)
@@ -99,8 +99,7 @@ def sender_worker(pipe: Connection, settings: Settings) -> int:
     quota.start()
 
     templates = sender.templates
-    sink = PipeOutcomes(pipe, lambda: {**quota.stats(), "calls": sender.take_calls(),
-                                       "templates": templates.states() if templates else []},
+    sink = PipeOutcomes(pipe, lambda: sender_stats(sender, quota),
                         lambda: window(sender, settings.batch_limit),
                         templates.held_actions if templates else tuple)
     # SIGTERM without a word from the supervisor: a person, or the supervisor's
@@ -147,7 +146,7 @@ def events_worker(pipe: Connection, settings: Settings) -> int:
             return
         last_beat = now
         try:
-            pipe.send(msg.Heartbeat({"events": loop.take_counts().as_stats(), "rss": rss_bytes()}))
+            pipe.send(msg.Heartbeat(msg.EventsStats(**loop.take_counts().as_stats(), rss=rss_bytes())))
         except OSError:  # the supervisor is gone: the pipe thread stops us
             pass
 
