@@ -139,15 +139,15 @@ def test_the_monitor_reads_the_supervisors_own_payloads() -> None:
     done = msg.BatchDone("b-3", 5, 4, 1, 3, 1, 1, 0, 0, 12.5, "MessageRejected", BatchState.PARTIAL)
     worker = msg.WorkerInfo("sender", 42, True, "running", 3.0, 1.7e9, 2, 0.4, 1.7e9, 123456)
     ses = msg.SesQuota(max_send_rate=14.0, max_24h_send=50_000.0, sent_last_24h=31_200.0, paused=True)
-    tick = msg.Tick(7.5, 0.5, {"sender": worker}, 3, 120, 4.0, 14.0, ses)
+    tick = msg.Tick(7.5, 0.5, {"sender": worker}, 3, 120, 4.0, 14.0, 20.0, ses)
     for event in (done, tick):  # through JSON, as the control socket carries them
         state.apply_event(json.loads(json.dumps({"event": event.EVENT, "data": event.payload()})))
     batch = state.batches["b-3"]
     assert [getattr(batch, name) for name in BATCH_COUNTS] == [5, 4, 1, 3, 1, 1, 0, 0]
     assert (batch.state, batch.ms, batch.error) == ("partial", 12.5, "MessageRejected")
     t = state.tick
-    assert (t.sent_per_s, t.failed_per_s, t.in_flight, t.queue_depth, t.oldest_queued_s, t.rate_limit) == (
-        7.5, 0.5, 3, 120, 4.0, 14.0)
+    assert (t.sent_per_s, t.failed_per_s, t.in_flight, t.queue_depth, t.oldest_queued_s, t.rate_limit,
+            t.rate_cap) == (7.5, 0.5, 3, 120, 4.0, 14.0, 20.0)
     assert [getattr(t, name) for name in SES_NUMBERS] == [14.0, 50_000.0, 31_200.0] and t.ses_paused
     w = state.workers["sender"]
     assert (w.pid, w.state, w.restarts, w.rss) == (42, "running", 2, 123456)
