@@ -88,8 +88,17 @@ TARGETS: list[Target] = [
     # arrive together went into one statement, next_due_in stopped running per
     # batch during a backlog, the claim lost its COMMIT round trip, and a claim
     # step that a stale cached plan made read the whole queue is skipped when idle.
+    # Issue 21: receive, parse, record in one transaction, delete, against the
+    # bare receive + delete of the same messages on the same moto queue.
+    Target("events worker: EventsLoop / bare SQS receive + delete", ("events worker", "EventsLoop"),
+           ("events worker", "bare receive + delete"), 0.70),
     Target("end to end / slowest stage", ("end to end", "supervisor"),
            ("end to end", "slowest stage"), 0.70),
+    # Issue 21: recording events does not slow sending.  The same floor (the stages
+    # alone, no events) and the same target, with the events worker recording SES
+    # events for what was sent while the round runs.
+    Target("end to end with events beside / slowest stage", ("end to end, events beside", "supervisor"),
+           ("end to end, events beside", "slowest stage"), 0.70),
 ]
 
 
