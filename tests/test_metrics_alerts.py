@@ -124,6 +124,10 @@ def test_the_readme_alerts_use_series_the_supervisor_exports(metered):
     assert {"MailroomWorkerCrashing", "MailroomSesPaused", "MailroomQueueStuck"} <= {r["alert"] for r in rules}
     crashing = next(r for r in rules if r["alert"] == "MailroomWorkerCrashing")
     assert 'reason="crash"' in crashing["expr"]  # a reload must not page anyone
+    named = {name for rule in rules for name, _ in re.findall(r"\b(mailroom_\w+)(\{[^}]*\})?", rule["expr"])}
+    # Some series appear with the first report of the worker that feeds them
+    # (mailroom_template_ok once the sender has checked its templates): wait for them.
+    wait_for(lambda: named <= Scraped(port).samples.keys(), timeout=30, what="the series the alerts name")
     scraped = Scraped(port)
     for rule in rules:
         for name, matchers in re.findall(r"\b(mailroom_\w+)(\{[^}]*\})?", rule["expr"]):
