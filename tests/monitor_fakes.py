@@ -13,7 +13,14 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+import psycopg
+
+from mailroom.monitor.app import MonitorApp
 
 # ----------------------------------------------------------- fake server
 
@@ -107,3 +114,66 @@ class FakeControlServer:
             await writer.drain()
         except ConnectionError:  # that client went away: forget it
             self._subscribers = [s for s in self._subscribers if s[0] is not writer]
+
+
+# ----------------------------------------------------------- test helpers
+# Shared by the monitor's test modules (which do not import each other).
+
+
+async def until(pilot: Any, condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Let the app run until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await pilot.pause(0.05)
+
+
+def scenario(test: Callable[..., Awaitable[None]], *, role: str = "operator", operate: bool = False,
+             database_url: str | None = None, size: tuple[int, int] = (140, 40),
+             snapshot: dict[str, Any] | None = None) -> None:
+    """Run ``test(app, pilot, server)`` with a fake server and the app connected to it
+    (``snapshot``: fields added to the fake's ``subscribe`` answer)."""
+    async def main() -> None:
+        # A short directory: Unix socket paths are limited to about 100 bytes.
+        with tempfile.TemporaryDirectory(prefix="mrmon") as tmp:
+            path = os.path.join(tmp, "control.sock")
+            server = FakeControlServer(path, role=role)
+            server.snapshot.update(snapshot or {})
+            await server.start()
+            app = MonitorApp(path, database_url, operate=operate)
+            try:
+                async with app.run_test(size=size) as pilot:
+                    await until(pilot, lambda: app.feed.connected and server.subscribed.is_set(),
+                                "connected")
+                    # ...and shown: a flush since (else a banner test may read the
+                    # DISCONNECTED of the first paint, from before the connection).
+                    await until(pilot, lambda: not app.query_one("#banner").display, "connected, shown")
+                    await test(app, pilot, server)
+            finally:
+                await server.stop()
+    asyncio.run(main())
+
+
+def batch(n: int, **extra: Any) -> dict[str, Any]:
+    return {"batch": f"b-{n}", "rows": 10, "activation": 8, "recovery": 2, **extra}
+
+
+def cell(app: MonitorApp, key: str, column: str) -> str:
+    return str(app.query_one("#batches").get_cell(key, column))
+
+
+def add_accounts(url: str, emails: list[str]) -> None:
+    """Insert accounts (the trigger makes activation tokens and queued deliveries)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for email in emails:
+            conn.execute("INSERT INTO accounts (email, login) VALUES (%s, %s)",
+                         (email, email.split("@")[0]))
+
+
+def fail_deliveries(url: str, email: str, error: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE deliveries SET status = 'failed', attempts = 5, last_error = %s WHERE token IN"
+            " (SELECT t.id FROM tokens t JOIN accounts a ON a.id = t.account WHERE a.email = %s)",
+            (error, email))

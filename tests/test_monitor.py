@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from monitor_fakes import FakeControlServer
+from monitor_fakes import FakeControlServer, batch, cell, scenario, until
 
 from mailroom.monitor.app import MonitorApp
 from mailroom.monitor.dialogs import BatchDetail, Confirm
@@ -25,51 +23,8 @@ from mailroom.monitor.panes.processes import ProcessesPane
 pytestmark = pytest.mark.timeout(60)
 
 
-async def until(pilot: Any, condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Let the app run until ``condition()`` holds; fail after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await pilot.pause(0.05)
-
-
-def scenario(test: Callable[..., Awaitable[None]], *, role: str = "operator", operate: bool = False,
-             database_url: str | None = None, size: tuple[int, int] = (140, 40),
-             snapshot: dict[str, Any] | None = None) -> None:
-    """Run ``test(app, pilot, server)`` with a fake server and the app connected to it
-    (``snapshot``: fields added to the fake's ``subscribe`` answer)."""
-    async def main() -> None:
-        # A short directory: Unix socket paths are limited to about 100 bytes.
-        with tempfile.TemporaryDirectory(prefix="mrmon") as tmp:
-            path = os.path.join(tmp, "control.sock")
-            server = FakeControlServer(path, role=role)
-            server.snapshot.update(snapshot or {})
-            await server.start()
-            app = MonitorApp(path, database_url, operate=operate)
-            try:
-                async with app.run_test(size=size) as pilot:
-                    await until(pilot, lambda: app.feed.connected and server.subscribed.is_set(),
-                                "connected")
-                    # ...and shown: a flush since (else a banner test may read the
-                    # DISCONNECTED of the first paint, from before the connection).
-                    await until(pilot, lambda: not app.query_one("#banner").display, "connected, shown")
-                    await test(app, pilot, server)
-            finally:
-                await server.stop()
-    asyncio.run(main())
-
-
-def batch(n: int, **extra: Any) -> dict[str, Any]:
-    return {"batch": f"b-{n}", "rows": 10, "activation": 8, "recovery": 2, **extra}
-
-
 def row_keys(app: MonitorApp) -> list[str]:
     return app.query_one("#batches").keys()
-
-
-def cell(app: MonitorApp, key: str, column: str) -> str:
-    return str(app.query_one("#batches").get_cell(key, column))
 
 
 # ------------------------------------------------------------------ live

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from test_monitor import until
+from monitor_fakes import add_accounts, fail_deliveries, until
 
 from mailroom.ledger import fleet
 from mailroom.monitor.app import MonitorApp
@@ -49,22 +49,6 @@ def test_fleet_register_heartbeat_stale_unregister(db: str) -> None:
 # ------------------------------------------------------------------ screens
 
 
-def _accounts(url: str, emails: list[str]) -> None:
-    """Insert accounts (the trigger makes activation tokens and queued deliveries)."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        for email in emails:
-            conn.execute("INSERT INTO accounts (email, login) VALUES (%s, %s)",
-                         (email, email.split("@")[0]))
-
-
-def _fail(url: str, email: str, error: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE deliveries SET status = 'failed', attempts = 5, last_error = %s WHERE token IN"
-            " (SELECT t.id FROM tokens t JOIN accounts a ON a.id = t.account WHERE a.email = %s)",
-            (error, email))
-
-
 def ledger_scenario(url: str, test: Any, operate: bool = False) -> None:
 
     async def main() -> None:
@@ -75,7 +59,7 @@ def ledger_scenario(url: str, test: Any, operate: bool = False) -> None:
 
 
 def test_slash_shows_every_delivery_of_an_address(db: str) -> None:
-    _accounts(db, ["jane@example.com", "bob@example.com"])
+    add_accounts(db, ["jane@example.com", "bob@example.com"])
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("INSERT INTO tokens (action, account) SELECT 'password_recovery', id"
                      " FROM accounts WHERE email = 'jane@example.com'")
@@ -99,7 +83,7 @@ def test_slash_shows_every_delivery_of_an_address(db: str) -> None:
 
 
 def test_slash_finds_an_address_as_typed(db: str) -> None:
-    _accounts(db, ["jane@example.com", "bob@example.com"])
+    add_accounts(db, ["jane@example.com", "bob@example.com"])
 
     async def test(app: MonitorApp, pilot: Any) -> None:
         await until(pilot, lambda: app.query_one("#counts").row_count == 6, "counts")
@@ -111,10 +95,10 @@ def test_slash_finds_an_address_as_typed(db: str) -> None:
 
 
 def test_failure_group_retry_with_dry_run_count(db: str) -> None:
-    _accounts(db, ["a@x.test", "b@x.test", "c@x.test"])
-    _fail(db, "a@x.test", "MessageRejected: Email address is not verified")
-    _fail(db, "b@x.test", "MessageRejected: Email address is not verified")
-    _fail(db, "c@x.test", "Throttling")
+    add_accounts(db, ["a@x.test", "b@x.test", "c@x.test"])
+    fail_deliveries(db, "a@x.test", "MessageRejected: Email address is not verified")
+    fail_deliveries(db, "b@x.test", "MessageRejected: Email address is not verified")
+    fail_deliveries(db, "c@x.test", "Throttling")
 
     async def test(app: MonitorApp, pilot: Any) -> None:
         await pilot.press("3")

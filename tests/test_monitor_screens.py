@@ -18,9 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from monitor_fakes import FakeControlServer
-from test_monitor import batch, until
-from test_monitor_ledger import _accounts, _fail
+from monitor_fakes import FakeControlServer, add_accounts, batch, fail_deliveries, until
 
 from mailroom.ledger import fleet
 from mailroom.monitor.app import MonitorApp
@@ -60,7 +58,7 @@ def _svg_text(svg: str) -> str:
 
 
 def test_screenshot_of_each_screen(db: str, tmp_path: Path) -> None:
-    _accounts(db, ["jane@example.com", "bob@invalid.test", "carol@example.com"])
+    add_accounts(db, ["jane@example.com", "bob@invalid.test", "carol@example.com"])
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("UPDATE deliveries SET status = 'sent', message_id = 'ses-0001', sent_at = now()"
                      " WHERE token = (SELECT t.id FROM tokens t JOIN accounts a ON a.id = t.account"
@@ -69,8 +67,8 @@ def test_screenshot_of_each_screen(db: str, tmp_path: Path) -> None:
         dead = fleet.register(conn, "mailroom", "vm-b", 977)
         conn.execute("UPDATE consumers SET last_seen_at = now() - interval '10 minutes'"
                      " WHERE id = %s", (dead,))
-    _fail(db, "bob@invalid.test", "MessageRejected: Email address is not verified")
-    _fail(db, "carol@example.com", "Throttling: Maximum sending rate exceeded")
+    fail_deliveries(db, "bob@invalid.test", "MessageRejected: Email address is not verified")
+    fail_deliveries(db, "carol@example.com", "Throttling: Maximum sending rate exceeded")
     out = Path(os.environ.get("MAILROOM_MONITOR_SCREENSHOTS") or tmp_path)
 
     async def main() -> None:

@@ -13,8 +13,7 @@ import time
 from typing import Any
 
 import pytest
-from monitor_fakes import FakeControlServer
-from test_monitor import batch, cell, scenario, until
+from monitor_fakes import FakeControlServer, batch, cell, scenario, until
 
 from mailroom.monitor.app import MIN_COLUMNS, MonitorApp
 from mailroom.monitor.dialogs import Confirm, Prompt
