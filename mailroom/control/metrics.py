@@ -56,7 +56,7 @@ from mailroom.vocabulary import (
     batch_state,
 )
 
-logger = logging.getLogger("mailroom.control")
+log = logging.getLogger("mailroom.control")
 
 # No ``_created`` companion series (OPERATIONS.md 3): each counter and histogram
 # would export a second gauge holding its creation time, which doubles the
@@ -298,7 +298,7 @@ class MetricsServer:
             raise
         self._listener = sock
         self.port = sock.getsockname()[1]  # port 0 picks a free one (tests)
-        logger.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     def close(self) -> None:
         """Stop listening and drop every connection."""
@@ -415,7 +415,7 @@ class MetricsServer:
             try:
                 reply = _response("200 OK", self.render(), CONTENT_TYPE_LATEST, method == "HEAD")
             except Exception:
-                logger.exception("metrics: rendering failed")
+                log.exception("metrics: rendering failed")
                 reply = _response("500 Internal Server Error", b"error\n", "text/plain")
         conn.outbuf += reply
         self._flush(conn)

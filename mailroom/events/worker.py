@@ -44,7 +44,7 @@ from mailroom.ledger import connection, report
 from mailroom.ledger import events as ledger_events
 from mailroom.vocabulary import DeliveryEvent
 
-logger = logging.getLogger("mailroom.events")
+log = logging.getLogger("mailroom.events")
 
 #: SQS's own limits: 10 messages a receive, 20 s the longest poll.
 RECEIVE_MAX = 10
@@ -238,7 +238,7 @@ class EventsLoop:
         if recorded.new:
             self._health_due = True  # the rates may have moved
         if recorded.suppressed:
-            logger.info("%d addresses suppressed (permanent bounce or complaint)", recorded.suppressed)
+            log.info("%d addresses suppressed (permanent bounce or complaint)", recorded.suppressed)
         self._delete(done)
 
     # -- the ledger -------------------------------------------------------------------
@@ -312,7 +312,7 @@ class EventsLoop:
             return
         failed = reply.get("Failed") or []
         if failed:
-            logger.warning("%d messages not deleted (%s); recorded already, they will change nothing",
+            log.warning("%d messages not deleted (%s); recorded already, they will change nothing",
                            len(failed), one_line(str(failed[0].get("Message") or failed[0].get("Code"))))
 
     def _give_back(self, messages: list[dict[str, Any]]) -> None:
@@ -331,7 +331,7 @@ class EventsLoop:
         while len(self._reported) > _REPORTED_MAX:
             self._reported.popitem(last=False)
         received = (message.get("Attributes") or {}).get("ApproximateReceiveCount", "?")
-        logger.warning("unparsable message %s (received %s times), left for the redrive policy: %s",
+        log.warning("unparsable message %s (received %s times), left for the redrive policy: %s",
                        key, received, one_line(str(exc)))
 
     # -- failures: one line when it starts, one when it ends ---------------------------
@@ -340,7 +340,7 @@ class EventsLoop:
         self._failing[what] = attempt + 1
         delay = backoff(attempt, BACKOFF_FIRST, BACKOFF_CAP)
         if attempt == 0:
-            logger.error("%s unavailable: %s; retrying with backoff (up to %.0fs)", what,
+            log.error("%s unavailable: %s; retrying with backoff (up to %.0fs)", what,
                          one_line(exc, named=True), BACKOFF_CAP)
         deadline = time.monotonic() + delay
         while not self.stopping and (left := deadline - time.monotonic()) > 0:
@@ -350,4 +350,4 @@ class EventsLoop:
     def _recovered(self, what: str) -> None:
         attempts = self._failing.pop(what, 0)
         if attempts:
-            logger.info("%s available again (after %d failed attempts)", what, attempts)
+            log.info("%s available again (after %d failed attempts)", what, attempts)
