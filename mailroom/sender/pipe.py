@@ -27,7 +27,7 @@ from mailroom.supervisor import messages as msg
 from mailroom.vocabulary import Outcome, OutcomeKind
 from mailroom.wire import WireError, WireFields
 
-logger = logging.getLogger("mailroom.sender")
+log = logging.getLogger("mailroom.sender")
 
 
 def window(sender: Sender, batch_limit: int) -> int:
@@ -63,9 +63,9 @@ def read_pipe(pipe: Connection, driver: Driver, quota: QuotaWatch) -> None:
             elif isinstance(message, msg.SetRate):
                 quota.set_rate(message.per_second)  # thread-safe: the bucket locks
             else:
-                logger.warning("unexpected message %s from the supervisor", type(message).__name__)
+                log.warning("unexpected message %s from the supervisor", type(message).__name__)
     except (EOFError, OSError):
-        logger.error("supervisor is gone; stopping")
+        log.error("supervisor is gone; stopping")
         driver.put(StopRequest(0.0, abandon=True))
 
 
@@ -120,4 +120,4 @@ class PipeOutcomes:
         self.post(msg.Heartbeat(dataclasses.replace(self.stats(), rss=rss_bytes())))
 
     def stopping(self, stop: StopRequest) -> None:
-        logger.info("stopping: finishing the batches in flight (at most %g s)", stop.timeout)
+        log.info("stopping: finishing the batches in flight (at most %g s)", stop.timeout)

@@ -41,7 +41,7 @@ from mailroom.vocabulary import (
     WorkerState,
 )
 
-logger = logging.getLogger("mailroom.supervisor")
+log = logging.getLogger("mailroom.supervisor")
 
 #: Finished batches kept for ``batches`` / ``batch`` (the monitor's live table).
 RECENT_BATCHES = 500
@@ -223,7 +223,7 @@ class Operator:
 
     def _protect(self, reason: str) -> None:
         """Past MAILROOM_PAUSE_*_RATE: pause claims and say why, once (supervisor/guard.py)."""
-        logger.warning("pausing claims to protect the SES account: %s (mailroom ctl resume claims resumes)",
+        log.warning("pausing claims to protect the SES account: %s (mailroom ctl resume claims resumes)",
                        reason)
         self.publish("account.paused", {"reason": reason, "deliverability": self.deliverability})
         if not self.set_paused(Pausable.CLAIMS, True):
@@ -379,7 +379,7 @@ class Operator:
         now = time.monotonic()
         for batch in list(router.batches.values()):
             if not batch.dispatched and now - batch.received_at >= limit:
-                logger.info("batch %s held for %.0f s while sending is paused: back to the queue"
+                log.info("batch %s held for %.0f s while sending is paused: back to the queue"
                             " before its lease runs out", batch.batch_id, now - batch.received_at)
                 router.release(batch.batch_id)
 
@@ -450,7 +450,7 @@ class Operator:
             router.holding = paused
             if not paused:
                 router.dispatch_all()
-        logger.info("%s %s", "paused" if paused else "resumed", what)
+        log.info("%s %s", "paused" if paused else "resumed", what)
         self._state_changed()
         return True
 
