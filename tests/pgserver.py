@@ -83,3 +83,17 @@ def unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(top, ignore_errors=True)
         os.environ.pop(URL_VAR, None)
         os.environ.pop(EMBEDDED_DATA_VAR, None)
+
+
+# --- pytest hooks (this module is a plugin: tests/conftest.py lists it) -------------
+
+def pytest_configure(config: pytest.Config) -> None:
+    configure(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    unconfigure(config)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return report_header(config)

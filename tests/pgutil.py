@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -76,3 +77,28 @@ def console_script(name: str) -> list[str]:
     if found is None:
         pytest.fail(f"console script {name!r} is not installed: run pip install -e '.[test]'")
     return [found]
+
+
+# --- fixtures (a plugin for tests/: tests/conftest.py lists this module) -----------
+
+@pytest.fixture
+def fresh_db() -> Iterator[str]:
+    """URL of a fresh, empty database for this one test."""
+    url = create_database()
+    try:
+        yield url
+    finally:
+        drop_database(url)
+
+
+@pytest.fixture
+def db() -> Iterator[str]:
+    """URL of a fresh database migrated to the latest version, for this one test."""
+    from mailroom.ledger import migrate
+
+    url = create_database()
+    migrate.up(url)
+    try:
+        yield url
+    finally:
+        drop_database(url)

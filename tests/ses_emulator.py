@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 SOURCE = "noreply@mailroom.test"
 TEMPLATES = {
     "activationv1": "Hello {{login}}, activate: https://example.test/activate/{{secret}}",
@@ -455,3 +457,26 @@ def received(url: str, clear: bool = False) -> list[tuple[float, list[str]]]:
     """What a recording :func:`stub_process` got: ``(arrival, addresses)`` per bulk call."""
     with urllib.request.urlopen(f"{url}/received{'?clear' if clear else ''}", timeout=30) as answer:
         return [(arrived, addresses) for arrived, addresses in json.loads(answer.read())]
+
+
+# --- fixtures (a plugin for tests/: tests/conftest.py lists this module) -----------
+
+@pytest.fixture(scope="module")
+def moto_module() -> Iterator[MotoSes]:
+    """moto's server mode on 127.0.0.1, shared by the tests of a module."""
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def moto(moto_module: MotoSes) -> MotoSes:
+    """moto, reset, with the source verified and both templates created."""
+    moto_module.reset()
+    return moto_module
+
+
+@pytest.fixture
+def stub() -> Iterator[SesStub]:
+    """A scripted SES stub on 127.0.0.1 (what moto cannot do: throttling, 5xx, ...)."""
+    with SesStub() as server:
+        yield server

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 
 import psycopg
+import pytest
 from collector_util import pid_alive, wait_for
-from pgutil import console_script
+from pgutil import SECRET_KEY_HEX, console_script
 from ses_emulator import AWS_ENV, SOURCE
 
 _STARTED = re.compile(r"(collector|sender|events) worker started \(pid (\d+)\)")
@@ -79,3 +82,37 @@ def gone(pids: list[int]) -> bool:
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
+
+
+# --- fixtures (a plugin for tests/: tests/conftest.py lists this module) -----------
+
+@pytest.fixture
+def base_env() -> Iterator[dict[str, str]]:
+    """Environment for a mailroom subprocess: the caller's, minus MAILROOM_* settings.
+
+    Each test gets a control socket of its own: supervisors of parallel tests
+    serve the same queue, and the default path is one per queue and user (a
+    second supervisor there exits 2, as it should on a real host).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_") or k == "MAILROOM_IMPL"}
+    env["MAILROOM_SECRET_KEY"] = SECRET_KEY_HEX
+    env["PYTHONUNBUFFERED"] = "1"
+    where = tempfile.mkdtemp(prefix="mailroom-ctl-")
+    env["MAILROOM_CONTROL_SOCKET"] = os.path.join(where, "control.sock")
+    yield env
+    shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture
+def supervisors() -> Iterator[Callable[[dict[str, str]], SupervisorProcess]]:
+    """Start ``mailroom-supervisor`` processes (``supervisors(env)``); all killed at the end."""
+    started: list[SupervisorProcess] = []
+
+    def start(env: dict[str, str]) -> SupervisorProcess:
+        sup = SupervisorProcess(env)
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.kill()
