@@ -4,15 +4,18 @@ address search, failure groups with retry, a database that goes away."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from typing import Any
 
 import psycopg
 import pytest
-from monitor_fakes import add_accounts, fail_deliveries, until
+from monitor_fakes import FakeControlServer, add_accounts, batch, fail_deliveries, scenario, until
 
+from mailroom.ledger import events as ledger_events
 from mailroom.ledger import fleet
 from mailroom.monitor.app import MonitorApp
-from mailroom.monitor.dialogs import Confirm
+from mailroom.monitor.dialogs import BatchDetail, Confirm
+from mailroom.vocabulary import DeliveryEvent, Feedback
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -223,3 +226,62 @@ def test_screen_6_shows_rates_latest_bounces_and_the_suppression_list(db: str) -
         assert "2 delivered" in str(app.query_one("#feedback-counts").render())
         assert "1 bounced" in str(app.query_one("#feedback-counts").render())
     ledger_scenario(db, test)
+
+
+# ------------------------------------------------------------------ batch detail
+
+
+def test_batch_detail_shows_what_ses_said_of_each_address(db: str) -> None:
+    """Jane delivered, bob bounced with his diagnostic, ann sent and not heard of yet,
+    a row known only by MessageId complained: read from the ledger, not the supervisor."""
+    add_accounts(db, ["jane@example.com", "bob@example.com", "ann@example.com"])
+    tokens: dict[str, int] = {}
+    with psycopg.connect(db, autocommit=True) as conn:
+        for n, email in enumerate(("jane@example.com", "bob@example.com", "ann@example.com")):
+            row = conn.execute("SELECT t.id FROM tokens t JOIN accounts a ON a.id = t.account"
+                               " WHERE a.email = %s", (email,)).fetchone()
+            assert row is not None
+            tokens[email] = int(row[0])
+            conn.execute("UPDATE deliveries SET status = 'sent', message_id = %s, sent_at = now()"
+                         " WHERE token = %s", (f"ses-{n}", row[0]))
+        now = dt.datetime.now(dt.UTC)
+        ledger_events.record_events(conn, [
+            DeliveryEvent("ses-0", "jane@example.com", Feedback.DELIVERED, now),
+            DeliveryEvent("ses-1", "bob@example.com", Feedback.BOUNCED, now, "Permanent",
+                          "5.1.1 user unknown"),
+            DeliveryEvent("ses-9", "old@example.com", Feedback.COMPLAINED, now, "abuse")])
+
+    async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
+        server.batches["b-1"] = [
+            {"address": email, "action": "activation", "status": "sent", "token": token,
+             "message_id": f"ses-{n}", "error": None}
+            for n, (email, token) in enumerate(tokens.items())
+        ] + [{"address": "old@example.com", "action": "activation", "status": "sent",
+              "message_id": "ses-9", "error": None},
+             {"address": "nobody@invalid", "action": "activation", "status": "failed",
+              "message_id": None, "error": "MessageRejected"}]
+        await server.event("batch.done", batch(1, sent=4, failed=1))
+        await until(pilot, lambda: app.query_one("#batches").row_count == 1, "row")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, BatchDetail), "detail open")
+        table = app.screen.query_one("#destinations")
+        await until(pilot, lambda: table.row_count == 5, "destinations")
+        said = {str(table.get_row_at(i)[0]): str(table.get_row_at(i)[5]) for i in range(5)}
+        assert said == {"jane@example.com": "delivered", "bob@example.com": "bounced: 5.1.1 user unknown",
+                        "ann@example.com": "awaiting", "old@example.com": "complained: abuse",
+                        "nobody@invalid": "-"}
+    scenario(test, database_url=db)
+
+
+def test_batch_detail_without_a_ledger_says_so() -> None:
+    async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
+        server.batches["b-1"] = [{"address": "jane@example.com", "action": "activation", "status": "sent",
+                                  "token": 7, "message_id": "ses-0", "error": None}]
+        await server.event("batch.done", batch(1, sent=1))
+        await until(pilot, lambda: app.query_one("#batches").row_count == 1, "row")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, BatchDetail), "detail open")
+        table = app.screen.query_one("#destinations")
+        await until(pilot, lambda: table.row_count == 1, "destination")
+        assert str(table.get_row_at(0)[5]) == "no ledger (MAILROOM_DATABASE_URL)"
+    scenario(test)

@@ -37,7 +37,7 @@ from mailroom.addresses import spellings
 from mailroom.vocabulary import ACTION_NAMES, DELIVERY_STATUSES
 
 __all__ = ["SKIPPED_BY_OPERATOR", "WINDOW_TOKENS", "accounts_of", "attempts", "counts", "deliveries", "failure_groups",
-           "retry", "skip", "token_by_secret", "unskip"]
+           "feedback", "retry", "skip", "token_by_secret", "unskip"]
 
 #: How many of the latest deliveries the windowed reads (counts of finished rows,
 #: failure groups) cover when no ``since`` is given.
@@ -80,6 +80,33 @@ def deliveries(conn: psycopg.Connection[Any], queue: str, email: str, limit: int
                     ORDER BY event_at, id""",
                 {"tokens": list(by_token), "queue": queue}):
             by_token[event.pop("token")].append(event)
+    return found
+
+
+def feedback(conn: psycopg.Connection[Any], queue: str, tokens: Sequence[int],
+             message_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """What SES said of a batch's rows (the monitor's batch detail): ``token``,
+    ``message_id``, ``recipient``, ``feedback`` and the ``subtype`` / ``diagnostic``
+    of the event that set it.  By ``tokens`` (the key) and, for rows the caller knows
+    only by MessageId, from ``delivery_events`` by ``message_ids`` (deliveries have no
+    index on message_id, see ledger/sql.py).  At most 1000 of each."""
+    found = conn.cursor(row_factory=dict_row).execute(
+        """SELECT d.token, d.message_id, NULL::text AS recipient, d.feedback::text AS feedback,
+                  e.subtype, e.diagnostic
+             FROM deliveries AS d
+             LEFT JOIN LATERAL (
+                 SELECT subtype, diagnostic FROM delivery_events
+                  WHERE token = d.token AND job_type = d.job_type AND type = d.feedback
+                  ORDER BY event_at DESC, id DESC LIMIT 1) AS e ON true
+            WHERE d.job_type = %(queue)s AND d.token = ANY (%(tokens)s::bigint[])""",
+        {"queue": queue, "tokens": list(tokens)[:1000]}).fetchall()
+    if message_ids:  # the highest event of each (MessageId, recipient), as deliveries.feedback rises
+        found += conn.cursor(row_factory=dict_row).execute(
+            """SELECT DISTINCT ON (message_id, recipient) token, message_id, recipient,
+                      type::text AS feedback, subtype, diagnostic
+                 FROM delivery_events WHERE message_id = ANY (%(ids)s::text[])
+                ORDER BY message_id, recipient, type DESC, event_at DESC""",
+            {"ids": list(message_ids)[:1000]}).fetchall()
     return found
 
 

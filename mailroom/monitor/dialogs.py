@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from rich.text import Text
@@ -58,7 +59,7 @@ class BatchDetail(ModalScreen[None]):
         with Vertical():
             yield Label(Text(f"batch {self.batch_id}: loading ...", style="bold"), id="detail-info")
             table: DataTable[Any] = DataTable(id="destinations", cursor_type="row")
-            table.add_columns("address", "action", "status", "MessageId", "attempts", "error")
+            table.add_columns("address", "action", "status", "MessageId", "attempts", "feedback", "error")
             yield table
 
     def on_mount(self) -> None:
@@ -77,10 +78,11 @@ class BatchDetail(ModalScreen[None]):
             return
         rows = destinations(result)
         await self._attempts(rows)
+        said = await self._feedback(rows)
         table = self.query_one("#destinations", DataTable)
         for d in rows:
             table.add_row(d.address, d.action, d.status, d.message_id,
-                          "-" if d.attempts is None else str(d.attempts), d.error[:80])
+                          "-" if d.attempts is None else str(d.attempts), said(d), d.error[:80])
         info.update(Text(f"batch {self.batch_id}: {len(rows)} destinations   (Esc to close)",
                          style="bold"))
         table.focus()
@@ -98,6 +100,34 @@ class BatchDetail(ModalScreen[None]):
         for d in rows:
             if d.token is not None and d.attempts is None:
                 d.attempts = found.get(d.token)
+
+    async def _feedback(self, rows: list[Destination]) -> Callable[[Destination], str]:
+        """What SES said of each row, from the ledger (the supervisor's answer has
+        only what it did): by token, else by MessageId and address."""
+        ledger = self.ledger
+        if ledger is None:
+            return lambda d: "no ledger (MAILROOM_DATABASE_URL)"
+        tokens = [d.token for d in rows if d.token is not None]
+        ids = [d.message_id for d in rows if d.token is None and d.message_id]
+        if not tokens and not ids:
+            return lambda d: "-"
+        try:
+            found = await asyncio.to_thread(ledger.feedback, tokens, ids)
+        except LedgerUnavailable as exc:
+            unavailable = f"ledger unavailable: {exc}"[:60]  # (exc is unbound after the except)
+            return lambda d: unavailable
+        by_token = {f["token"]: f for f in found if f.get("recipient") is None}
+        by_id = {(f["message_id"], str(f["recipient"]).lower()): f for f in found if f.get("recipient") is not None}
+
+        def said(d: Destination) -> str:
+            f = by_token.get(d.token) if d.token is not None else by_id.get((d.message_id, d.address.lower()))
+            if f is None or f.get("feedback") is None:
+                # Sent and nothing heard yet, or never sent: SES has nothing to say of it.
+                return "awaiting" if d.message_id else "-"
+            text = str(f["feedback"])
+            detail = f.get("diagnostic") or f.get("subtype")
+            return f"{text}: {detail}"[:80] if detail and text != "delivered" else text
+        return said
 
     def action_down(self) -> None:
         self.query_one("#destinations", DataTable).action_cursor_down()

@@ -103,6 +103,12 @@ class LedgerSource:
 
         return self.call(admin.attempts, self.queue, tokens)
 
+    def feedback(self, tokens: list[int], message_ids: list[str]) -> list[dict[str, Any]]:
+        """What SES said of a batch's rows, by token or MessageId (the batch detail)."""
+        from mailroom.ledger import admin
+
+        return self.call(admin.feedback, self.queue, tokens, message_ids)
+
     def deliveries(self, email: str, limit: int = 100) -> list[dict[str, Any]]:
         """Every delivery of ``email`` (newest first, at most ``limit``)."""
         from mailroom.ledger import admin
