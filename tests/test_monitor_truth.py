@@ -15,8 +15,11 @@ from typing import Any
 import pytest
 from monitor_fakes import FakeControlServer, batch, cell, scenario, until
 
+from mailroom.ledger import report
+from mailroom.ledger.events import Health
 from mailroom.monitor.app import MIN_COLUMNS, MonitorApp
 from mailroom.monitor.dialogs import Confirm, Prompt
+from mailroom.supervisor.guard import AccountGuard
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -163,3 +166,27 @@ def test_below_the_minimum_one_line_says_how_many_columns_are_needed() -> None:
         await until(pilot, lambda: app.query_one("#header").region.height == 1, "the header back")
         assert not app.query_one("#too-small").region.height
     scenario(test, size=(60, 24))
+
+
+def test_the_events_screen_shows_why_the_supervisor_paused_the_account() -> None:
+    """``account.paused`` as the supervisor publishes it (the guard's reason beside the
+    whole 24-hour deliverability): the reason shows on the line, not cut off after
+    the numbers."""
+    deliverability = report.deliverability(Health(sent=1000, bounced=50, complained=0, last_bad_event=7,
+                                                  suppressions=50))
+    reason = AccountGuard(0.04, None, 100).judge(deliverability)
+    assert reason is not None
+
+    async def test(app: MonitorApp, pilot: Any, server: FakeControlServer) -> None:
+        await server.event("batch.done", batch(1, sent=10))
+        await server.event("account.paused", {"reason": reason, "deliverability": deliverability})
+        await pilot.press("5")
+        log = app.query_one("#event-log")
+        await until(pilot, lambda: len(log.lines) == 2, "two lines")
+        line = str(log.lines[1])
+        assert "account.paused" in line
+        assert ("bounce rate 5.00 % (50 of 1000 sent in 24 h) reached MAILROOM_PAUSE_BOUNCE_RATE 4 %"
+                in line), line
+        await pilot.press("slash", *"paused")
+        await until(pilot, lambda: len(log.lines) == 1, "only account.paused")
+    scenario(test)

@@ -372,11 +372,22 @@ class MonitorState:
 
 
 def _summary(data: Mapping[str, Any]) -> str:
-    """A short one-line rendering of an event's data for the events screen."""
+    """A short one-line rendering of an event's data for the events screen.
+
+    A ``reason`` comes first, in words: ``account.paused`` carries the whole 24-hour
+    deliverability beside it, which sorted first would fill the line and cut the
+    reason off."""
+    reason = data.get("reason")
+    if isinstance(reason, str) and reason:
+        data = {k: v for k, v in data.items() if k != "reason"}
+    else:
+        reason = None
     try:
         text = json.dumps(data, separators=(",", ":"), default=str, sort_keys=True)
     except (TypeError, ValueError):
         text = "?"
+    if reason is not None:
+        text = f"{reason}  {text}"
     return as_str(text, "", limit=200) or ""
 
 
