@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import getpass
 from typing import Any
 
 import psycopg
@@ -12,9 +13,9 @@ import pytest
 from monitor_fakes import FakeControlServer, add_accounts, batch, fail_deliveries, scenario, until
 
 from mailroom.ledger import events as ledger_events
-from mailroom.ledger import fleet
+from mailroom.ledger import fleet, suppressions
 from mailroom.monitor.app import MonitorApp
-from mailroom.monitor.dialogs import BatchDetail, Confirm
+from mailroom.monitor.dialogs import BatchDetail, Confirm, Prompt
 from mailroom.vocabulary import DeliveryEvent, Feedback
 
 pytestmark = pytest.mark.timeout(90)
@@ -285,3 +286,50 @@ def test_batch_detail_without_a_ledger_says_so() -> None:
         await until(pilot, lambda: table.row_count == 1, "destination")
         assert str(table.get_row_at(0)[5]) == "no ledger (MAILROOM_DATABASE_URL)"
     scenario(test)
+
+
+# ------------------------------------------------------------------ suppression list (screen 6)
+
+
+def test_deliverability_searches_the_suppression_list_and_u_unsuppresses(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert suppressions.add(conn, "jane@example.com", actor="seed")
+        assert suppressions.add(conn, "bob@example.com", actor="seed")
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        await pilot.press("6")
+        table = app.query_one("#suppressions")
+        await until(pilot, lambda: table.row_count == 2, "both suppressed addresses")
+        await pilot.press("slash", *"bob", "enter")
+        await until(pilot, lambda: table.row_count == 1, "the search's one address")
+        assert str(table.get_row_at(0)[0]) == "bob@example.com"
+        await pilot.press("U")
+        await until(pilot, lambda: isinstance(app.screen, Prompt), "the address prompt")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, Confirm), "the confirmation")
+        assert "bob@example.com" in str(app.screen.query_one("#question").render())
+        await pilot.press("y")
+        await until(pilot, lambda: table.row_count == 0, "bob gone from the list")
+    ledger_scenario(db, test, operate=True)
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert [e["address"] for e in suppressions.entries(conn)] == ["jane@example.com"]
+        audit = conn.execute("SELECT action, address, actor FROM suppression_audit"
+                             " WHERE action = 'remove'").fetchall()
+        assert audit == [("remove", "bob@example.com", getpass.getuser())]
+
+
+def test_u_is_refused_without_operate(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert suppressions.add(conn, "jane@example.com", actor="seed")
+
+    async def test(app: MonitorApp, pilot: Any) -> None:
+        await pilot.press("6")
+        table = app.query_one("#suppressions")
+        await until(pilot, lambda: table.row_count == 1, "the suppressed address")
+        await pilot.press("U")
+        await until(pilot, lambda: any("unsuppress refused: read-only" in str(n.message)
+                                       for n in app._notifications), "the refusal")
+        assert not isinstance(app.screen, Prompt)
+    ledger_scenario(db, test)
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert [e["address"] for e in suppressions.entries(conn)] == ["jane@example.com"]

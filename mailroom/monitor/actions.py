@@ -1,7 +1,7 @@
 """The state-changing keys (uppercase) and their gating: the app's base class.
 
 ``P`` pause/resume claims, ``D`` drain and ``L`` set rate go to the supervisor
-over the control socket; ``R`` retry and ``X`` skip go to the ledger.  Each needs
+over the control socket; ``R`` retry, ``X`` skip and ``U`` unsuppress go to the ledger.  Each needs
 ``--operate``; the socket ones need the ``operator`` role too, and the ledger
 ones are refused to a connection the supervisor called a ``viewer``.  Each asks
 for confirmation with the numbers at stake (a dry run for R and X).  A refused
@@ -22,6 +22,7 @@ from mailroom.monitor.dialogs import Confirm, Prompt
 from mailroom.monitor.feed import ControlFeed
 from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
 from mailroom.monitor.model import MonitorState, as_float
+from mailroom.monitor.panes.deliverability import DeliverabilityPane
 from mailroom.monitor.panes.failures import FailuresPane
 from mailroom.monitor.panes.ledger import LedgerCountsPane
 from mailroom.monitor.widgets import num
@@ -35,9 +36,10 @@ OPERATOR_ACTIONS = (
     ("L", "set_rate", "Rate limit"),
     ("R", "retry", "Retry"),
     ("X", "skip", "Skip"),
+    ("U", "unsuppress", "Unsuppress"),
 )
 _SOCKET_ACTIONS = {"pause", "drain", "set_rate"}
-_LEDGER_ACTIONS = {"retry", "skip"}
+_LEDGER_ACTIONS = {"retry", "skip", "unsuppress"}
 
 
 def _describe(exc: BaseException) -> str:
@@ -229,4 +231,35 @@ class OperatorActions(App[None]):
             self.call_from_thread(self.notify, f"{op}: {exc}", severity="error")
             return
         self.call_from_thread(self.notify, f"{op}: {count} rows {label}")
+        self.call_from_thread(self.reload_ledger)
+
+    # -- the suppression list (screen 6)
+
+    def action_unsuppress(self) -> None:
+        """U: take the selected suppressed address off the list: the address (editable),
+        then a confirmation, then the change, audited as this user."""
+        address = self.query_one(DeliverabilityPane).selected_address() if self.current == "deliverability" else None
+        if address is None:
+            self.notify("unsuppress: select an address of the suppression list (6) first", severity="warning")
+            return
+
+        def asked(answer: str | None) -> None:
+            chosen = (answer or "").strip()
+            if not chosen:
+                return
+            self.confirm(f"Take {chosen} off the suppression list?\n\nIts next email is sent again;"
+                         " the change is audited under your user.", lambda: self._unsuppress(chosen))
+        self.push_screen(Prompt("Unsuppress the address", address), asked)
+
+    @work(thread=True, group="ledger-change")
+    def _unsuppress(self, address: str) -> None:
+        try:
+            if self.ledger is None:
+                raise LedgerUnavailable("no database: set MAILROOM_DATABASE_URL")
+            removed = self.ledger.unsuppress(address, note="unsuppressed from the monitor")
+        except LedgerUnavailable as exc:
+            self.call_from_thread(self.notify, f"unsuppress: {exc}", severity="error")
+            return
+        self.call_from_thread(self.notify, f"unsuppress: {address} " + (
+            "is off the suppression list" if removed else "was not on the suppression list"))
         self.call_from_thread(self.reload_ledger)

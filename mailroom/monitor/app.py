@@ -276,9 +276,13 @@ class MonitorApp(OperatorActions):
         self._render(force=True)
 
     def action_search(self) -> None:
-        """`/`: the type filter on the Events screen, else the address lookup of the Ledger pane."""
+        """`/`: the type filter on the Events screen, the suppression search on
+        Deliverability, else the address lookup of the Ledger pane."""
         if self.current == "events":
             self.query_one(EventsPane).open_filter()
+            return
+        if self.current == "deliverability":
+            self.query_one(DeliverabilityPane).open_search()
             return
         if self.current != "ledger":
             self.action_show("ledger")
@@ -288,6 +292,9 @@ class MonitorApp(OperatorActions):
         """Esc on the main screen: close the search box (or leave the events filter)."""
         if self.current == "events":
             self._focus_table("events")
+            return
+        if self.current == "deliverability":
+            self.query_one(DeliverabilityPane).close_search()
             return
         self.query_one(LedgerCountsPane).close_search()
 

@@ -26,7 +26,7 @@ KEYMAP = (
     ("up/down, j/k", "move in a table"),
     ("Enter", "open the batch under the cursor (Live)"),
     ("Esc", "close a dialog, the search box or the detail"),
-    ("/", "look up an address (Ledger)"),
+    ("/", "look up an address (Ledger), search suppressions (6)"),
     ("f", "freeze / unfreeze the screen"),
     ("?", "this help"),
     ("q", "quit"),
@@ -36,6 +36,7 @@ KEYMAP = (
     ("L", "set the send-rate limit"),
     ("R", "retry the failure group (Failures) or the address (Ledger)"),
     ("X", "skip the queued rows of the group or the address"),
+    ("U", "unsuppress the selected address (Deliverability)"),
 )
 
 

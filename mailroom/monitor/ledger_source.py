@@ -127,17 +127,26 @@ class LedgerSource:
 
         return self.call(fleet.consumers, self.queue)
 
-    def deliverability(self) -> dict[str, Any]:
+    def deliverability(self, search: str | None = None) -> dict[str, Any]:
         """Screen 6: the 24-hour rates, events by type, the latest bounces and
-        complaints, the newest of the suppression list."""
+        complaints, the newest of the suppression list (those containing ``search``)."""
         from mailroom.ledger import events, report, suppressions
 
         def read(conn: psycopg.Connection[Any], queue: str) -> dict[str, Any]:
             return {"health": report.deliverability(events.health(conn, queue)),
                     "counts": events.feedback_counts(conn, queue), "latest": events.latest_bad(conn, queue),
-                    "suppressions": suppressions.entries(conn, limit=200)}
+                    "suppressions": suppressions.entries(conn, search=search, limit=200)}
 
         return self.call(read, self.queue)
+
+    def unsuppress(self, address: str, note: str | None = None) -> bool:
+        """Take ``address`` off the suppression list, audited as the operating-system
+        user running the monitor (as ``mailroom suppression remove`` is); False when
+        it was not on it."""
+        from mailroom.ledger import suppressions
+        from mailroom.ledger.suppression_commands import actor
+
+        return self.call(suppressions.remove, address, actor=actor(), note=note)
 
     def retry(self, dry_run: bool, **selection: Any) -> int:
         """Requeue failed rows of ``selection`` (or count them with ``dry_run``)."""

@@ -227,7 +227,7 @@ class KeyFooter(Footer):
     SHORT = {
         "show('live')": "", "show('ledger')": "", "show('failures')": "", "show('processes')": "",
         "show('events')": "", "show('deliverability')": "screens", "help": "", "search": "",
-        "set_rate": "Rate", "pause": "Pause", "command_palette": "",
+        "set_rate": "Rate", "pause": "Pause", "command_palette": "", "freeze": "", "unsuppress": "Unsup",
     }
 
     def compose(self) -> ComposeResult:

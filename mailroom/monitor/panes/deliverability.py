@@ -3,7 +3,7 @@
 The bounce and complaint rates over the last 24 hours beside SES's review and
 pause thresholds (green / amber / red), events by type over the same window, the
 latest bounces and complaints with their diagnostic, and the suppression list
-(the newest 200; ``mailroom suppression list --search`` finds the rest).  All
+(the newest 200; ``/`` searches it, ``U`` takes the selected address off it).  All
 from the ledger (:meth:`LedgerSource.deliverability`), so the screen works with no
 supervisor running.
 """
@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
-from textual.widgets import DataTable, Label
+from textual.widgets import DataTable, Input, Label
 
 from mailroom.monitor.ledger_source import LedgerSource, LedgerUnavailable
 from mailroom.monitor.model import as_int, as_str
@@ -45,6 +46,8 @@ class DeliverabilityPane(LedgerPane):
     DEFAULT_CSS = """
     DeliverabilityPane Label { padding: 0 1; }
     DeliverabilityPane DataTable { height: 1fr; }
+    DeliverabilityPane #suppression-search { display: none; }
+    DeliverabilityPane #suppression-search.shown { display: block; }
     """
 
     def compose(self) -> ComposeResult:
@@ -55,6 +58,10 @@ class DeliverabilityPane(LedgerPane):
         latest: DataTable[Any] = DataTable(id="latest-bad", cursor_type="row", zebra_stripes=True)
         latest.add_columns("time", "type", "recipient", "subtype", "diagnostic")
         yield latest
+        yield Input(placeholder="suppressed addresses containing (Enter; empty: all), Esc to close",
+                    id="suppression-search")
+        #: What the suppression list is searched for (None: the newest of all).
+        self.search: str | None = None
         suppressed: DataTable[Any] = DataTable(id="suppressions", cursor_type="row", zebra_stripes=True)
         suppressed.add_columns("address", "reason", "detail", "since", "by")
         yield suppressed
@@ -63,7 +70,34 @@ class DeliverabilityPane(LedgerPane):
         self.query_one("#deliverability-info", Label).update("deliverability: MAILROOM_DATABASE_URL is not set")
 
     def queries(self, ledger: LedgerSource) -> None:
-        self.fetch("ledger-deliverability", LedgerSource.deliverability, self._show)
+        search = self.search
+        self.fetch("ledger-deliverability", lambda source: source.deliverability(search), self._show)
+
+    # -- the suppression list's search and selection
+
+    def open_search(self) -> None:
+        """`/` on this screen: search the suppression list."""
+        box = self.query_one("#suppression-search", Input)
+        box.add_class("shown")
+        box.focus()
+
+    def close_search(self) -> None:
+        self.query_one("#suppression-search", Input).remove_class("shown")
+        self.query_one("#suppressions", DataTable).focus()
+
+    @on(Input.Submitted, "#suppression-search")
+    def _submitted(self, event: Input.Submitted) -> None:
+        self.search = event.value.strip() or None
+        self.close_search()
+        self.load()
+
+    def selected_address(self) -> str | None:
+        """The suppressed address under the cursor, if any (what ``U`` acts on)."""
+        table = self.query_one("#suppressions", DataTable)
+        if table.row_count == 0 or table.cursor_row < 0:
+            return None
+        address = str(table.get_row_at(table.cursor_row)[0])
+        return address if address and address != "-" else None
 
     def _show(self, result: dict[str, Any] | LedgerUnavailable) -> None:
         info = self.query_one("#deliverability-info", Label)
@@ -91,5 +125,7 @@ class DeliverabilityPane(LedgerPane):
             table.add_row(as_str(s.get("address"), "-"), as_str(s.get("reason"), "-"),
                           (as_str(s.get("detail"), "") or "")[:40], when(s.get("created_at")),
                           as_str(s.get("created_by"), "-"))
-        info.update(f"suppression list: {num(health.get('suppressions'))} addresses, the newest"
-                    f" {num(len(entries))} below the latest bounces and complaints")
+        shown = (f"{num(len(entries))} containing {self.search!r}" if self.search
+                 else f"the newest {num(len(entries))}")
+        info.update(f"suppression list: {num(health.get('suppressions'))} addresses, {shown}"
+                    " below the latest bounces and complaints (/ searches, U unsuppresses)")
