@@ -57,7 +57,8 @@ _CHANGES = {"retry": ("failed", "would queue again", "queued again"),
             "unskip": ("operator-skipped", "would queue again", "queued again")}
 
 
-def _limit(text: str) -> int:
+def positive_limit(text: str) -> int:
+    """``--limit N`` of the ledger's commands: a positive whole number."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
     return int(text)
@@ -68,7 +69,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if name == "deliveries":
         parser.add_argument("email", help="the address as typed (the domain's case and IDNA form do not matter)")
-        parser.add_argument("--limit", type=_limit, default=100, metavar="N",
+        parser.add_argument("--limit", type=positive_limit, default=100, metavar="N",
                             help="at most N deliveries, the newest (default 100)")
         return
     parser.add_argument("--since", metavar="WHEN",
@@ -85,8 +86,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                         help="do not ask on a terminal before changing more than one row (for scripts)")
 
 
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: [_jsonable(e) for e in v] if k == "events" else v.isoformat() if isinstance(v, dt.datetime) else v
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row for ``--json``: times as ISO strings, its ``events`` likewise."""
+    return {k: [jsonable(e) for e in v] if k == "events" else v.isoformat() if isinstance(v, dt.datetime) else v
             for k, v in row.items()}
 
 
@@ -123,6 +125,16 @@ def _show_deliveries(rows: list[dict[str, Any]], email: str, out: TextIO) -> Non
             print(f"{'':>12}{at:%Y-%m-%d %H:%M:%S}  {what}", file=out)
 
 
+def database_failed(exc: connection.SchemaError | psycopg.Error, settings: Settings) -> int:
+    """One line for a ledger command that could not run; its exit code (the URL's
+    password never printed)."""
+    if isinstance(exc, connection.SchemaError):
+        print(f"mailroom: {exc}", file=sys.stderr)
+        return config.EXIT_SCHEMA
+    print(f"mailroom: database: {config.redact(one_line(exc), settings.database_url)}", file=sys.stderr)
+    return config.EXIT_FAILURE
+
+
 def _filtered(args: argparse.Namespace) -> bool:
     return any(getattr(args, key, None) is not None for key in ("since", "error", "email", "tokens"))
 
@@ -157,7 +169,7 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
             if name == "deliveries":
                 rows = admin.deliveries(conn, queue, args.email, args.limit)
                 if args.json:
-                    print(json.dumps([_jsonable(r) for r in rows]), file=out)
+                    print(json.dumps([jsonable(r) for r in rows]), file=out)
                 else:
                     _show_deliveries(rows, args.email, out)
                 return config.EXIT_OK
@@ -181,12 +193,8 @@ def main(name: str, args: argparse.Namespace, settings: Settings, out: TextIO = 
                     return config.EXIT_FAILURE
             n = change(dry_run=dry_run)
             conn.commit()
-    except connection.SchemaError as exc:
-        print(f"mailroom: {exc}", file=sys.stderr)
-        return config.EXIT_SCHEMA
-    except psycopg.Error as exc:
-        print(f"mailroom: database: {config.redact(one_line(exc), settings.database_url)}", file=sys.stderr)
-        return config.EXIT_FAILURE
+    except (connection.SchemaError, psycopg.Error) as exc:
+        return database_failed(exc, settings)
     what, would, did = _CHANGES[name]
     if args.json:
         print(json.dumps({"command": name, "dry_run": args.dry_run, "rows": n}), file=out)

@@ -9,7 +9,6 @@ it is not, so a script can ask.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import getpass
 import json
 import sys
@@ -22,14 +21,9 @@ from mailroom._process import add_version, one_line
 from mailroom.addresses import normalise
 from mailroom.config import Settings
 from mailroom.ledger import connection, suppressions
+from mailroom.ledger.commands import database_failed, jsonable, positive_limit
 
 __all__ = ["add_arguments", "main"]
-
-
-def _limit(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--search", metavar="TEXT", help="addresses containing TEXT (case-insensitive)")
     listing.add_argument("--reason", choices=("bounced", "complained", suppressions.OPERATOR),
                          help="only addresses suppressed for this reason")
-    listing.add_argument("--limit", type=_limit, default=100, metavar="N", help="at most N addresses (default 100)")
+    listing.add_argument("--limit", type=positive_limit, default=100, metavar="N",
+                         help="at most N addresses (default 100)")
     for name, text in (("add", "suppress addresses by hand: mailroom never sends to them"),
                        ("remove", "take addresses off the list: their next email is sent again")):
         one = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + " (audited).")
@@ -54,10 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         one.add_argument("--json", action="store_true", help="machine-readable output")
         add_version(one)
     add_version(parser)
-
-
-def _jsonable(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in entry.items()}
 
 
 def _line(entry: dict[str, Any]) -> str:
@@ -85,7 +76,7 @@ def main(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout)
             if command == "list":
                 found = suppressions.entries(conn, search=args.search, reason=args.reason, limit=args.limit)
                 if args.json:
-                    print(json.dumps([_jsonable(e) for e in found]), file=out)
+                    print(json.dumps([jsonable(e) for e in found]), file=out)
                 else:
                     for listed in found:
                         print(_line(listed), file=out)
@@ -97,7 +88,7 @@ def main(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout)
                 entry = suppressions.check(conn, args.address)
                 if args.json:
                     print(json.dumps({"address": normalise(args.address), "suppressed": entry is not None,
-                                      **_jsonable(entry or {})}), file=out)
+                                      **jsonable(entry or {})}), file=out)
                 else:
                     print(_line(entry) if entry else f"{normalise(args.address)} is not suppressed", file=out)
                 return config.EXIT_OK if entry else config.EXIT_FAILURE
@@ -105,12 +96,8 @@ def main(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout)
             who = actor()
             changed = {a: change(conn, a, actor=who, note=args.note) for a in dict.fromkeys(args.addresses)}
             conn.commit()
-    except connection.SchemaError as exc:
-        print(f"mailroom: {exc}", file=sys.stderr)
-        return config.EXIT_SCHEMA
-    except psycopg.Error as exc:
-        print(f"mailroom: database: {config.redact(one_line(exc), settings.database_url)}", file=sys.stderr)
-        return config.EXIT_FAILURE
+    except (connection.SchemaError, psycopg.Error) as exc:
+        return database_failed(exc, settings)
     if args.json:
         print(json.dumps({"command": command, "by": who,
                           "changed": [normalise(a) for a, yes in changed.items() if yes],
