@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import random
@@ -194,19 +195,22 @@ def drain_fd(fd: int) -> None:
 
 _PR_SET_PDEATHSIG = 1
 
+# Found at import, not at the call: die_with_parent also runs as a ``preexec_fn``
+# (between fork and exec in a threaded parent), where the child must not import.
+try:
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Ask the kernel for ``signum`` when the parent (the supervisor) dies.
+    """Ask the kernel for ``signum`` when the parent (the supervisor, the demo) dies.
 
-    Linux only; on other systems the workers still notice EOF on their pipe.
+    Linux only; on other systems the workers still notice EOF on their pipe.  Only a
+    system call: safe as a ``preexec_fn`` (the setting survives ``execve``).
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signum)
-    except (OSError, AttributeError):
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signum)
 
 
 def rss_bytes() -> int | None:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailroom._process import add_version
+from mailroom._process import add_version, die_with_parent
 from mailroom.config import Settings
 from mailroom.demo import watchdog
 
@@ -267,7 +267,7 @@ class Demo:
             # the supervisor drop its in-flight batches).
             self.supervisor = subprocess.Popen(_supervisor_argv(), env=env, stdin=subprocess.DEVNULL,
                                                stdout=out, stderr=out, start_new_session=True,
-                                               cwd=self.workdir, preexec_fn=watchdog.follow_parent)
+                                               cwd=self.workdir, preexec_fn=die_with_parent)
         finally:
             if out is not None:
                 out.close()

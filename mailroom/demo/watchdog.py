@@ -4,8 +4,9 @@ A killed demo runs no ``finally``: its supervisor, the embedded PostgreSQL (a da
 ``pg_ctl`` already detached) and its temp directory would live on for good.  Two
 things make it leave nothing:
 
-* the supervisor is started with ``PR_SET_PDEATHSIG`` = SIGTERM (:func:`follow_parent`):
-  the kernel stops it, and its workers follow it, when the demo dies;
+* the supervisor is started with ``PR_SET_PDEATHSIG`` = SIGTERM
+  (:func:`mailroom._process.die_with_parent` as its ``preexec_fn``): the kernel stops
+  it, and its workers follow it, when the demo dies;
 * :func:`spawn` starts this module as a small process of its own session (Ctrl-C in the
   terminal does not reach it) that blocks on a pipe only the demo holds.  EOF on that
   pipe means the demo is gone, however it went; the watchdog then stops what is left:
@@ -20,7 +21,6 @@ supervisor started later than the watchdog is known to it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -29,28 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["follow_parent", "spawn"]
+__all__ = ["spawn"]
 
-_PR_SET_PDEATHSIG = 1
 #: How long the supervisor gets to stop on SIGTERM before its group is killed.
 _SUPERVISOR_GRACE_S = 15.0
-
-try:  # loaded before any fork: the child of a threaded parent must not import
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _libc = None
-
-
-def follow_parent() -> None:
-    """``preexec_fn`` for the supervisor: SIGTERM when the demo's main thread dies.
-
-    Runs in the child between fork and exec: only a system call on a library loaded
-    beforehand, nothing that takes a lock another thread may have held at the fork.
-    The setting survives ``execve`` (it is reset only for set-uid programs).
-    """
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
 
 def spawn(workdir: Path, data_dir: Path) -> subprocess.Popen[bytes]:
     """Start the watchdog for a demo in ``workdir`` whose server keeps ``data_dir``;
