@@ -16,6 +16,8 @@ from collector_util import pid_alive, wait_for
 from pgutil import SECRET_KEY_HEX, console_script
 from ses_emulator import AWS_ENV, SOURCE
 
+from mailroom.control.client import ControlClient
+
 _STARTED = re.compile(r"(collector|sender|events) worker started \(pid (\d+)\)")
 
 
@@ -69,6 +71,29 @@ def supervisor_env(base: dict[str, str], url: str, ses_url: str, **extra) -> dic
                MAILROOM_CONTROL_SOCKET=os.path.join(tempfile.mkdtemp(prefix="mr-"), "c.sock"))
     env.update({f"MAILROOM_{k.upper()}": str(v) for k, v in extra.items()})
     return env
+
+
+def control_answers(path: str) -> bool:
+    """Whether a supervisor's control socket at ``path`` takes a connection yet."""
+    try:
+        with ControlClient(path, timeout=2) as client:
+            client.connect()
+            return True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+def start_operated(env: dict[str, str], started: list[SupervisorProcess]) -> tuple[SupervisorProcess, ControlClient]:
+    """Start ``mailroom-supervisor`` with ``env`` (added to ``started`` at once, so a
+    fixture kills it even when its socket never answers) and a client connected to its
+    control socket (``MAILROOM_CONTROL_SOCKET``)."""
+    path = env["MAILROOM_CONTROL_SOCKET"]
+    sup = SupervisorProcess(env)
+    started.append(sup)
+    wait_for(lambda: control_answers(path), timeout=30, what="the control socket")
+    client = ControlClient(path, timeout=30)
+    client.connect()
+    return sup, client
 
 
 def ledger(url: str) -> dict[str, int]:

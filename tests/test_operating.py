@@ -20,7 +20,7 @@ from collector_util import insert_accounts, wait_for
 from control_util import NOBODY, require_nobody
 from prometheus_client.parser import text_string_to_metric_families
 from ses_emulator import free_port
-from supervisor_util import SupervisorProcess, ledger, supervisor_env
+from supervisor_util import SupervisorProcess, ledger, start_operated, supervisor_env
 
 from mailroom.control.client import ControlClient, ControlRefused
 
@@ -32,26 +32,11 @@ def operated(db, base_env, stub, tmp_path):
 
     def start(socket_dir: str | None = None, **extra: str) -> tuple[SupervisorProcess, ControlClient]:
         path = os.path.join(socket_dir or str(tmp_path), f"ctl{len(started)}.sock")
-        env = supervisor_env(base_env, db, stub.url, control_socket=path, **extra)
-        sup = SupervisorProcess(env)
-        started.append(sup)
-        wait_for(lambda: _answers(path), timeout=30, what="the control socket")
-        client = ControlClient(path, timeout=30)
-        client.connect()
-        return sup, client
+        return start_operated(supervisor_env(base_env, db, stub.url, control_socket=path, **extra), started)
 
     yield start
     for sup in started:
         sup.kill()
-
-
-def _answers(path: str) -> bool:
-    try:
-        with ControlClient(path, timeout=2) as client:
-            client.connect()
-            return True
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
 
 
 def addresses(stub) -> collections.Counter[str]:

@@ -18,19 +18,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from collector_util import insert_accounts, wait_for
 from pgutil import console_script
-from supervisor_util import SupervisorProcess, ledger, supervisor_env
+from supervisor_util import SupervisorProcess, ledger, start_operated, supervisor_env
 
 from mailroom.control.client import ControlClient
-
-
-def _answers(path: str) -> bool:
-    try:
-        with ControlClient(path, timeout=2) as client:
-            client.connect()
-            return True
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
-
 
 Start = Callable[..., tuple[SupervisorProcess, ControlClient]]
 
@@ -38,21 +28,19 @@ Start = Callable[..., tuple[SupervisorProcess, ControlClient]]
 @pytest.fixture
 def operated(db, base_env, moto, tmp_path) -> Iterator[Start]:
     """Start a supervisor on moto's SES with a control socket; yield a client to it."""
-    started: list[tuple[SupervisorProcess, ControlClient]] = []
+    started: list[SupervisorProcess] = []
+    clients: list[ControlClient] = []
 
     def start(**extra: str) -> tuple[SupervisorProcess, ControlClient]:
         path = os.path.join(str(tmp_path), f"ctl{len(started)}.sock")
-        env = supervisor_env(base_env, db, moto.url, control_socket=path, **extra)
-        sup = SupervisorProcess(env)
-        wait_for(lambda: _answers(path), timeout=30, what="the control socket")
-        client = ControlClient(path, timeout=30)
-        client.connect()
-        started.append((sup, client))
+        sup, client = start_operated(supervisor_env(base_env, db, moto.url, control_socket=path, **extra), started)
+        clients.append(client)
         return sup, client
 
     yield start
-    for sup, client in started:
+    for client in clients:
         client.close()
+    for sup in started:
         sup.kill()
 
 
