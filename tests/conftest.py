@@ -8,7 +8,7 @@ without seeing each other's rows.
 The fixtures live beside the helpers they use, each module a plugin listed here:
 
 - ``pgserver``: the session's server (pytest_configure / pytest_unconfigure).
-- ``pgutil``: ``db`` (migrated) and ``fresh_db`` (empty), one database per test.
+- ``pgutil``: ``db`` (migrated) and ``fresh_db`` (empty), one database per test; ``conn`` to ``db``.
 - ``ses_emulator``: ``moto`` / ``moto_module`` (moto's server) and ``stub`` (scripted SES).
 - ``supervisor_util``: ``base_env`` (a subprocess's environment) and ``supervisors``.
 

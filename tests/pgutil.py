@@ -92,6 +92,17 @@ def fresh_db() -> Iterator[str]:
 
 
 @pytest.fixture
+def conn(db: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to ``db`` with the workers' session settings (a test
+    module may define its own ``conn``, which then takes precedence)."""
+    from mailroom import ledger
+
+    with psycopg.connect(db, autocommit=True) as c:
+        ledger.configure_session(c)
+        yield c
+
+
+@pytest.fixture
 def db() -> Iterator[str]:
     """URL of a fresh database migrated to the latest version, for this one test."""
     from mailroom.ledger import migrate

@@ -32,6 +32,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,6 +47,19 @@ AWS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def aws_isolated(env: dict[str, str], scratch: Path) -> dict[str, str]:
+    """``env`` with the dummy credentials of :data:`AWS_ENV` and nothing of the machine's
+    own AWS setup (profile, session token, region, config and credentials files, pointed
+    into ``scratch`` where none exist)."""
+    values = {k: v for k, v in env.items() if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION")}
+    values.update(AWS_ENV)
+    values["AWS_CONFIG_FILE"] = str(scratch / "no-aws-config")
+    values["AWS_SHARED_CREDENTIALS_FILE"] = str(scratch / "no-aws-credentials")
+    return values
+
+
 _XMLNS = "http://ses.amazonaws.com/doc/2010-12-01/"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -17,13 +16,6 @@ from mailroom.vocabulary import DeliveryEvent, Feedback, Outcome, OutcomeKind
 
 Q = "mailroom"
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def conn(db: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(db, autocommit=True) as c:
-        ledger.configure_session(c)
-        yield c
 
 
 _ids = itertools.count(1)

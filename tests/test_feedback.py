@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -20,13 +19,6 @@ from mailroom.ledger import events as ledger_events
 from mailroom.vocabulary import SES_BOUNCE, SES_COMPLAINT, DeliveryEvent, Feedback, Outcome, OutcomeKind
 
 Q = "mailroom"
-
-
-@pytest.fixture
-def conn(db: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(db, autocommit=True) as c:
-        ledger.configure_session(c)
-        yield c
 
 
 def send_all(conn: psycopg.Connection, emails: list[str]) -> dict[str, tuple[int, str]]:

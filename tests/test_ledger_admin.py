@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -20,13 +19,6 @@ from mailroom.vocabulary import Outcome, OutcomeKind
 
 Q = "mailroom"
 NOT_VERIFIED = "MessageRejected: Email address is not verified. The following identities failed: {}"
-
-
-@pytest.fixture
-def conn(db: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(db, autocommit=True) as c:
-        ledger.configure_session(c)
-        yield c
 
 
 def make_accounts(conn: psycopg.Connection, n: int, prefix: str = "u") -> list[int]:

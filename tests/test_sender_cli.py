@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from pgutil import console_script
-from ses_emulator import AWS_ENV, SOURCE
+from ses_emulator import AWS_ENV, SOURCE, aws_isolated
 
 from mailroom import wire
 from mailroom.config import Settings
@@ -36,12 +36,7 @@ FAST_HOLD = SendPolicy(backoff_base=0.01, backoff_cap=0.05, pause_base=0.05, pau
 @pytest.fixture
 def env(base_env, tmp_path):
     """Environment for the sender: dummy AWS credentials, a temp output dir."""
-    values = dict(base_env)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        values.pop(name, None)
-    values.update(AWS_ENV)
-    values["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")
-    values["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-credentials")
+    values = aws_isolated(base_env, tmp_path)
     values["MAILROOM_SES_SOURCE"] = SOURCE
     values["MAILROOM_SES_OUTPUT_PATH"] = str(tmp_path / "output")
     values["MAILROOM_SES_MAX_SEND_RATE"] = "10000"  # moto's quota says 1/s

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from collector_util import insert_accounts, wait_for
 from pgutil import console_script
-from ses_emulator import AWS_ENV, free_port
+from ses_emulator import aws_isolated, free_port
 from supervisor_util import supervisor_env
 
 SHIPPED = Path(__file__).resolve().parents[1] / "templates"
@@ -37,12 +37,7 @@ def ses(moto):
 def env(base_env, tmp_path, ses):
     """The command's environment: moto's endpoint, dummy credentials, a copy of the
     shipped templates in a temp directory (MAILROOM_TEMPLATES_DIR)."""
-    values = dict(base_env)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        values.pop(name, None)
-    values.update(AWS_ENV)
-    values["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")
-    values["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-credentials")
+    values = aws_isolated(base_env, tmp_path)
     values["MAILROOM_SES_ENDPOINT_URL"] = ses.url
     shutil.copytree(SHIPPED, tmp_path / "templates")
     values["MAILROOM_TEMPLATES_DIR"] = str(tmp_path / "templates")
