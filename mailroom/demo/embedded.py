@@ -198,8 +198,11 @@ class EmbeddedPostgres:
         self._run("initdb", *args)
         # In the configuration rather than on pg_ctl's command line, so that whoever restarts
         # the server (a test, by hand) gets the same; only the port is chosen at each start.
+        # track_commit_timestamp: the demo's report asks whether an email was claimed after
+        # its address's suppression became visible, i.e. after the suppression committed
+        # (its created_at is when the events statement began, before the commit).
         settings = ["listen_addresses = '127.0.0.1'", "unix_socket_directories = ''",
-                    "max_connections = 200"]
+                    "max_connections = 200", "track_commit_timestamp = on"]
         if not self.durable:
             settings += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
         with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:

@@ -32,12 +32,19 @@ SELECT count(*),
        count(*) FILTER (WHERE d.status = 'skipped' AND d.last_error LIKE 'suppressed:%%'),
        (SELECT count(*) FROM suppressions),
        -- Sent to an address claimed after it was suppressed: the loop says this stays 0.
+       -- "After" is after the suppression committed: a claim that began while the
+       -- events statement was still running could not see it (READ COMMITTED), and
+       -- created_at is that statement's start.  The embedded server tracks commit
+       -- times; a kept data directory from before it did falls back to created_at.
        (SELECT count(*) FROM deliveries AS s_d
           JOIN tokens AS s_t ON s_t.id = s_d.token
           JOIN accounts AS s_a ON s_a.id = s_t.account
           JOIN suppressions AS s ON s.address = s_a.email
          WHERE s_d.job_type = %(queue)s AND s_d.token > %(after)s AND s_d.status = 'sent'
-           AND s_d.claimed_at > s.created_at)
+           AND s_d.claimed_at > COALESCE(
+                   CASE WHEN current_setting('track_commit_timestamp') = 'on'
+                        THEN pg_xact_commit_timestamp(s.xmin) END,
+                   s.created_at))
   FROM tokens AS t
   LEFT JOIN deliveries AS d ON d.token = t.id AND d.job_type = %(queue)s
  WHERE t.id > %(after)s
