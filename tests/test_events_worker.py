@@ -57,6 +57,14 @@ def test_region_of_a_queue_url() -> None:
     assert events_worker.region_of("http://127.0.0.1:5000/123456789012/q") is None
 
 
+def test_the_24_hour_read_costs_at_most_a_fiftieth_of_the_time() -> None:
+    """The read scans the queue's deliveries: on a small ledger it follows new events
+    within 2 s, on a ledger where it takes 1.5 s it waits 75 s, events or not."""
+    assert events_worker.health_gap(due=True, cost_s=0.004) == events_worker.HEALTH_AFTER_EVENTS_S == 2.0
+    assert events_worker.health_gap(due=False, cost_s=0.004) == events_worker.HEALTH_EVERY_S == 30.0
+    assert events_worker.health_gap(due=True, cost_s=1.5) == events_worker.health_gap(due=False, cost_s=1.5) == 75.0
+
+
 def test_bounce_suppresses_and_the_next_token_is_never_sent(db, base_env, moto, supervisors) -> None:
     client = sqs(moto)
     queue = client.create_queue(QueueName="ses-events", Attributes={"VisibilityTimeout": "1"})["QueueUrl"]

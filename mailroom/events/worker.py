@@ -61,10 +61,21 @@ REMATCH_EVERY_S = 10.0
 #: automatic pause, which should hear of a bounce in seconds, not half a minute).
 HEALTH_EVERY_S = 30.0
 HEALTH_AFTER_EVENTS_S = 2.0
+#: The scan grows with the ledger (deliveries has only its key, so that sends stay
+#: HOT updates): after a read that took ``d`` seconds the next waits at least
+#: ``d * HEALTH_COST_RATIO``, so the worker spends at most about 2 % of its time (and
+#: of a core of the database) on it, however large the ledger.
+HEALTH_COST_RATIO = 50.0
 #: Unparsable messages already logged, remembered by SQS MessageId (bounded).
 _REPORTED_MAX = 10_000
 
 _REGION = re.compile(r"^https?://sqs[.-]([a-z0-9-]+)\.amazonaws\.com", re.IGNORECASE)
+
+
+def health_gap(due: bool, cost_s: float) -> float:
+    """Seconds from one 24-hour read to the next: soon after new events (``due``),
+    else :data:`HEALTH_EVERY_S`, and never sooner than the last read's cost allows."""
+    return max(HEALTH_AFTER_EVENTS_S if due else HEALTH_EVERY_S, cost_s * HEALTH_COST_RATIO)
 
 
 def region_of(queue_url: str) -> str | None:
@@ -130,6 +141,7 @@ class EventsLoop:
         self._rematched_at = 0.0
         self._health_at = -HEALTH_EVERY_S  # the first turn reads it
         self._health_due = False  # new events since the last read
+        self._health_cost = 0.0  # seconds the last read took
         self.polling = False  # in the long poll: a stop need not wait for it
 
     # -- control ----------------------------------------------------------------
@@ -275,7 +287,7 @@ class EventsLoop:
     def _health(self) -> None:
         """The 24-hour rates for the heartbeat (:data:`HEALTH_EVERY_S`)."""
         now = time.monotonic()
-        if now - self._health_at < (HEALTH_AFTER_EVENTS_S if self._health_due else HEALTH_EVERY_S):
+        if now - self._health_at < health_gap(self._health_due, self._health_cost):
             return
         self._health_at, self._health_due = now, False
         try:
@@ -288,6 +300,7 @@ class EventsLoop:
             self._failed("database", exc)
             self._drop_connection()
             return
+        self._health_cost = time.monotonic() - now
         self._recovered("database")
         with self._lock:
             self.counts.deliverability = report.deliverability(health)
