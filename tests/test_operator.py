@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ from mailroom.config import Settings
 from mailroom.supervisor import messages as msg
 from mailroom.supervisor.operator import HOLD_SHARE_OF_LEASE, Operator
 from mailroom.supervisor.router import POISON_DEATHS, Router
-from mailroom.vocabulary import Outcome, OutcomeKind, Role
+from mailroom.vocabulary import Outcome, OutcomeKind, RestartReason, Role
 
 COLLECTOR, SENDER = Role.COLLECTOR, Role.SENDER
 
@@ -276,3 +277,49 @@ def test_a_claimed_batch_carries_its_claim_time_and_status_describes_the_supervi
     status = sup.operator.status()
     assert status["pid"] > 0 and before - 60 < status["started"] <= time.time()
     assert status["rss"] is None or status["rss"] > 1 << 20
+
+
+# -- the events as declared: every one a client may subscribe to ----------------------------
+
+def test_every_declared_event_can_be_subscribed_to() -> None:
+    """``account.paused`` went out without being in the protocol's list, so ``subscribe
+    {topics: ["account"]}`` (and ``ctl events --topic account``) was refused."""
+    from typing import get_args
+
+    from mailroom.control.protocol import EVENTS, TOPICS
+
+    declared = {event.EVENT for event in get_args(msg.Event)}
+    assert declared == set(EVENTS) - {"audit"}  # audit is the control server's own
+    assert {"account", "account.paused", "worker", "state"} <= TOPICS
+
+
+def test_worker_events_go_out_as_declared_and_count_restarts_by_reason(sup):
+    published: list[tuple[str, dict[str, Any]]] = []
+    sup.operator.publish = lambda event, data: published.append((event, data))
+    sup.operator.on_worker(msg.WorkerStarted(SENDER, 41, restarts=0, started=1e9))
+    sup.operator.on_worker(msg.WorkerExited(SENDER, 41, "killed by SIGKILL", restarting=True,
+                                            reason=RestartReason.CRASH))
+    sup.operator.on_worker(msg.WorkerExited(SENDER, 42, "exit code 0", restarting=True,
+                                            reason=RestartReason.PLANNED))
+    sup.operator.on_worker(msg.WorkerExited(SENDER, 43, "exit code 0", restarting=False))
+    assert published[0] == ("worker.started", {"worker": "sender", "pid": 41, "restarts": 0,
+                                               "started": 1e9, "state": "running"})
+    assert published[1] == ("worker.exited", {"worker": "sender", "pid": 41, "exit": "killed by SIGKILL",
+                                              "restarting": True, "reason": "crash", "state": "exited"})
+    assert json.loads(json.dumps(published[3][1])) == {"worker": "sender", "pid": 43, "exit": "exit code 0",
+                                                        "restarting": False, "reason": None, "state": "exited"}
+    text = sup.operator.metrics.render().decode()
+    assert 'mailroom_worker_restarts_total{reason="crash",worker="sender"} 1.0' in text
+    assert 'mailroom_worker_restarts_total{reason="planned",worker="sender"} 1.0' in text
+
+
+def test_account_paused_and_state_changed_go_out_as_declared(sup):
+    published: list[tuple[str, dict[str, Any]]] = []
+    sup.operator.publish = lambda event, data: published.append((event, data))
+    sup.operator.deliverability = {"bounce_rate": 0.2, "sent": 2000}
+    sup.operator._protect("bounce rate 20.0 % over the last 24 h (limit 5.0 %)")
+    events = dict(published)
+    assert events["account.paused"] == {"reason": "bounce rate 20.0 % over the last 24 h (limit 5.0 %)",
+                                        "deliverability": {"bounce_rate": 0.2, "sent": 2000}}
+    assert events["state.changed"]["state"] == "paused"
+    assert events["state.changed"]["paused"] == {"claims": True, "sending": False}

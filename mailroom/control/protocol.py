@@ -43,7 +43,7 @@ VIEWER = "viewer"
 #: Every event the supervisor publishes; ``audit`` is the server's own (one per
 #: state-changing request, accepted or refused).
 EVENTS = ("batch.claimed", "batch.dispatched", "batch.done", "worker.started", "worker.exited",
-          "state.changed", "templates.changed", "tick", "audit")
+          "state.changed", "account.paused", "templates.changed", "tick", "audit")
 #: What ``subscribe {topics}`` accepts: an event name or the part before its dot.
 TOPICS = frozenset(EVENTS) | {event.split(".")[0] for event in EVENTS}
 

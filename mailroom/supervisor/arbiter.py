@@ -204,7 +204,7 @@ class Supervisor:
         worker.restart_at = None
         worker.dump_asked_at = None
         log.info("%s worker started (pid %d)", worker.role, process.pid)
-        self.operator.on_worker("worker.started", worker.role, process.pid or 0, restarts=worker.restarts)
+        self.operator.on_worker(msg.WorkerStarted(worker.role, process.pid or 0, worker.restarts, time.time()))
         if worker.role == Role.COLLECTOR:
             self.router.collector_started(draining=self.stopping)
             self.operator.on_collector_started()
@@ -251,15 +251,15 @@ class Supervisor:
         pid = (worker.process.pid or 0) if worker.process else 0
         if self.stopping:
             log.info("%s worker (pid %d) stopped: %s", worker.role, pid, describe_exit(code))
-            self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=False)
+            self.operator.on_worker(msg.WorkerExited(worker.role, pid, describe_exit(code), restarting=False))
             return
         if worker.restart_requested:
             worker.restart_requested = False
             worker.restarts += 1
             worker.restart_at = now
             log.info("%s worker (pid %d) stopped to be restarted: %s", worker.role, pid, describe_exit(code))
-            self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True,
-                                    reason=RestartReason.PLANNED)
+            self.operator.on_worker(msg.WorkerExited(worker.role, pid, describe_exit(code), restarting=True,
+                                                     reason=RestartReason.PLANNED))
             if worker.role == Role.SENDER:
                 self.router.sender_died(asked=True)
             return
@@ -275,8 +275,8 @@ class Supervisor:
         worker.failures += 1
         worker.restarts += 1
         worker.restart_at = now + delay
-        self.operator.on_worker("worker.exited", worker.role, pid, exit=describe_exit(code), restarting=True,
-                                reason=RestartReason.CRASH)
+        self.operator.on_worker(msg.WorkerExited(worker.role, pid, describe_exit(code), restarting=True,
+                                                 reason=RestartReason.CRASH))
         log.warning("%s worker (pid %d) exited: %s; restarting in %.1fs",
                        worker.role, pid, describe_exit(code), delay)
         if worker.role == Role.SENDER:

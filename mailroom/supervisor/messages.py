@@ -9,7 +9,9 @@
     supervisor -> collector   Adopt, RecordOutcomes, Release, Drain, SetClaiming,
                               Window, HoldActions, Stop
     supervisor -> control     BatchClaimed, BatchDispatched, BatchDone, Tick (with WorkerInfo,
-                              SesQuota, TemplateState): events, as JSON through :meth:`Payload.payload`
+                              SesQuota, TemplateState), WorkerStarted, WorkerExited,
+                              StateChanged, AccountPaused, TemplatesChanged: events, as JSON
+                              through :meth:`Payload.payload`
 
 Window and HoldActions are the sender's, passed on to the collector unchanged;
 SetClaiming and SetRate are an operator's (:mod:`mailroom.supervisor.operator`).
@@ -28,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from mailroom.vocabulary import Action, BatchState, SesResult, TokenOutcomes
+from mailroom.vocabulary import Action, BatchState, RestartReason, Role, RunState, SesResult, TokenOutcomes, WorkerState
 
 #: Seconds between heartbeats; a worker silent for ``MAILROOM_WORKER_TIMEOUT`` is killed.
 HEARTBEAT_INTERVAL = 1.0
@@ -314,3 +316,68 @@ class Tick(Payload):
     rate_cap: float | None  # the send quota: MAILROOM_SES_MAX_SEND_RATE, else SES's MaxSendRate
     ses: SesQuota
     templates: list[TemplateState] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerStarted(Payload):
+    """``worker.started``: a worker process is up; ``restarts`` before it, ``started``
+    in epoch seconds."""
+
+    EVENT: ClassVar[str] = "worker.started"
+    worker: Role
+    pid: int
+    restarts: int
+    started: float
+    state: WorkerState = WorkerState.RUNNING
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerExited(Payload):
+    """``worker.exited``: how it ended (``exit``, in words), whether it comes back, and
+    why (``reason``; None when it does not: the supervisor is stopping)."""
+
+    EVENT: ClassVar[str] = "worker.exited"
+    worker: Role
+    pid: int
+    exit: str
+    restarting: bool
+    reason: RestartReason | None = None
+    state: WorkerState = WorkerState.EXITED
+
+
+#: What the arbiter reports of its workers.
+WorkerEvent = WorkerStarted | WorkerExited
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StateChanged(Payload):
+    """``state.changed``: the run state, what is paused, and the automatic pause's reason."""
+
+    EVENT: ClassVar[str] = "state.changed"
+    state: RunState
+    paused: dict[str, bool]
+    paused_reason: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccountPaused(Payload):
+    """``account.paused``: the supervisor paused claims itself (``MAILROOM_PAUSE_*_RATE``):
+    why, in words, and the 24-hour deliverability it judged."""
+
+    EVENT: ClassVar[str] = "account.paused"
+    reason: str
+    deliverability: dict[str, Any] | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TemplatesChanged(Payload):
+    """``templates.changed``: the sender's check of the templates came out differently."""
+
+    EVENT: ClassVar[str] = "templates.changed"
+    templates: list[TemplateState]
+
+
+#: Every event the supervisor publishes (``control.protocol.EVENTS`` names them too,
+#: with the server's own ``audit``).
+Event = (BatchClaimed | BatchDispatched | BatchDone | Tick | WorkerStarted | WorkerExited | StateChanged
+         | AccountPaused | TemplatesChanged)

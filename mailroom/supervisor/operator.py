@@ -162,6 +162,10 @@ class Operator:
         if self.control is not None:
             self.control.publish(event, data)
 
+    def emit(self, event: msg.Event) -> None:
+        """Publish an event as it is declared (:mod:`mailroom.supervisor.messages`)."""
+        self.publish(event.EVENT, event.payload())
+
     # -- what the router and the arbiter see -----------------------------------------
     def on_router_event(self, event: msg.BatchEvent) -> None:
         data = event.payload()
@@ -225,7 +229,7 @@ class Operator:
         """Past MAILROOM_PAUSE_*_RATE: pause claims and say why, once (supervisor/guard.py)."""
         log.warning("pausing claims to protect the SES account: %s (mailroom ctl resume claims resumes)",
                        reason)
-        self.publish("account.paused", {"reason": reason, "deliverability": self.deliverability})
+        self.emit(msg.AccountPaused(reason, self.deliverability))
         if not self.set_paused(Pausable.CLAIMS, True):
             self._state_changed()  # paused already: the banner gets its reason all the same
 
@@ -234,15 +238,10 @@ class Operator:
         for action, seconds in recorded.latencies:
             self.metrics.delivery_latency(action.db_name, seconds)
 
-    def on_worker(self, event: str, role: Role, pid: int, **extra: Any) -> None:
-        if event == "worker.exited" and extra.get("restarting"):
-            self.metrics.worker_restarted(role, extra.get("reason", RestartReason.CRASH))
-        data: dict[str, Any] = {"worker": role, "pid": pid, **extra}
-        if event == "worker.started":
-            data.update(state=WorkerState.RUNNING, started=time.time())
-        else:
-            data["state"] = WorkerState.EXITED
-        self.publish(event, data)
+    def on_worker(self, event: msg.WorkerEvent) -> None:
+        if isinstance(event, msg.WorkerExited) and event.restarting:
+            self.metrics.worker_restarted(event.worker, event.reason or RestartReason.CRASH)
+        self.emit(event)
 
     def _remember(self, batch_id: str, entry: _Recent) -> None:
         self.recent[batch_id] = entry
@@ -264,8 +263,7 @@ class Operator:
         return RunState.RUNNING
 
     def _state_changed(self) -> None:
-        self.publish("state.changed", {"state": self.state, "paused": self._paused(),
-                                       "paused_reason": self.guard.reason})
+        self.emit(msg.StateChanged(self.state, self._paused(), self.guard.reason))
 
     def _paused(self) -> dict[str, bool]:
         return {Pausable.CLAIMS: self.claims_paused, Pausable.SENDING: self.sup.router.holding}
@@ -354,8 +352,8 @@ class Operator:
         if held != self.templates_held:
             # The sender checked again (at start, a recheck, a send): say what changed.
             self.templates_held = held
-            self.publish("templates.changed", {"templates": [t.payload() for t in tick.templates]})
-        self.publish(tick.EVENT, tick.payload())
+            self.emit(msg.TemplatesChanged(list(tick.templates)))
+        self.emit(tick)
 
     def _answer_drains(self, now: float) -> None:
         for entry in list(self.drains):
