@@ -121,6 +121,21 @@ def test_diff_of_a_template_ses_does_not_have_exits_1(env):
     assert (result.returncode, result.stdout) == (1, "activationv1: not in SES\n")
 
 
+def test_a_broken_folder_is_one_error_and_the_other_template_goes_on(env, ses):
+    (Path(env["MAILROOM_TEMPLATES_DIR"]) / "passwordrecoveryv1" / "html.html").unlink()
+    pushed = templates(env, "push", "--json")
+    assert pushed.returncode == 1
+    first, second = json.loads(pushed.stdout)
+    assert (first["template"], first["ok"], first["result"]) == ("activationv1", True, "created")
+    assert (second["template"], second["ok"], second["result"]) == ("passwordrecoveryv1", False, "error")
+    assert "html.html" in second["error"]
+    names = [t["Name"] for t in ses.client().list_templates()["TemplatesMetadata"]]
+    assert names == ["activationv1"]
+    diffed = json.loads(templates(env, "diff", "--json").stdout)
+    assert [(r["template"], r["same"], "error" in r) for r in diffed] == [
+        ("activationv1", True, False), ("passwordrecoveryv1", False, True)]
+
+
 def test_check_passes_for_the_shipped_templates(env):
     assert templates(env, "push").returncode == 0
     result = templates(env, "check")

@@ -121,43 +121,39 @@ def _print(command: str, result: dict[str, Any]) -> None:
         print(f"{name}: {result['result']}")
 
 
-def _push(client: Any, settings: Settings, directory: Path, names: list[str]) -> list[dict[str, Any]]:
+def _per_template(names: list[str], one: Callable[[str], dict[str, Any]],
+                  **failed: Any) -> list[dict[str, Any]]:
+    """``one(name)`` for each template: one whose files or SES call fail is an entry
+    with its error (``failed`` adds the fields that say so), and the others go on."""
     results: list[dict[str, Any]] = []
     for name in names:
         try:
-            outcome = remote.push(client, files.read(directory, name))
+            results.append({"template": name, **one(name)})
         except (files.TemplateFileError, remote.SesError) as exc:
-            results.append({"template": name, "ok": False, "result": "error", "error": str(exc)})
-            continue
-        results.append({"template": name, "ok": True, "result": outcome})
+            results.append({"template": name, "ok": False, **failed, "error": str(exc)})
     return results
+
+
+def _push(client: Any, settings: Settings, directory: Path, names: list[str]) -> list[dict[str, Any]]:
+    def one(name: str) -> dict[str, Any]:
+        return {"ok": True, "result": remote.push(client, files.read(directory, name))}
+
+    return _per_template(names, one, result="error")
 
 
 def _pull(client: Any, settings: Settings, directory: Path, names: list[str]) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    for name in names:
-        try:
-            template = remote.get(client, name)
-            if template is None:
-                results.append({"template": name, "ok": False, "result": "not in SES"})
-                continue
-            path = files.write(directory, template)
-        except (files.TemplateFileError, remote.SesError) as exc:
-            results.append({"template": name, "ok": False, "result": "error", "error": str(exc)})
-            continue
-        results.append({"template": name, "ok": True, "result": "written to", "path": str(path)})
-    return results
+    def one(name: str) -> dict[str, Any]:
+        template = remote.get(client, name)
+        if template is None:
+            return {"ok": False, "result": "not in SES"}
+        return {"ok": True, "result": "written to", "path": str(files.write(directory, template))}
+
+    return _per_template(names, one, result="error")
 
 
 def _diff(client: Any, settings: Settings, directory: Path, names: list[str]) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    for name in names:
-        try:
-            local = files.read(directory, name)
-            theirs = remote.get(client, name)
-        except (files.TemplateFileError, remote.SesError) as exc:
-            results.append({"template": name, "ok": False, "same": False, "error": str(exc)})
-            continue
+    def one(name: str) -> dict[str, Any]:
+        local, theirs = files.read(directory, name), remote.get(client, name)
         parts: dict[str, str] = {}
         for part, filename, _ in files.PARTS:
             before = theirs.part(part) if theirs is not None else ""
@@ -167,9 +163,9 @@ def _diff(client: Any, settings: Settings, directory: Path, names: list[str]) ->
                     _lines(before), _lines(after),
                     f"ses/{name}/{filename}", str(directory / name / filename)))
         same = theirs is not None and not parts
-        results.append({"template": name, "ok": same, "same": same, "in_ses": theirs is not None,
-                        "diff": parts})
-    return results
+        return {"ok": same, "same": same, "in_ses": theirs is not None, "diff": parts}
+
+    return _per_template(names, one, same=False)
 
 
 def _lines(text: str) -> list[str]:
