@@ -77,3 +77,15 @@ def test_the_head_is_only_the_docstring_and_leading_comments() -> None:
     assert REASON_MARK in _head(source)
     assert "too late" not in _head(source)
     assert REASON_MARK not in _head('"""Doc."""\nimport os\n# ~400 lines\n')
+
+
+@pytest.mark.parametrize("parallel", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_a_selection_that_runs_nothing_fails_ci(parallel: list[str]) -> None:
+    """pytest's exit code 5 ("no tests ran") would pass for a step of `.ci/run` whose marker
+    or file went away if anyone allowed it; tests/conftest.py makes it a usage error (4)."""
+    here = pathlib.Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *parallel,
+                           "-m", "no_such_marker", str(here / "test_vocabulary.py")],
+                          capture_output=True, text=True, timeout=120, cwd=here.parent)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "no tests selected by" in done.stdout + done.stderr
