@@ -117,6 +117,28 @@ def test_sigterm_with_batches_in_flight(db, base_env, supervisors, stub):
     assert sup2.stop() == 0
 
 
+def test_a_collector_killed_while_stopping_is_started_again_to_record_what_was_sent(db, base_env, supervisors,
+                                                                                   stub):
+    """SIGTERM with a batch at SES, then the collector dies: the sender's outcomes have no
+    collector to record them.  They used to be dropped (the rows stayed claimed, exit 0)
+    and the next run sent all five again once the lease expired."""
+    stub.gate.clear()                                   # the call waits at SES
+    sup = supervisors(supervisor_env(base_env, db, stub.url, claim_timeout=20_000, shutdown_timeout=30_000))
+    collector = sup.worker("collector")
+    insert_accounts(db, 5, "stopkill")
+    stub.wait_for(1, timeout=20)
+    sup.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping: no new claims, 1 batches in flight" in sup.log(), what="the stop")
+    signal_pid(collector, signal.SIGKILL)
+    wait_for(lambda: "stopped: killed by SIGKILL" in sup.log(), what="the collector reaped")
+    stub.gate.set()
+    assert sup.proc.wait(60) == 0, sup.log()
+    assert len(sup.started("collector")) == 2, sup.log()
+    assert ledger(db) == {"sent": 5}, sup.log()
+    assert "no collector recorded" not in sup.log()
+    assert sorted(a for r in stub.bulk for a in r.addresses) == sorted(set(a for r in stub.bulk for a in r.addresses))
+
+
 def test_supervisor_sigkill_workers_follow_and_lease_recovers(db, base_env, supervisors, stub):
     stub.gate.clear()
     sup = supervisors(supervisor_env(base_env, db, stub.url, batch_limit=10, claim_timeout=2000))
@@ -242,3 +264,40 @@ def test_debug_mode_records_emitted_not_sent(db, base_env, supervisors, stub):
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM deliveries WHERE message_id IS NOT NULL"
                             " OR sent_at IS NOT NULL").fetchone()[0] == 0
+
+
+def test_what_a_worker_wrote_just_before_it_exited_is_read_not_dropped():
+    """The loop reads the pipes that were ready, then reaps: a sender that wrote its last
+    outcomes and exited in between (a planned restart, a stop) left them in the pipe, which
+    reaping closed unread, and the next sender got the batch again.  Here in-process: the
+    arbiter, and a real forked sender that writes its outcomes and exits."""
+    import multiprocessing
+
+    from mailroom import config
+    from mailroom.supervisor import messages as msg
+    from mailroom.supervisor.arbiter import Supervisor
+    from mailroom.vocabulary import Outcome, OutcomeKind, Role
+
+    settings = config.load({"MAILROOM_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+                            "MAILROOM_SECRET_KEY": SECRET_KEY_HEX, "MAILROOM_CONTROL_SOCKET": "off"})
+    sup = Supervisor(settings)
+    sent: list[tuple[Role, object]] = []
+    sup.send = sup.router.send = lambda role, message: sent.append((role, message)) or True
+    sup.router.on_claimed(msg.Claimed("b-1", b"1,a@example.test,a,S,00000\n", [11], 1, 0, "t0"))
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    outcome = Outcome(OutcomeKind.SENT, message_id="m-1")
+    process = ctx.Process(target=lambda pipe: pipe.send(msg.BatchOutcomes("b-1", [(11, outcome)])), args=(child,))
+    process.start()
+    child.close()
+    sender = sup.workers[Role.SENDER]
+    sender.process, sender.pipe, sender.exited, sender.restart_requested = process, parent, False, True
+    process.join(10)
+    assert parent.poll()                                 # the outcomes wait in the pipe, unread
+    sent.clear()
+    sup.reap()
+    assert sup.router.batches == {}
+    assert [(role, type(m).__name__) for role, m in sent] == [(Role.COLLECTOR, "RecordOutcomes")]
+    sup.router.sender_started()
+    assert not any(isinstance(m, msg.SendBatch) for _, m in sent)  # nothing to send again

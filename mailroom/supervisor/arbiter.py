@@ -243,15 +243,31 @@ class Supervisor:
                 self.on_exit(worker, code)
 
     def on_exit(self, worker: Worker, code: int) -> None:
-        worker.exited = True
         if worker.pipe is not None:
-            worker.pipe.close()
-            worker.pipe = None
+            # What it wrote before it exited is still in the pipe (a sender's last
+            # outcomes, at a planned restart or a stop): unread, those batches would
+            # be sent again by the next sender.
+            self._read_last(worker)
+            if worker.pipe is not None:
+                worker.pipe.close()
+                worker.pipe = None
+        worker.exited = True
         now = time.monotonic()
         pid = (worker.process.pid or 0) if worker.process else 0
         if self.stopping:
             log.info("%s worker (pid %d) stopped: %s", worker.role, pid, describe_exit(code))
-            self.operator.on_worker(msg.WorkerExited(worker.role, pid, describe_exit(code), restarting=False))
+            owed = self.router.owes_collector() if worker.role == Role.COLLECTOR else 0
+            if owed:
+                # Only a collector records outcomes and releases claims: without one the
+                # emails in flight would be sent again once their lease expired.
+                delay = backoff(worker.failures, RESTART_FIRST, RESTART_CAP, jitter=False)
+                worker.failures += 1
+                worker.restarts += 1
+                worker.restart_at = now + delay
+                log.warning("the collector is needed for %d batches and outcomes still to record;"
+                            " starting it again in %.1fs", owed, delay)
+            self.operator.on_worker(msg.WorkerExited(worker.role, pid, describe_exit(code), restarting=bool(owed),
+                                                     reason=RestartReason.CRASH if owed else None))
             return
         if worker.restart_requested:
             worker.restart_requested = False
@@ -335,6 +351,14 @@ class Supervisor:
         else:
             log.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
 
+    def _read_last(self, worker: Worker) -> None:
+        """Whatever an exited worker left in its pipe, up to EOF."""
+        try:
+            while worker.pipe is not None and worker.pipe.poll():
+                self.on_message(worker, worker.pipe.recv())
+        except (EOFError, OSError):
+            pass
+
     def read(self, worker: Worker) -> None:
         try:
             while worker.pipe is not None and worker.pipe.poll():
@@ -360,6 +384,15 @@ class Supervisor:
                         or now - worker.last_seen > self.settings.worker_timeout / 1000):
                     self.watchdog(worker, worker.process.pid, now)
         else:
+            collector = self.workers[Role.COLLECTOR]
+            if (collector.exited and collector.restart_at is not None and now >= collector.restart_at
+                    and self.router.owes_collector() and now < self.deadline):
+                # Stopping, and outcomes or claims wait for a collector: one that drains
+                # (spawn hands it everything) and, past that phase, stops once it is done.
+                self.spawn(collector)
+                if self.phase is Phase.STOP_COLLECTOR:
+                    self.send(Role.COLLECTOR, msg.Stop())
+                    self.deadline = max(self.deadline, now + STOP_GRACE)
             self.advance_stop(now)
 
     def watchdog(self, worker: Worker, pid: int, now: float) -> None:
@@ -401,8 +434,13 @@ class Supervisor:
             self.deadline = now + STOP_GRACE
         if self.phase is Phase.STOP_COLLECTOR:
             events = self.workers.get(Role.EVENTS)
-            if (collector.up or (events is not None and events.up)) and now < self.deadline:
+            coming = collector.exited and collector.restart_at is not None and self.router.owes_collector()
+            if (collector.up or coming or (events is not None and events.up)) and now < self.deadline:
                 return
+            if owed := self.router.owes_collector():
+                log.error("stopped with %d batches and outcomes no collector recorded: their rows stay"
+                          " claimed until the lease expires, then go out again (sent twice if SES had"
+                          " accepted them)", owed)
             self.kill_all()
             self.done = True
 

@@ -94,6 +94,11 @@ class Router:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def owes_collector(self) -> int:
+        """Batches in flight plus outcome or release messages not yet confirmed recorded:
+        what only a collector can settle (0: a stop may go on without one)."""
+        return len(self.batches) + len(self.unconfirmed)
+
     # -- from the collector ------------------------------------------------------
     def on_claimed(self, claimed: msg.Claimed) -> None:
         """A committed claim: track it and hand it to the sender."""
