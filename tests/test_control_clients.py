@@ -126,6 +126,12 @@ def test_ctl_exit_codes(running):
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and usage.stdout == ""
     bad = ctl(path, "set-rate", "fast")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    # Numbers the protocol refuses are usage errors here, not tracebacks from the client.
+    for args in (("set-rate", "nan"), ("set-rate", "-1"), ("set-rate", "inf"), ("drain", "--timeout=-20"),
+                 ("drain", "--timeout", "nan"), ("drain", "--timeout", "1e300")):
+        refused_here = ctl(path, *args)
+        assert (refused_here.returncode, refused_here.stdout) == (2, ""), (args, refused_here.stderr)
+        assert refused_here.stderr.count("\n") == 1 and "must be above 0" in refused_here.stderr, refused_here.stderr
     gone = ctl(path + ".missing", "status")
     assert gone.returncode == 2 and gone.stderr.count("\n") == 1 and "cannot connect" in gone.stderr
     off = ctl(None, "status", env=dict(os.environ, MAILROOM_CONTROL_SOCKET="off"))

@@ -66,6 +66,27 @@ def test_pause_claims_stops_the_ledger_and_resume_restarts_it(operated, db, stub
     assert sup.stop() == 0
 
 
+def test_shutdown_now_stops_at_once_and_exits_0_so_systemd_leaves_it_down(operated, db, stub):
+    """The README's unit restarts on failure (RestartPreventExitStatus=2 3): an operator's
+    `ctl shutdown --now` exited 1, and the service came back 5 s later."""
+    from pgutil import console_script
+    from supervisor_util import gone, run
+
+    stub.gate.clear()                                   # a batch stays in flight
+    sup, ctl = operated()
+    insert_accounts(db, 3, "now")
+    stub.wait_for(1, timeout=20)
+    workers = [sup.worker("collector"), sup.worker("sender")]
+    socket_path = sup.env["MAILROOM_CONTROL_SOCKET"]
+    done = run([*console_script("mailroom"), "ctl", "--socket", socket_path, "shutdown", "--now"])
+    assert (done.returncode, done.stdout.strip()) == (0, "mode: now"), done
+    assert sup.proc.wait(30) == 0, sup.log()
+    assert "shutdown --now: stopping at once" in sup.log()
+    wait_for(lambda: gone(workers), timeout=10, what="the workers gone")
+    stub.gate.set()
+    assert ledger(db) == {"claimed": 3}                 # queued again when the lease expires
+
+
 def test_pause_sending_past_the_lease_sends_nothing_twice(operated, db, stub):
     sup, ctl = operated(claim_timeout="2000", batch_limit="5")
     ctl.request("pause", what="sending")

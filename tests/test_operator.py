@@ -74,8 +74,8 @@ class Supervisor:
         self.asked.append(("term",))
         self.stopping = True
 
-    def handle_quit(self) -> None:
-        self.asked.append(("quit",))
+    def stop_now(self) -> None:
+        self.asked.append(("now",))
 
 
 class Request:
@@ -175,7 +175,7 @@ def test_restart_and_shutdown_are_asked_of_the_supervisor(sup):
     assert ask(sup, "restart", worker=SENDER).answer == ("ok", {"worker": SENDER, "restarting": True})
     assert ask(sup, "shutdown", mode="now").answer == ("ok", {"mode": "now"})
     assert ask(sup, "shutdown").answer == ("ok", {"mode": "graceful"})
-    assert sup.asked == [("restart", SENDER), ("quit",), ("term",)]
+    assert sup.asked == [("restart", SENDER), ("now",), ("term",)]
     ask(sup, "shutdown")  # already stopping: asked once
     assert sup.asked.count(("term",)) == 1
 

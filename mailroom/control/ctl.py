@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, TextIO
@@ -18,7 +19,7 @@ from mailroom import config
 from mailroom._process import add_version
 from mailroom.control import show
 from mailroom.control.client import ControlClient, ControlRefused, ControlUnavailable, trusted_uids
-from mailroom.control.protocol import MAX_BATCHES, TOPICS
+from mailroom.control.protocol import MAX_BATCHES, MAX_DRAIN_S, MAX_RATE, TOPICS
 from mailroom.control.sockfile import default_socket_path
 from mailroom.vocabulary import BATCH_STATES, PAUSABLE, ROLES
 
@@ -33,6 +34,20 @@ class _Usage(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + message
         raise _Usage(message)
+
+
+def _positive(high: float) -> Any:
+    """An argparse type: a finite number in (0, ``high``], as the protocol takes it (nan,
+    inf or a negative number would fail in the client, not as a usage error)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise argparse.ArgumentTypeError(f"must be above 0 and at most {high:,.0f}, got {text}")
+        return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,17 +67,18 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{name} claims or sending")
         p.add_argument("what", choices=PAUSABLE, help="claims (the collector) or sends (the sender)")
     p = sub.add_parser("drain", help="pause claims and wait until nothing is in flight")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_positive(MAX_DRAIN_S), default=None, metavar="SECONDS",
                    help="answer after at most SECONDS even if work is still in flight (default 300)")
     p = sub.add_parser("set-rate", help="send-rate limit in recipients/s, capped at the send quota"
                        " (MAILROOM_SES_MAX_SEND_RATE, else SES MaxSendRate); kept across sender restarts")
-    p.add_argument("per_second", type=float, metavar="PER_SECOND",
+    p.add_argument("per_second", type=_positive(MAX_RATE), metavar="PER_SECOND",
                    help="recipients per second (0 < PER_SECOND <= the send quota)")
     p = sub.add_parser("restart", help="restart a worker")
     p.add_argument("worker", choices=ROLES, help="which worker process")
     p = sub.add_parser("shutdown", help="stop the supervisor (graceful unless --now)")
     p.add_argument("--now", action="store_true",
-                   help="do not wait for the batches in flight (like a second SIGTERM)")
+                   help="do not wait for the batches in flight (like a second SIGTERM, but the"
+                        " supervisor exits 0: asked for, not a failure)")
     p = sub.add_parser("subscribe", help="print events as JSON lines until interrupted")
     p.add_argument("--topic", action="append", choices=sorted(TOPICS), dest="topics",
                    help="only this topic's events (repeatable; default all)")

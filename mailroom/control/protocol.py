@@ -48,6 +48,9 @@ EVENTS = ("batch.claimed", "batch.dispatched", "batch.done", "worker.started", "
 TOPICS = frozenset(EVENTS) | {event.split(".")[0] for event in EVENTS}
 
 MAX_BATCHES = 500
+#: The longest ``drain`` wait and the highest ``set_rate`` the protocol accepts.
+MAX_DRAIN_S = 86_400
+MAX_RATE = 1_000_000
 
 
 class ControlError(Exception):
@@ -131,8 +134,8 @@ _COMMAND_LIST = (
     Command("batch", args={"id": Arg(_string(max_len=128), required=True)}),
     Command("pause", True, {"what": Arg(_string(PAUSABLE), required=True)}),
     Command("resume", True, {"what": Arg(_string(PAUSABLE), required=True)}),
-    Command("drain", True, {"timeout_s": Arg(_number(0, 86_400))}),
-    Command("set_rate", True, {"per_second": Arg(_number(0, 1_000_000), required=True)}),
+    Command("drain", True, {"timeout_s": Arg(_number(0, MAX_DRAIN_S))}),
+    Command("set_rate", True, {"per_second": Arg(_number(0, MAX_RATE), required=True)}),
     Command("restart", True, {"worker": Arg(_string(ROLES), required=True)}),
     Command("shutdown", True, {"mode": Arg(_string(("graceful", "now")))}),
 )

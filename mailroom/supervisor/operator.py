@@ -492,7 +492,7 @@ class Operator:
     def cmd_shutdown(self, request: Request, mode: str = "graceful") -> None:
         request.reply({"mode": mode})
         if mode == "now":
-            self.sup.handle_quit()
+            self.sup.stop_now()
         elif not self.sup.stopping:
             self.sup.handle_term()
 
