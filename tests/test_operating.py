@@ -87,6 +87,39 @@ def test_shutdown_now_stops_at_once_and_exits_0_so_systemd_leaves_it_down(operat
     assert ledger(db) == {"claimed": 3}                 # queued again when the lease expires
 
 
+def test_no_claim_arrives_after_a_drain_said_drained(operated, db, stub):
+    """Tokens keep coming while an operator drains: a claim the collector committed just
+    before it read the pause reached the supervisor after "drained" (8 drains in 40)."""
+    sup, ctl = operated()
+    stop = threading.Event()
+
+    def feed() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            insert_accounts(db, 1, f"feed{n}_")
+            time.sleep(0.003)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    ctl.subscribe(["batch"])
+    late: list[str] = []
+    try:
+        for _ in range(25):
+            assert ctl.request("drain", timeout_s=30)["drained"] is True
+            # The events read up to the drain's answer; those read while asking to
+            # resume came between "drained" and the resume.
+            ctl._events.clear()
+            time.sleep(0.1)
+            ctl.request("resume", what="claims")
+            late += [e["data"]["batch"] for e in ctl._events if e["event"] == "batch.claimed"]
+    finally:
+        stop.set()
+        feeder.join()
+    assert late == []
+    assert sup.stop() == 0
+
+
 def test_pause_sending_past_the_lease_sends_nothing_twice(operated, db, stub):
     sup, ctl = operated(claim_timeout="2000", batch_limit="5")
     ctl.request("pause", what="sending")

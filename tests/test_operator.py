@@ -119,16 +119,16 @@ def claim(sup: Supervisor, batch_id: str, *addresses: str) -> list[int]:
 
 def test_pausing_claims_tells_the_collector_and_a_restarted_one_too(sup):
     assert ask(sup, "pause", what="claims").answer == ("ok", {"what": "claims", "changed": True, "state": "paused"})
-    assert sup.take(COLLECTOR) == [msg.SetClaiming(False)]
+    assert sup.take(COLLECTOR) == [msg.SetClaiming(False, seq=1)]
     assert ask(sup, "pause", what="claims").answer[1]["changed"] is False
     assert sup.take(COLLECTOR) == []
 
     # The collector restarts while claims are paused: the new one must not claim.
     sup.operator.on_collector_started()
-    assert sup.take(COLLECTOR) == [msg.SetClaiming(False)]
+    assert sup.take(COLLECTOR) == [msg.SetClaiming(False, seq=2)]
 
     assert ask(sup, "resume", what="claims").answer[1] == {"what": "claims", "changed": True, "state": "running"}
-    assert sup.take(COLLECTOR) == [msg.SetClaiming(True)]
+    assert sup.take(COLLECTOR) == [msg.SetClaiming(True, seq=3)]
     sup.operator.on_collector_started()
     assert sup.take(COLLECTOR) == []  # a new collector claims by default
 
@@ -185,8 +185,9 @@ def test_restart_and_shutdown_are_asked_of_the_supervisor(sup):
 def test_a_drain_waits_for_the_unconfirmed_outcomes(sup):
     tokens = claim(sup, "b1", "a@example.test")
     request = ask(sup, "drain", timeout_s=60.0)
-    assert sup.take(COLLECTOR) == [msg.SetClaiming(False)]
+    assert sup.take(COLLECTOR) == [msg.SetClaiming(False, seq=1)]
     assert request.answers == [] and sup.operator.state == "draining"
+    sup.operator.on_claiming_set(msg.ClaimingSet(1))
 
     sup.router.on_outcomes(msg.BatchOutcomes("b1", [(tokens[0], Outcome(OutcomeKind.SENT, "m1"))]))
     sup.operator.tick(time.monotonic())
@@ -199,18 +200,51 @@ def test_a_drain_waits_for_the_unconfirmed_outcomes(sup):
     [adopt, record, paused] = sup.take(COLLECTOR)
     assert adopt == msg.Adopt([], {})
     assert isinstance(record, msg.RecordOutcomes) and record.batch_id == "b1"
-    assert paused == msg.SetClaiming(False)  # the drain's pause holds for the new collector
+    assert paused == msg.SetClaiming(False, seq=2)  # the drain's pause holds for the new collector
 
     sup.router.on_recorded(msg.Recorded(["b1"]))
+    sup.operator.tick(time.monotonic())
+    assert request.answers == []  # the new collector has not confirmed the pause yet
+    sup.operator.on_claiming_set(msg.ClaimingSet(2))
     sup.operator.tick(time.monotonic())
     code, result = request.answer
     assert code == "ok" and result["drained"] is True
     assert sup.operator.state == "paused"  # claims stay paused after a drain
 
 
+def test_a_drain_waits_for_the_collector_to_confirm_the_pause(sup):
+    """A claim the collector committed before it read the pause arrives after the drain
+    began: "drained" must not be said before it (a review saw 8 drains in 40 answer
+    early while tokens kept coming)."""
+    request = ask(sup, "drain", timeout_s=60.0)
+    sup.operator.tick(time.monotonic())
+    assert request.answers == []                         # empty, but the pause is not confirmed
+    tokens = claim(sup, "late", "a@example.test")        # committed before the collector paused
+    sup.operator.on_claiming_set(msg.ClaimingSet(1))     # ... which it then confirms
+    assert request.answers == []
+    sup.router.on_outcomes(msg.BatchOutcomes("late", [(tokens[0], Outcome(OutcomeKind.SENT, "m1"))]))
+    sup.router.on_recorded(msg.Recorded(["late"]))
+    sup.operator.tick(time.monotonic())
+    assert request.answer[0] == "ok" and request.answer[1]["drained"] is True
+
+
+def test_a_drain_without_a_collector_does_not_wait_for_its_confirmation(sup):
+    sup.workers[COLLECTOR].up = False                    # between a crash and its restart
+    request = ask(sup, "drain", timeout_s=60.0)
+    assert request.answer[0] == "ok" and request.answer[1]["drained"] is True
+
+
+def test_a_drain_the_collector_never_confirms_says_so(sup):
+    request = ask(sup, "drain", timeout_s=30.0)
+    sup.operator.tick(time.monotonic() + 31.0)
+    code, message = request.answer
+    assert code == "invalid_state" and "the collector has not confirmed that claims are paused" in message
+
+
 def test_a_drain_that_runs_out_of_time_fails_and_keeps_claims_paused(sup):
     claim(sup, "b1", "a@example.test")
     request = ask(sup, "drain", timeout_s=30.0)
+    sup.operator.on_claiming_set(msg.ClaimingSet(1))
     sup.operator.tick(time.monotonic() + 31.0)
     code, message = request.answer
     assert code == "invalid_state" and "1 batches still in flight" in message

@@ -140,6 +140,7 @@ class PipeSink:
                     self.renewed_at = float("-inf")
                 elif isinstance(message, msg.SetClaiming):
                     self.claiming = message.enabled
+                    self._post(msg.ClaimingSet(message.seq))
                 elif isinstance(message, msg.HoldActions):
                     held = frozenset(message.actions)
                     if self.held_actions - held:

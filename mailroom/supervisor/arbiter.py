@@ -357,6 +357,8 @@ class Supervisor:
         elif isinstance(message, msg.Recorded) and worker.role == Role.COLLECTOR:
             self.router.on_recorded(message)
             self.operator.on_recorded(message)
+        elif isinstance(message, msg.ClaimingSet) and worker.role == Role.COLLECTOR:
+            self.operator.on_claiming_set(message)
         else:
             log.warning("unexpected message %s from the %s worker", type(message).__name__, worker.role)
 

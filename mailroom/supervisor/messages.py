@@ -2,7 +2,7 @@
 
 ::
 
-    collector -> supervisor   Ready, Heartbeat(CollectorStats), Claimed, Recorded
+    collector -> supervisor   Ready, Heartbeat(CollectorStats), Claimed, Recorded, ClaimingSet
     events -> supervisor      Ready, Heartbeat(EventsStats)
     supervisor -> sender      SendBatch, SetRate, Stop
     sender -> supervisor      Ready, Heartbeat(SenderStats), BatchOutcomes, Window, HoldActions
@@ -218,9 +218,20 @@ class Stop:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SetClaiming:
-    """supervisor -> collector: an operator paused (False) or resumed (True) claims."""
+    """supervisor -> collector: an operator paused (False) or resumed (True) claims.
+    The collector answers :class:`ClaimingSet` with the same ``seq``."""
 
     enabled: bool
+    seq: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimingSet:
+    """collector -> supervisor: :class:`SetClaiming` ``seq`` holds.  The collector makes
+    its claims in the thread that read it, so every claim made before it is ahead of
+    this on the pipe: a drain that saw it and an empty router is done."""
+
+    seq: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

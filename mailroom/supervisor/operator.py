@@ -77,6 +77,9 @@ class Operator:
         self.control: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self.claims_paused = False
+        #: The latest SetClaiming sent to a collector, and the latest it confirmed.
+        self.claiming_seq = 0
+        self.claiming_confirmed = 0
         #: When this supervisor started (epoch s): its own row of the monitor's Processes.
         self.started = time.time()
         # An operator's set_rate (recipients/s, as asked): held here so that a new
@@ -358,12 +361,13 @@ class Operator:
     def _answer_drains(self, now: float) -> None:
         for entry in list(self.drains):
             request, started, deadline = entry
-            # Drained: nothing in flight, and every outcome recorded in the ledger.
-            if not len(self.sup.router) and not self.sup.router.unconfirmed:
+            # Drained: no claim on its way, nothing in flight, every outcome recorded.
+            if self._claims_held() and not len(self.sup.router) and not self.sup.router.unconfirmed:
                 request.reply({"drained": True, "waited_s": round(now - started, 3)})
             elif now >= deadline:
-                request.fail("invalid_state", f"{len(self.sup.router)} batches still in flight after"
-                                              f" {deadline - started:g} s (claims stay paused)")
+                why = (f"{len(self.sup.router)} batches still in flight" if self._claims_held()
+                       else "the collector has not confirmed that claims are paused")
+                request.fail("invalid_state", f"{why} after {deadline - started:g} s (claims stay paused)")
             else:
                 continue
             self.drains.remove(entry)
@@ -440,7 +444,7 @@ class Operator:
             if self.claims_paused == paused:
                 return False
             self.claims_paused = paused
-            self.sup.send(Role.COLLECTOR, msg.SetClaiming(not paused))
+            self._tell_claiming(not paused)
         else:
             router = self.sup.router
             if router.holding == paused:
@@ -504,4 +508,19 @@ class Operator:
     def on_collector_started(self) -> None:
         """A new collector claims only if claims are not paused."""
         if self.claims_paused:
-            self.sup.send(Role.COLLECTOR, msg.SetClaiming(False))
+            self._tell_claiming(False)
+
+    def _tell_claiming(self, enabled: bool) -> None:
+        self.claiming_seq += 1
+        self.sup.send(Role.COLLECTOR, msg.SetClaiming(enabled, self.claiming_seq))
+
+    def on_claiming_set(self, confirmed: msg.ClaimingSet) -> None:
+        """The collector applied a SetClaiming: the claims it made before are all in."""
+        self.claiming_confirmed = max(self.claiming_confirmed, confirmed.seq)
+        if self.drains:
+            self._answer_drains(time.monotonic())
+
+    def _claims_held(self) -> bool:
+        """No claim can still be on its way: the collector confirmed the latest
+        SetClaiming, or there is no collector (a new one hears it before it claims)."""
+        return self.claiming_confirmed >= self.claiming_seq or not self.sup.workers[Role.COLLECTOR].up
