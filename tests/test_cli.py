@@ -162,6 +162,20 @@ def test_bulk_changes_need_a_filter_or_all(db):
     assert statuses(db) == before == {"queued": 3, "in queue": 3}
 
 
+def test_an_empty_filter_is_refused_not_taken_as_no_filter(db):
+    """`mailroom retry --since "$SINCE"` with SINCE unset used to pass the filter check and
+    then filter nothing; `--error ""` matched every error: the whole ledger, unasked."""
+    add_accounts(db, 3)
+    before = statuses(db)
+    for command, args in (("skip", ("--since", "")), ("skip", ("--email", " ")), ("retry", ("--error", "")),
+                          ("retry", ("--since", "")), ("unskip", ("--email", "")), ("deliveries", ("",)),
+                          ("suppression", ("add", "")), ("suppression", ("check", "  "))):
+        refused = mailroom(db, command, *args)
+        assert refused.returncode == 2 and refused.stdout == "", (command, args, refused)
+        assert "must not be empty" in refused.stderr, refused.stderr
+    assert statuses(db) == before == {"queued": 3, "in queue": 3}
+
+
 def test_absurd_since_is_one_line(db):
     for command in ("skip", "retry", "unskip"):
         done = mailroom(db, command, "--since", "9999999999h")

@@ -64,19 +64,29 @@ def positive_limit(text: str) -> int:
     return int(text)
 
 
+def nonblank(text: str) -> str:
+    """A filter's value: never empty or blank (``--since "$UNSET"`` would otherwise be
+    no filter at all, and ``--error ""`` matches every error: the whole ledger)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     """The arguments of ``mailroom <name>``."""
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if name == "deliveries":
-        parser.add_argument("email", help="the address as typed (the domain's case and IDNA form do not matter)")
+        parser.add_argument("email", type=nonblank,
+                            help="the address as typed (the domain's case and IDNA form do not matter)")
         parser.add_argument("--limit", type=positive_limit, default=100, metavar="N",
                             help="at most N deliveries, the newest (default 100)")
         return
-    parser.add_argument("--since", metavar="WHEN",
+    parser.add_argument("--since", type=nonblank, metavar="WHEN",
                         help="created at or after WHEN: an ISO time (no zone = UTC) or a duration back (2h, 1d)")
     if name != "unskip":  # an operator skip's last error is the skip's own mark
-        parser.add_argument("--error", metavar="TEXT", help="the last error contains TEXT")
-    parser.add_argument("--email", help="this address only, as typed (the domain's case and IDNA form do not matter)")
+        parser.add_argument("--error", type=nonblank, metavar="TEXT", help="the last error contains TEXT")
+    parser.add_argument("--email", type=nonblank,
+                        help="this address only, as typed (the domain's case and IDNA form do not matter)")
     parser.add_argument("--token", type=int, action="append", dest="tokens", metavar="ID",
                         help="this token (repeatable)")
     parser.add_argument("--all", action="store_true",

@@ -21,7 +21,7 @@ from mailroom._process import add_version, one_line
 from mailroom.addresses import normalise
 from mailroom.config import Settings
 from mailroom.ledger import connection, suppressions
-from mailroom.ledger.commands import database_failed, jsonable, positive_limit
+from mailroom.ledger.commands import database_failed, jsonable, nonblank, positive_limit
 
 __all__ = ["add_arguments", "main"]
 
@@ -39,12 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in (("add", "suppress addresses by hand: mailroom never sends to them"),
                        ("remove", "take addresses off the list: their next email is sent again")):
         one = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + " (audited).")
-        one.add_argument("addresses", nargs="+", metavar="ADDRESS",
+        one.add_argument("addresses", nargs="+", type=nonblank, metavar="ADDRESS",
                          help="an address as typed (the domain's case and IDNA form do not matter)")
         one.add_argument("--note", metavar="TEXT", help="why, kept in the audit (and as the detail of an add)")
     check = sub.add_parser("check", help="whether an address is suppressed (exit 0 yes, 1 no)",
                            description="Whether an address is suppressed, and why: exit 0 if it is, 1 if not.")
-    check.add_argument("address", help="the address as typed (the domain's case and IDNA form do not matter)")
+    check.add_argument("address", type=nonblank,
+                       help="the address as typed (the domain's case and IDNA form do not matter)")
     for one in sub.choices.values():
         one.add_argument("--json", action="store_true", help="machine-readable output")
         add_version(one)
