@@ -98,6 +98,10 @@ class Settings:
 def _text(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must not be empty")
+    if raw != raw.strip():
+        # A name with a stray space from an env file would be another channel, queue or
+        # template that nobody uses: delivery would stop with nothing said.
+        raise ValueError(f"has leading or trailing whitespace: {raw!r}")
     return raw
 
 
@@ -106,6 +110,13 @@ def _identifier(raw: str) -> str:
     # channel name at all rather than fail later inside the worker.
     if not raw or len(raw.encode()) > 63 or "\x00" in raw:
         raise ValueError("must be 1 to 63 bytes long")
+    return _text(raw)
+
+
+def _template_name(raw: str) -> str:
+    """An SES template's name: what SES accepts (up to 64 letters, digits, ``-`` or ``_``)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", raw):
+        raise ValueError(f"expected an SES template name (up to 64 letters, digits, - or _), got {raw!r}")
     return raw
 
 
@@ -122,7 +133,7 @@ def _queue_url(raw: str) -> str | None:
 
 def _positive_int(raw: str) -> int:
     text = raw.strip()
-    if not text.lstrip("+").isdigit() or not text.isascii():
+    if not re.fullmatch(r"\+?[0-9]+", text):
         raise ValueError(f"expected a positive whole number, got {raw!r}")
     value = int(text)
     if value <= 0:
@@ -207,7 +218,9 @@ def _database_url(raw: str) -> str:
     # Only what a worker would otherwise trip over in a restart loop: the port.
     # The rest is libpq's to judge (it does, on the first connect, and the
     # worker turns that into exit 2); no psycopg here, the supervisor imports this.
-    text = _text(raw).strip()
+    text = raw.strip()  # a URL read from a file keeps its newline: harmless here
+    if not text:
+        raise ValueError("must not be empty")
     ports: list[str] = []
     if "://" in text:
         netloc = text.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
@@ -223,7 +236,7 @@ def _database_url(raw: str) -> str:
         for port in listed.split(","):
             if port and (not port.isdigit() or not port.isascii() or not 1 <= int(port) <= 65535):
                 raise ValueError(f"port must be 1 to 65535, got {redact(port, text)!r}")
-    return raw
+    return text
 
 
 def _optional_database_url(raw: str) -> str | None:
@@ -271,16 +284,18 @@ def _secret_key(raw: str) -> bytes:
     text = raw.strip()
     if len(text) != 64:
         raise ValueError(f"must be 64 hexadecimal characters (32 bytes), got {len(text)} characters")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise ValueError("must be 64 hexadecimal characters (32 bytes); it contains a non-hex character") from None
+    # Not bytes.fromhex alone: it skips spaces between pairs, and "00 11 ..." of 64
+    # characters would be a 31-byte key that every worker then refuses, in a loop.
+    if not re.fullmatch(r"[0-9A-Fa-f]{64}", text):
+        raise ValueError("must be 64 hexadecimal characters (32 bytes); it contains a non-hex character")
+    return bytes.fromhex(text)
 
 
 def _secret_keys(raw: str) -> tuple[bytes, ...]:
-    """Comma-separated keys in the secret key's format; an empty value is no key."""
-    parts = [part.strip() for part in raw.split(",")]
-    if parts == [""]:
+    """Comma-separated keys in the secret key's format; an empty value is no key, and
+    empty items (a trailing comma) are none either, as the README's web-app code reads it."""
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if not parts:
         return ()
     keys = []
     for number, part in enumerate(parts, 1):
@@ -384,8 +399,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ses_source": ("MAILROOM_SES_SOURCE", _text),
     "ses_output_path": ("MAILROOM_SES_OUTPUT_PATH", _text),
     "ses_endpoint_url": ("MAILROOM_SES_ENDPOINT_URL", _text),
-    "ses_template_activation": ("MAILROOM_SES_TEMPLATE_ACTIVATION", _text),
-    "ses_template_recovery": ("MAILROOM_SES_TEMPLATE_RECOVERY", _text),
+    "ses_template_activation": ("MAILROOM_SES_TEMPLATE_ACTIVATION", _template_name),
+    "ses_template_recovery": ("MAILROOM_SES_TEMPLATE_RECOVERY", _template_name),
     "ses_concurrency": ("MAILROOM_SES_CONCURRENCY", _auto_or(_bounded_int(64))),
     "ses_max_send_rate": ("MAILROOM_SES_MAX_SEND_RATE", _bounded_float(1_000_000.0)),
     "ses_output_max_files": ("MAILROOM_SES_OUTPUT_MAX_FILES", _bounded_int(1_000_000)),

@@ -38,6 +38,12 @@ def test_values_are_parsed():
     assert (guard.pause_bounce_rate, guard.pause_complaint_rate, guard.pause_min_sends) == (0.04, 0.0008, 200)
     off = config.load(dict(GOOD, MAILROOM_PAUSE_BOUNCE_RATE="off"))
     assert (off.pause_bounce_rate, off.pause_complaint_rate, off.pause_min_sends) == (None, None, 1000)
+    # A trailing comma is no key (the README's web-app code reads the list the same way);
+    # a URL read from a file may keep its newline.
+    keys = config.load(dict(GOOD, MAILROOM_SECRET_KEY_FALLBACKS=f"{'ab' * 32},"))
+    assert keys.secret_key_fallbacks == (bytes.fromhex("ab" * 32),)
+    assert config.load(dict(GOOD, MAILROOM_DATABASE_URL=GOOD["MAILROOM_DATABASE_URL"] + "\n")).database_url \
+        == GOOD["MAILROOM_DATABASE_URL"]
 
 
 BAD = [
@@ -56,6 +62,15 @@ BAD = [
     ({"MAILROOM_SES_MAX_SEND_RATE": "nan"}, "MAILROOM_SES_MAX_SEND_RATE", "finite"),
     ({"MAILROOM_SES_CONCURRENCY": "many"}, "MAILROOM_SES_CONCURRENCY", "whole number"),
     ({"MAILROOM_CHANNEL_NAME": ""}, "MAILROOM_CHANNEL_NAME", "1 to 63"),
+    # Found by a review: each of these was accepted and then failed far away.
+    ({"MAILROOM_SECRET_KEY": "00 11 " + "ab" * 29}, "MAILROOM_SECRET_KEY", "non-hex"),  # fromhex skips spaces
+    ({"MAILROOM_SECRET_KEY_FALLBACKS": "00 11 " + "ab" * 29}, "MAILROOM_SECRET_KEY_FALLBACKS", "non-hex"),
+    ({"MAILROOM_CHANNEL_NAME": "token_insert "}, "MAILROOM_CHANNEL_NAME", "trailing whitespace"),
+    ({"MAILROOM_QUEUE_NAME": "mailroom "}, "MAILROOM_QUEUE_NAME", "trailing whitespace"),
+    ({"MAILROOM_SES_SOURCE": " noreply@example.com"}, "MAILROOM_SES_SOURCE", "leading or trailing"),
+    ({"MAILROOM_SES_TEMPLATE_ACTIVATION": "activationv1 "}, "MAILROOM_SES_TEMPLATE_ACTIVATION", "template name"),
+    ({"MAILROOM_SES_TEMPLATE_RECOVERY": "recovery.v1"}, "MAILROOM_SES_TEMPLATE_RECOVERY", "template name"),
+    ({"MAILROOM_BATCH_LIMIT": "++5"}, "MAILROOM_BATCH_LIMIT", "expected a positive whole number, got '++5'"),
     ({"MAILROOM_DATABASE_URL": " "}, "MAILROOM_DATABASE_URL", "empty"),
     ({"MAILROOM_CONTROL_SOCKET": " "}, "MAILROOM_CONTROL_SOCKET", "path or off"),
     ({"MAILROOM_CONTROL_SOCKET": "/x/" + "s" * 120}, "MAILROOM_CONTROL_SOCKET", "107 bytes"),

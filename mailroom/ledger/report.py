@@ -9,9 +9,9 @@ from typing import Any, TextIO
 import psycopg
 
 from mailroom import config, ledger
-from mailroom._process import one_line
 from mailroom.config import Settings
 from mailroom.ledger import events
+from mailroom.ledger.commands import database_failed
 from mailroom.vocabulary import SES_BOUNCE, SES_COMPLAINT, RateThresholds
 
 
@@ -94,12 +94,8 @@ def main(settings: Settings, as_json: bool = False, out: TextIO = sys.stdout) ->
             ledger.check_schema(conn)
             shaped = report(ledger.status(conn, settings.queue_name), settings.queue_name,
                             events.health(conn, settings.queue_name))
-    except ledger.SchemaError as exc:
-        print(f"mailroom: {exc}", file=sys.stderr)
-        return config.EXIT_SCHEMA
-    except psycopg.Error as exc:  # ProgrammingError too: a URL libpq cannot parse
-        message = config.redact(one_line(exc), settings.database_url)
-        print(f"mailroom: cannot connect to the database: {message}", file=sys.stderr)
-        return config.EXIT_FAILURE
+    except (ledger.SchemaError, psycopg.Error) as exc:  # ProgrammingError too: a URL libpq cannot parse
+        # "database: ...", not "cannot connect": the server may have answered (an unknown queue).
+        return database_failed(exc, settings)
     print(json.dumps(shaped) if as_json else render(shaped), file=out)
     return config.EXIT_OK
