@@ -302,3 +302,74 @@ def test_a_held_template_is_released_by_the_recheck_once_it_renders(ses, caplog)
         hold.stop()
     assert sum("holding activation emails" in r.getMessage() for r in caplog.records) == 1
     assert any("template activationv1 renders now" in r.getMessage() for r in caplog.records)
+
+
+class _NoTestRender:
+    """The sender's client without ``ses:TestRenderTemplate``: that call is AccessDenied
+    (moto cannot deny it), every other call goes to moto over HTTP; ``get_template``
+    is counted, so a test can wait for rechecks instead of sleeping."""
+
+    def __init__(self, client, deny_get: bool = False) -> None:
+        self.client = client
+        self.deny_get = deny_get
+        self.gets = 0
+
+    @staticmethod
+    def _denied(operation: str):
+        from botocore.exceptions import ClientError
+
+        return ClientError({"Error": {"Code": "AccessDenied", "Message": f"not authorized to perform ses:{operation}"}},
+                           operation)
+
+    def test_render_template(self, **kwargs):
+        raise self._denied("TestRenderTemplate")
+
+    def get_template(self, **kwargs):
+        self.gets += 1
+        if self.deny_get:
+            raise self._denied("GetTemplate")
+        return self.client.get_template(**kwargs)
+
+
+def test_a_send_time_hold_without_test_render_is_released_once_get_template_finds_the_template(ses, caplog):
+    """AccessDenied on TestRenderTemplate is no verdict: the recheck asks GetTemplate instead."""
+    from mailroom.config import Settings
+    from mailroom.sender.template_hold import TemplateHold
+
+    client = _NoTestRender(ses.client())
+    hold = TemplateHold(Settings(ses_endpoint_url=ses.url), recheck_every=0.1)
+    hold.check(client)
+    assert hold.held_actions() == ()  # no verdict at start: nothing held
+    hold.missing_at_send(2, "TemplateDoesNotExist: Template passwordrecoveryv1 does not exist")
+    assert hold.held_actions() == (2,)
+    hold.start()
+    try:
+        wait_for(lambda: client.gets >= 2, timeout=10, what="two rechecks")
+        assert hold.held_actions() == (2,)  # still missing: still held
+        ses.client().create_template(Template={"TemplateName": "passwordrecoveryv1", "SubjectPart": "Hi",
+                                               "TextPart": "{{code}}", "HtmlPart": ""})
+        wait_for(lambda: hold.held_actions() == (), timeout=10, what="recovery released")
+    finally:
+        hold.stop()
+    assert any("template passwordrecoveryv1 exists now" in r.getMessage() for r in caplog.records)
+
+
+def test_a_send_time_hold_that_nothing_can_check_lasts_one_recheck(ses, caplog):
+    """Neither TestRenderTemplate nor GetTemplate: released at the next recheck, so the next
+    send asks SES again (and holds again if the template is still missing)."""
+    from mailroom.config import Settings
+    from mailroom.sender.template_hold import TemplateHold
+
+    client = _NoTestRender(ses.client(), deny_get=True)
+    hold = TemplateHold(Settings(ses_endpoint_url=ses.url), recheck_every=0.1)
+    hold.check(client)
+    hold.missing_at_send(1, "TemplateDoesNotExist: Template activationv1 does not exist")
+    assert hold.held_actions() == (1,)
+    hold.start()
+    try:
+        wait_for(lambda: hold.held_actions() == (), timeout=10, what="activation released")
+    finally:
+        hold.stop()
+    assert any(r.getMessage().startswith("template activationv1 cannot be checked (AccessDenied: ")
+               and r.getMessage().endswith(": sending activation emails again") for r in caplog.records)
+

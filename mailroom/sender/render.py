@@ -93,3 +93,22 @@ def render(client: Any, template: str, action: int) -> RenderResult:
     except Exception as exc:  # noqa: BLE001 - connection errors, credentials: no verdict
         return RenderResult(Verdict.UNKNOWN, one_line(exc, named=True))
     return RenderResult(Verdict.RENDERS)
+
+
+def exists(client: Any, template: str) -> bool | None:
+    """Does SES have ``template`` (``GetTemplate``)?  None when SES does not say.
+
+    A weaker question than :func:`render`, for a sender that may not call
+    ``TestRenderTemplate``: enough to tell that a template reported missing is back.
+    """
+    from botocore.exceptions import ClientError
+
+    try:
+        client.get_template(TemplateName=template)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code", "") in _NO_TEMPLATE:
+            return False
+        return None
+    except Exception:  # noqa: BLE001 - connection errors, credentials: no answer
+        return None
+    return True

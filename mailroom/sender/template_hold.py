@@ -16,7 +16,13 @@ it once it renders.
 
 An answer that says nothing about the template (SES unreachable, throttled,
 access denied to ``TestRenderTemplate``) changes nothing: holding on it would
-stop sending for a reason sending does not share.
+stop sending for a reason sending does not share.  But a send-time hold must
+not outlive the template's return when the recheck gets no verdict (a sender
+without ``ses:TestRenderTemplate``): the collector no longer claims a held
+action's rows, so no send would ever clear it.  So a template held as missing
+is then looked up with ``GetTemplate`` instead, and released once it exists;
+when SES answers neither, the hold is released at the recheck and the next
+send asks again (SES holds it again if the template is still missing).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class TemplateHold:
         self.recheck_every = recheck_every
         self._lock = threading.Lock()
         self._held: dict[Action, str] = {}
+        # Held as missing (not as broken): GetTemplate can tell when that is over.
+        self._missing: set[Action] = set()
         self._client: Any = None
         self._stopped = threading.Event()
 
@@ -81,12 +89,12 @@ class TemplateHold:
                 log.warning("cannot check template %s (%s); its %s emails are sent as before",
                             name, result.reason, action.db_name)
                 continue
-            self._set(action, None if result.ok else f"template {name} {result.reason}")
+            self._set_result(action, result)
 
     def missing_at_send(self, action: int, reason: str) -> None:
         """SES answered a send that the template of ``action`` does not exist."""
         name = self.templates[Action(action)]
-        self._set(Action(action), f"template {name} does not exist in SES ({reason})")
+        self._set(Action(action), f"template {name} does not exist in SES ({reason})", missing=True)
 
     def start(self) -> None:
         """The recheck thread (a daemon: it holds nothing that needs closing)."""
@@ -95,28 +103,53 @@ class TemplateHold:
     def stop(self) -> None:
         self._stopped.set()
 
-    def _set(self, action: Action, reason: str | None) -> None:
+    def _set_result(self, action: Action, result: render.RenderResult) -> None:
+        """Hold or release ``action`` by a verdict (not UNKNOWN) on its template."""
+        reason = None if result.ok else f"template {self.templates[action]} {result.reason}"
+        self._set(action, reason, missing=result.verdict is render.Verdict.MISSING)
+
+    def _set(self, action: Action, reason: str | None, *, missing: bool = False,
+             released: str = "renders now") -> None:
         with self._lock:
             before = self._held.get(action)
             if reason is None:
                 self._held.pop(action, None)
             else:
                 self._held[action] = reason
+            if reason is not None and missing:
+                self._missing.add(action)
+            else:
+                self._missing.discard(action)
         if reason is not None and before is None:
             # Once per hold, not per row or per recheck.
             log.error("holding %s emails: %s; their rows stay queued (not sent, not failed) until it"
                       " renders: mailroom templates push, then SIGHUP (or wait %g s)",
                       action.db_name, reason, self.recheck_every)
         elif reason is None and before is not None:
-            log.warning("template %s renders now: sending %s emails again", self.templates[action],
+            log.warning("template %s %s: sending %s emails again", self.templates[action], released,
                         action.db_name)
 
     def _recheck(self) -> None:
         # Every interval, the held templates only: nothing to ask while all render.
         while not self._stopped.wait(self.recheck_every):
             for action in [Action(a) for a in self.held_actions()]:
-                result = render.render(self._client, self.templates[action], action)
-                if result.ok:
-                    self._set(action, None)
-                elif result.verdict is not render.Verdict.UNKNOWN:
-                    self._set(action, f"template {self.templates[action]} {result.reason}")
+                self._recheck_one(action)
+
+    def _recheck_one(self, action: Action) -> None:
+        name = self.templates[action]
+        result = render.render(self._client, name, action)
+        if result.verdict is not render.Verdict.UNKNOWN:
+            self._set_result(action, result)
+            return
+        with self._lock:
+            missing = action in self._missing
+        if not missing:
+            # Held as broken: TestRenderTemplate said so, and will again (throttled now).
+            return
+        found = render.exists(self._client, name)
+        if found:
+            # All GetTemplate can tell: it exists, as SendBulkTemplatedEmail needs.
+            self._set(action, None, released="exists now")
+        elif found is None:
+            # Nothing can check it: let the next send ask SES (held again if still missing).
+            self._set(action, None, released=f"cannot be checked ({result.reason})")
