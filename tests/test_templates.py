@@ -139,7 +139,8 @@ def test_a_broken_folder_is_one_error_and_the_other_template_goes_on(env, ses):
 def test_check_passes_for_the_shipped_templates(env):
     assert templates(env, "push").returncode == 0
     result = templates(env, "check")
-    assert (result.returncode, result.stdout) == (0, "activationv1: renders\npasswordrecoveryv1: renders\n")
+    assert (result.returncode, result.stdout) == (0, "activationv1 (activation): renders\n"
+                                                         "passwordrecoveryv1 (password_recovery): renders\n")
 
 
 def test_check_names_the_template_and_the_variable_the_data_does_not_fill(env, ses):
@@ -149,8 +150,8 @@ def test_check_names_the_template_and_the_variable_the_data_does_not_fill(env, s
                                            "TextPart": "Code {{code}}: {{secret}}", "HtmlPart": ""})
     result = templates(env, "check")
     assert result.returncode == 1
-    assert result.stdout == ("activationv1: does not render: Attribute 'code' is not present in the rendering"
-                             " data.\npasswordrecoveryv1: renders\n")
+    assert result.stdout == ("activationv1 (activation): does not render: Attribute 'code' is not present in the"
+                             " rendering data.\npasswordrecoveryv1 (password_recovery): renders\n")
     as_json = json.loads(templates(env, "check", "--json", "activationv1").stdout)
     assert as_json[0]["ok"] is False and "'code'" in as_json[0]["reason"]
 
@@ -158,7 +159,8 @@ def test_check_names_the_template_and_the_variable_the_data_does_not_fill(env, s
 def test_check_with_no_template_in_ses_exits_1_naming_each(env):
     result = templates(env, "check")
     assert result.returncode == 1
-    assert result.stdout == "activationv1: does not exist in SES\npasswordrecoveryv1: does not exist in SES\n"
+    assert result.stdout == ("activationv1 (activation): does not exist in SES\n"
+                             "passwordrecoveryv1 (password_recovery): does not exist in SES\n")
 
 
 def test_check_of_a_template_that_is_not_configured_is_a_usage_error(env):
@@ -375,4 +377,18 @@ def test_a_send_time_hold_that_nothing_can_check_lasts_one_recheck(ses, caplog):
                              for r in caplog.records), timeout=10, what="the release logged")
     finally:
         hold.stop()
+
+
+def test_check_of_one_template_for_both_actions_renders_it_with_each_actions_data(env, ses):
+    env["MAILROOM_SES_TEMPLATE_ACTIVATION"] = env["MAILROOM_SES_TEMPLATE_RECOVERY"] = "one"
+    ses.client().create_template(Template={"TemplateName": "one", "SubjectPart": "Hi {{login}}",
+                                           "TextPart": "{{secret}} {{code}}", "HtmlPart": ""})
+    expected = ("one (activation): does not render: Attribute 'code' is not present in the rendering data.\n"
+                "one (password_recovery): renders\n")
+    for args in ((), ("one",)):
+        result = templates(env, "check", *args)
+        assert (result.returncode, result.stdout) == (1, expected), result.stderr
+    as_json = json.loads(templates(env, "check", "--json").stdout)
+    assert [(r["template"], r["action"], r["ok"]) for r in as_json] == [
+        ("one", "activation", False), ("one", "password_recovery", True)]
 

@@ -6,7 +6,8 @@
 - ``diff``: a unified diff per part (SES's copy -> the files); exit 1 when any
   differ, so CI can run it.
 - ``check``: render each configured template through ``TestRenderTemplate`` with
-  the data mailroom sends; exit 1 naming the template and what is missing.
+  the data of its action (``NAME (action): ...``, one line per action even when
+  both use one template); exit 1 naming the template and what is missing.
 
 Without NAMEs, ``push`` and ``diff`` take every folder of the directory,
 ``pull`` the two configured templates and every folder, ``check`` the two
@@ -104,7 +105,8 @@ def _names(command: str, given: list[str], settings: Settings, directory: Path) 
 
 
 def _print(command: str, result: dict[str, Any]) -> None:
-    name = result["template"]
+    # check's lines name the action too: one template may serve both.
+    name = f"{result['template']} ({result['action']})" if command == "check" else result["template"]
     if result.get("error"):
         print(f"{name}: error: {result['error']}", file=sys.stderr)
     elif command == "diff":
@@ -178,10 +180,13 @@ def _lines(text: str) -> list[str]:
 
 
 def _check(client: Any, settings: Settings, directory: Path, names: list[str]) -> list[dict[str, Any]]:
+    # Per action, not per name: one template may serve both actions, and each
+    # action fills it with its own data (activation has no code), so each is
+    # rendered and reported; NAMEs only pick among the configured pairs.
     results: list[dict[str, Any]] = []
-    by_name = {name: action for action, name in render.configured(settings).items()}
-    for name in names:
-        action = by_name[name]
+    for action, name in render.configured(settings).items():
+        if name not in names:
+            continue
         verdict = render.render(client, name, action)
         result: dict[str, Any] = {"template": name, "action": action.db_name, "ok": verdict.ok,
                                   "result": verdict.verdict.value}
