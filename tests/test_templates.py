@@ -392,3 +392,15 @@ def test_check_of_one_template_for_both_actions_renders_it_with_each_actions_dat
     assert [(r["template"], r["action"], r["ok"]) for r in as_json] == [
         ("one", "activation", False), ("one", "password_recovery", True)]
 
+
+def test_check_with_ses_unreachable_is_an_error_line_per_action_on_stderr(env):
+    env["MAILROOM_SES_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    result = templates(env, "check")
+    assert (result.returncode, result.stdout) == (1, "")
+    lines = result.stderr.splitlines()
+    assert [line.split(": error: ")[0] for line in lines] == [
+        "activationv1 (activation)", "passwordrecoveryv1 (password_recovery)"], lines
+    assert all(": error: EndpointConnectionError" in line for line in lines), lines
+    as_json = json.loads(templates(env, "check", "--json").stdout)
+    assert [(r["ok"], r["result"], r["error"].split(":")[0]) for r in as_json] == [
+        (False, "error", "EndpointConnectionError")] * 2

@@ -12,7 +12,7 @@
 Without NAMEs, ``push`` and ``diff`` take every folder of the directory,
 ``pull`` the two configured templates and every folder, ``check`` the two
 configured templates.  ``--json`` prints one JSON array of per-template objects
-instead.  SES errors are one line each; exit codes: 0 all well, 1 a template
+instead.  SES errors are one line each on stderr (``NAME: error: ...``); exit codes: 0 all well, 1 a template
 differs, does not render or SES refused, 2 usage or configuration.
 """
 
@@ -190,7 +190,10 @@ def _check(client: Any, settings: Settings, directory: Path, names: list[str]) -
         verdict = render.render(client, name, action)
         result: dict[str, Any] = {"template": name, "action": action.db_name, "ok": verdict.ok,
                                   "result": verdict.verdict.value}
-        if not verdict.ok:
+        if verdict.verdict is render.Verdict.UNKNOWN:
+            # No verdict (unreachable, throttled, denied): an SES error like push's.
+            result.update(result="error", error=verdict.reason)
+        elif not verdict.ok:
             result["reason"] = verdict.reason
             result["result"] = verdict.reason
         results.append(result)
