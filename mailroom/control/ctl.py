@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     for child in sub.choices.values():
         child.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                            help="print the raw result as JSON")
+        add_version(child)
     return parser
 
 

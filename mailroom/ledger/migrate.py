@@ -361,6 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="show the version and pending migrations")
     p_force = commands.add_parser("force", help="set the version, clean, running nothing")
     p_force.add_argument("version", type=int, metavar="V", help="-1 for no version")
+    for one in commands.choices.values():
+        add_version(one)
     return parser
 
 
