@@ -51,3 +51,14 @@ def test_add_check_list_remove(db: str) -> None:
 def test_an_unmigrated_database_is_one_line(fresh_db: str) -> None:
     done = mailroom(fresh_db, "list")
     assert done.returncode != 0 and done.stderr.count("\n") == 1 and "migrate up" in done.stderr
+
+
+def test_check_against_an_unreachable_database_is_not_a_no() -> None:
+    """`if mailroom suppression check "$a"; then skip; else send; fi` must not send because
+    the database is down: 1 means "not suppressed", so a failure is 4."""
+    from ses_emulator import free_port
+
+    done = mailroom(f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/nope", "check", "jane@example.com")
+    assert done.returncode == 4, done
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("mailroom: database:"), done.stderr
+    assert "s3cret" not in done.stderr and done.stdout == ""

@@ -23,7 +23,10 @@ from mailroom.config import Settings
 from mailroom.ledger import connection, suppressions
 from mailroom.ledger.commands import database_failed, jsonable, nonblank, positive_limit
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["CHECK_FAILED", "add_arguments", "main"]
+
+#: ``suppression check``'s exit code when it could not tell (0: suppressed, 1: not).
+CHECK_FAILED = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="an address as typed (the domain's case and IDNA form do not matter)")
         one.add_argument("--note", metavar="TEXT", help="why, kept in the audit (and as the detail of an add)")
     check = sub.add_parser("check", help="whether an address is suppressed (exit 0 yes, 1 no)",
-                           description="Whether an address is suppressed, and why: exit 0 if it is, 1 if not.")
+                           description="Whether an address is suppressed, and why: exit 0 if it is, 1 if"
+                                       " not, 4 if the database could not be asked.")
     check.add_argument("address", type=nonblank,
                        help="the address as typed (the domain's case and IDNA form do not matter)")
     for one in sub.choices.values():
@@ -98,7 +102,10 @@ def main(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout)
             changed = {a: change(conn, a, actor=who, note=args.note) for a in dict.fromkeys(args.addresses)}
             conn.commit()
     except (connection.SchemaError, psycopg.Error) as exc:
-        return database_failed(exc, settings)
+        code = database_failed(exc, settings)
+        # check's 1 means "not suppressed": a script that sends when it sees 1 must not
+        # take an unreachable database for that.
+        return CHECK_FAILED if command == "check" and code == config.EXIT_FAILURE else code
     if args.json:
         print(json.dumps({"command": command, "by": who,
                           "changed": [normalise(a) for a, yes in changed.items() if yes],
