@@ -195,3 +195,38 @@ def test_a_claim_skips_suppressed_addresses(conn: psycopg.Connection, monkeypatc
                  " WHERE email = 'hard@EXAMPLE.com'")
     again = ledger.claim(conn, Q, 10, lease_ms=60_000)
     assert [r[1] for r in again.rows] == ["hard@EXAMPLE.com"]
+
+
+def test_an_event_with_text_postgresql_refuses_is_recorded_with_the_rest() -> None:
+    """JSON's \\u0000 and a lone \\ud800 decode into text PostgreSQL refuses; one such event
+    held back its whole batch (every receive failed, the good events went to the DLQ), or
+    crashed the worker (an encoding error is not a psycopg.Error).  Parsing makes it storable."""
+    import json as json_
+
+    from ses_events import bounce, sns
+
+    from mailroom.events.parse import parse_message
+
+    message = bounce("0100-nul", "jane@example.com")
+    message["bounce"]["bouncedRecipients"][0]["diagnosticCode"] = "smtp; 550\u0000 user\ud800 unknown"
+    body = json_.dumps(message)                         # ASCII: the escapes, as SES could send them
+    assert "\\u0000" in body and "\\ud800" in body
+    for text in (body, sns(message)):
+        [parsed] = parse_message(text)
+        assert parsed.diagnostic is not None and "\x00" not in parsed.diagnostic
+        parsed.diagnostic.encode("utf-8")               # no lone surrogate left either
+
+
+def test_a_cleaned_event_goes_into_the_ledger(conn: psycopg.Connection) -> None:
+    import json as json_
+
+    from ses_events import bounce
+
+    from mailroom.events.parse import parse_message
+
+    token, mid = sent_to(conn, "nul@example.com")
+    message = bounce(mid, "nul@example.com")
+    message["bounce"]["bouncedRecipients"][0]["diagnosticCode"] = "smtp; 550\u0000 user\ud800 unknown"
+    got = ledger_events.record_events(conn, parse_message(json_.dumps(message)))
+    assert got.by_type == {"bounced": 1}
+    assert feedback(conn, token) == "bounced"

@@ -73,11 +73,24 @@ def _diagnostic(status: Any, code: Any) -> str | None:
     return text[:DIAGNOSTIC_CAP] or None
 
 
+def _storable(value: Any) -> Any:
+    """``value`` with every string made storable: JSON's ``\u0000`` and lone surrogates
+    (``\ud800``) decode into text PostgreSQL refuses (a DataError, or an encoding error
+    before the query is even sent), and one such event would hold back its whole batch."""
+    if isinstance(value, str):
+        return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    return value
+
+
 def _unwrap(body: str) -> tuple[dict[str, Any] | None, str]:
     """The SES event of a queue message and its JSON text; ``None`` for an SNS message
     that carries none (a subscription confirmation)."""
     try:
-        outer = _obj(json.loads(body), "the message")
+        outer = _obj(_storable(json.loads(body)), "the message")
     except json.JSONDecodeError as exc:
         raise Unparsable(f"not JSON ({exc.msg} at {exc.pos})") from None
     if "Type" in outer and "Message" in outer:  # the SNS envelope
@@ -87,7 +100,7 @@ def _unwrap(body: str) -> tuple[dict[str, Any] | None, str]:
         if not isinstance(inner, str):
             raise Unparsable("SNS Message is not a string")
         try:
-            return _obj(json.loads(inner), "the SNS Message"), inner
+            return _obj(_storable(json.loads(inner)), "the SNS Message"), inner
         except json.JSONDecodeError as exc:
             raise Unparsable(f"SNS Message is not JSON ({exc.msg} at {exc.pos})") from None
     return outer, body
