@@ -230,3 +230,13 @@ def test_a_cleaned_event_goes_into_the_ledger(conn: psycopg.Connection) -> None:
     got = ledger_events.record_events(conn, parse_message(json_.dumps(message)))
     assert got.by_type == {"bounced": 1}
     assert feedback(conn, token) == "bounced"
+
+
+def test_an_event_for_an_internationalised_domain_matches_its_delivery(conn: psycopg.Connection) -> None:
+    """The sender gives SES the ASCII (IDNA) form of jane@bücher.de and SES reports that
+    form: the event stayed unmatched, the delivery's feedback empty, and its bounce out of
+    the 24-hour rates the automatic pause reads."""
+    token, mid = sent_to(conn, "jane@bücher.de")
+    got = ledger_events.record_events(conn, [event(mid, "jane@xn--bcher-kva.de", Feedback.BOUNCED, raw="{}")])
+    assert (got.by_type, got.unmatched) == ({"bounced": 1}, 0)
+    assert feedback(conn, token) == "bounced"

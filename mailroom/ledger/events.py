@@ -54,6 +54,15 @@ class Recorded(NamedTuple):
         return sum(self.by_type.values())
 
 
+def _unicode_domain(recipient: str) -> str:
+    """``recipient`` with its domain's IDNA labels (``xn--``) in Unicode, as an account
+    holds it; the local part as SES wrote it."""
+    local, at, domain = recipient.rpartition("@")
+    if not at or "xn--" not in domain.lower():
+        return recipient
+    return f"{local}@{normalise_unicode(recipient).rpartition('@')[2]}"
+
+
 def record_events(conn: psycopg.Connection[Any], events: Sequence[DeliveryEvent]) -> Recorded:
     """Record ``events`` in one statement (the caller commits, then deletes the
     messages they came from).  Recording an event again changes nothing."""
@@ -70,6 +79,8 @@ def record_events(conn: psycopg.Connection[Any], events: Sequence[DeliveryEvent]
         "raws": [None if e.raw is None else e.raw[:RAW_CAP] for e in events],
         "addresses": [normalise(e.recipient) if s else None for e, s in zip(events, suppress, strict=True)],
         "unicode": [normalise_unicode(e.recipient) if s else None for e, s in zip(events, suppress, strict=True)],
+        # The account may hold the address with its domain in Unicode (see _MATCH).
+        "recipients_unicode": [_unicode_domain(e.recipient) for e in events],
     }
     row = conn.execute(ledger_sql.RECORD_EVENTS, params).fetchone()
     assert row is not None

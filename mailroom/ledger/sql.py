@@ -671,13 +671,16 @@ SESSION_SETTINGS = (
 # (the key), the one whose MessageId SES names.  Three index probes per event
 # and no index on deliveries.message_id, which would make every claimed -> sent
 # update non-HOT: matching costs the events worker, never the sending path.
+# {spellings}: the recipient as SES wrote it and, when recording, with its domain
+# in Unicode form: the sender hands SES the ASCII (IDNA) form of jane@bücher.de, and
+# SES reports jane@xn--bcher-kva.de, which the account does not hold.
 _MATCH = """
 LEFT JOIN LATERAL (
     SELECT d.job_type, d.token
       FROM accounts AS a
       JOIN tokens AS t ON t.account = a.id
       JOIN deliveries AS d ON d.token = t.id
-     WHERE a.email = {event}.recipient AND d.message_id = {event}.message_id
+     WHERE a.email = ANY ({spellings}) AND d.message_id = {event}.message_id
      LIMIT 1
 ) AS m ON true"""
 
@@ -707,12 +710,13 @@ WITH incoming AS (
     SELECT * FROM unnest(%(message_ids)s::text[], %(recipients)s::text[],
                          %(types)s::delivery_feedback[], %(subtypes)s::text[],
                          %(event_at)s::timestamptz[], %(diagnostics)s::text[], %(raws)s::text[],
-                         %(addresses)s::text[], %(unicode)s::text[])
+                         %(addresses)s::text[], %(unicode)s::text[], %(recipients_unicode)s::text[])
            AS e (message_id, recipient, type, subtype, event_at, diagnostic, raw, address,
-                 address_unicode)
+                 address_unicode, recipient_unicode)
 ),
 matched AS MATERIALIZED (
-    SELECT e.*, m.job_type, m.token FROM incoming AS e {_MATCH.format(event="e")}
+    SELECT e.*, m.job_type, m.token
+      FROM incoming AS e {_MATCH.format(event="e", spellings="ARRAY[e.recipient, e.recipient_unicode]")}
 ),
 inserted AS MATERIALIZED (
     INSERT INTO delivery_events (job_type, token, message_id, recipient, type, subtype, event_at,
@@ -753,7 +757,8 @@ WITH pending AS MATERIALIZED (
        FOR UPDATE SKIP LOCKED
 ),
 found AS MATERIALIZED (
-    SELECT p.id, p.type, m.job_type, m.token FROM pending AS p {_MATCH.format(event="p")}
+    SELECT p.id, p.type, m.job_type, m.token
+      FROM pending AS p {_MATCH.format(event="p", spellings="ARRAY[p.recipient]")}
      WHERE m.token IS NOT NULL
 ),
 linked AS (
