@@ -54,21 +54,15 @@ class Recorded(NamedTuple):
         return sum(self.by_type.values())
 
 
-def _unicode_domain(recipient: str) -> str:
-    """``recipient`` with its domain's IDNA labels (``xn--``) in Unicode, as an account
-    holds it; the local part as SES wrote it."""
-    local, at, domain = recipient.rpartition("@")
-    if not at or "xn--" not in domain.lower():
-        return recipient
-    return f"{local}@{normalise_unicode(recipient).rpartition('@')[2]}"
-
-
 def record_events(conn: psycopg.Connection[Any], events: Sequence[DeliveryEvent]) -> Recorded:
     """Record ``events`` in one statement (the caller commits, then deletes the
     messages they came from).  Recording an event again changes nothing."""
     if not events:
         return Recorded({}, 0, 0, 0)
     suppress = [e.type in SUPPRESSING for e in events]
+    # The recipient with its domain in Unicode: the account may hold jane@bücher.de where
+    # SES reports jane@xn--bcher-kva.de (see _MATCH); the suppression list keeps it too.
+    unicode = [normalise_unicode(e.recipient) for e in events]
     params = {
         "message_ids": [e.message_id for e in events],
         "recipients": [e.recipient for e in events],
@@ -78,9 +72,8 @@ def record_events(conn: psycopg.Connection[Any], events: Sequence[DeliveryEvent]
         "diagnostics": [e.diagnostic for e in events],
         "raws": [None if e.raw is None else e.raw[:RAW_CAP] for e in events],
         "addresses": [normalise(e.recipient) if s else None for e, s in zip(events, suppress, strict=True)],
-        "unicode": [normalise_unicode(e.recipient) if s else None for e, s in zip(events, suppress, strict=True)],
-        # The account may hold the address with its domain in Unicode (see _MATCH).
-        "recipients_unicode": [_unicode_domain(e.recipient) for e in events],
+        "unicode": [u if s else None for u, s in zip(unicode, suppress, strict=True)],
+        "recipients_unicode": unicode,
     }
     row = conn.execute(ledger_sql.RECORD_EVENTS, params).fetchone()
     assert row is not None
