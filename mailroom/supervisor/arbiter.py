@@ -395,16 +395,23 @@ class Supervisor:
                         or now - worker.last_seen > self.settings.worker_timeout / 1000):
                     self.watchdog(worker, worker.process.pid, now)
         else:
-            collector = self.workers[Role.COLLECTOR]
-            if (collector.exited and collector.restart_at is not None and now >= collector.restart_at
-                    and self.router.owes_collector() and now < self.deadline):
+            due = self._collector_due()
+            if due is not None and due <= now < self.deadline:
                 # Stopping, and outcomes or claims wait for a collector: one that drains
                 # (spawn hands it everything) and, past that phase, stops once it is done.
-                self.spawn(collector)
+                self.spawn(self.workers[Role.COLLECTOR])
                 if self.phase is Phase.STOP_COLLECTOR:
                     self.send(Role.COLLECTOR, msg.Stop())
                     self.deadline = max(self.deadline, now + STOP_GRACE)
             self.advance_stop(now)
+
+    def _collector_due(self) -> float | None:
+        """While stopping: when the exited collector is started again because batches or
+        outcomes wait for it (see on_exit); None when none is to come."""
+        collector = self.workers[Role.COLLECTOR]
+        if collector.exited and collector.restart_at is not None and self.router.owes_collector():
+            return collector.restart_at
+        return None
 
     def watchdog(self, worker: Worker, pid: int, now: float) -> None:
         """A silent worker: first its stack to the log (SIGUSR1), so the operator sees
@@ -445,7 +452,7 @@ class Supervisor:
             self.deadline = now + STOP_GRACE
         if self.phase is Phase.STOP_COLLECTOR:
             events = self.workers.get(Role.EVENTS)
-            coming = collector.exited and collector.restart_at is not None and self.router.owes_collector()
+            coming = self._collector_due() is not None
             if (collector.up or coming or (events is not None and events.up)) and now < self.deadline:
                 return
             if owed := self.router.owes_collector():
