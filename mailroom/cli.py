@@ -149,6 +149,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token_last(args: list[str]) -> list[str]:
+    """``tokens verify``'s arguments with the token after ``--``: a token is base64url,
+    and one in 64 begins with ``-``, which argparse would take for an unknown option."""
+    options = ("-h", "--help", "--version", "--code")
+    for word in args:
+        if word.startswith("-") and word != "--" and word.split("=", 1)[0] not in options:
+            return [a for a in args if a is not word] + ["--", word]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``mailroom``: ``migrate``, ``status``, ``ctl``, ``deliveries``, ``retry``, ``skip``, ``unskip``,
     ``suppression``, ``monitor``, ``templates``, ``ses setup-events``, ``tokens verify``, ``demo``."""
@@ -168,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(parsed, int):
             sys.exit(parsed)
         sys.exit(migrate.run(parsed, _settings((config.DATABASE,), "PG").database_url))
+    if argv[:2] == ["tokens", "verify"]:
+        argv = argv[:2] + _token_last(argv[2:])
     args = _parser().parse_args(argv)
     if args.command == "monitor":
         # Needs neither database nor secret: either the socket or the ledger will do.

@@ -139,3 +139,19 @@ def test_a_malformed_fallback_key_is_one_line_that_never_shows_it(base_env):
     [line] = result.stderr.splitlines()
     assert "MAILROOM_SECRET_KEY_FALLBACKS: key 2 of 2" in line and "non-hex" in line
     assert OLD not in line and "zz" not in line
+
+
+def test_a_token_that_begins_with_a_dash_is_verified_not_taken_for_an_option(base_env):
+    """A token is base64url: one in 64 begins with '-', and argparse took it for an unknown
+    option ("the following arguments are required: TOKEN"); this test's neighbour failed
+    that way once in CI, with a random token."""
+    def dashed(action: int, code: str | None = None) -> str:
+        return next(t for t in (sign(NEW, bytes([n]) * 32, action, code) for n in range(256)) if t.startswith("-"))
+
+    activation, recovery = dashed(Action.ACTIVATION), dashed(Action.RECOVERY, "12345")
+    env = {k: v for k, v in base_env.items() if k != "MAILROOM_DATABASE_URL"}
+    env["MAILROOM_SECRET_KEY"] = NEW
+    for args in ((activation,), (recovery, "--code", "12345"), ("--code=12345", recovery)):
+        result = _verify(env, *args)
+        assert result.stdout.splitlines()[:1] == ["authentic: signed with the current key (MAILROOM_SECRET_KEY)"], \
+            (args, result.stdout, result.stderr)
